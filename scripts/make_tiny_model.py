@@ -1,0 +1,88 @@
+"""Builds the bundled offline model: a byte-level BPE tokenizer and a tiny Llama.
+
+Run once; the outputs are committed under siajax/assets/tiny-llama. The model is
+a real HF checkpoint (written by transformers), so PyTorch and siajax load the
+same files. Corpus: this repo's own sources and docs plus LawBench case texts
+(Apache-2.0) when ../shared is present, so the vocabulary covers English, code
+and Chinese; byte fallback covers everything else.
+
+    python scripts/make_tiny_model.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_CONFIG = dict(
+    vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=2048,
+    rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-6, initializer_range=0.02,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+
+def corpus_lines() -> list[str]:
+    lines = []
+    for pattern in ("siajax/**/*.py", "scripts/*.py", "tests/*.py", "*.md"):
+        for file in sorted(ROOT.glob(pattern)):
+            lines += file.read_text(encoding="utf-8").splitlines()
+    shared = ROOT.parent / "shared"
+    for doc in ("DESIGN.md", "STYLE.md"):
+        if (shared / doc).exists():
+            lines += (shared / doc).read_text(encoding="utf-8").splitlines()
+    lawbench = shared / "data" / "lawbench" / "3-3.zero_shot.json"
+    if lawbench.exists():
+        for item in json.loads(lawbench.read_text(encoding="utf-8")):
+            lines += [item["question"], item["answer"]]
+    return [line for line in lines if line.strip()]
+
+
+def build_tokenizer(lines: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(lines, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE,
+    )
+
+
+def build_model(out: Path, seed: int = 0):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_CONFIG))
+    model.save_pretrained(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=ROOT / "siajax" / "assets" / "tiny-llama")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(corpus_lines(), TINY_CONFIG["vocab_size"])
+    assert tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS) == [0, 1, 2]
+    tokenizer.save_pretrained(args.out)
+    build_model(args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from siajax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random HF checkpoints written by transformers (PyTorch)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+torch.set_num_threads(2)
+
+from transformers import (  # noqa: E402
+    LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+)
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+}
+BASE = dict(
+    vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+    num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+    initializer_range=0.15, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+
+
+def make_hf_checkpoint(directory, family: str, seed: int = 0, **overrides):
+    """Writes a random-initialised HF checkpoint; returns the eval-mode torch model."""
+    config_cls, model_cls = FAMILIES[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**BASE, **overrides})).eval()
+    model.save_pretrained(directory)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """Factory with a per-session cache: (family, seed, overrides) -> (torch_model, dir)."""
+    cache = {}
+
+    def build(family="llama", seed=0, **overrides):
+        key = (family, seed, repr(sorted(overrides.items())))
+        if key not in cache:
+            directory = tmp_path_factory.mktemp(f"{family}-ckpt")
+            cache[key] = (make_hf_checkpoint(directory, family, seed, **overrides), directory)
+        return cache[key]
+
+    return build
+
+
+def left_padded_batch(rng: np.random.RandomState, lengths, vocab: int, pad: int = 0):
+    """Token ids [B, max(lengths)] and mask, right-aligned; real ids avoid the pad id."""
+    width = max(lengths)
+    ids = np.full((len(lengths), width), pad, np.int64)
+    mask = np.zeros((len(lengths), width), np.int64)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = rng.randint(3, vocab, n)
+        mask[row, width - n:] = 1
+    return ids, mask

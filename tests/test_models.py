@@ -1,0 +1,127 @@
+"""Logit parity with transformers (PyTorch) on the same random checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from conftest import left_padded_batch
+from siajax.models import (
+    BUNDLED_TINY_MODEL, config_from_hf, from_pretrained, iter_checkpoint_tensors, load_weights,
+    read_hf_config, to_hf_tensors,
+)
+from siajax.models.hf_import import hf_name_to_path
+
+PARITY_CASES = [
+    ("llama", {}),
+    ("llama", {"num_key_value_heads": 6}),  # MHA
+    ("llama", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
+    ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 16}}),
+    ("qwen2", {}),
+    ("qwen2", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    ("qwen3", {}),
+    ("qwen3", {"head_dim": 16, "num_key_value_heads": 3}),  # head_dim != hidden/heads
+]
+
+
+def _load(directory, dtype="float32"):
+    return load_weights(read_hf_config(directory, dtype), iter_checkpoint_tensors(directory))
+
+
+def _torch_logits(model, ids, mask):
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(positions),
+        )
+    return out.logits.numpy()
+
+
+@pytest.mark.parametrize("family,overrides", PARITY_CASES, ids=lambda c: str(c))
+def test_logits_match_transformers_without_padding(hf_checkpoint, family, overrides):
+    torch_model, directory = hf_checkpoint(family, **overrides)
+    model = _load(directory)
+    rng = np.random.RandomState(1)
+    for length in (1, 7, 13):  # odd lengths on purpose
+        ids, mask = left_padded_batch(rng, [length, length], 211)
+        ours = np.asarray(model(jnp.asarray(ids)).logits)
+        np.testing.assert_allclose(ours, _torch_logits(torch_model, ids, mask), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("family,overrides", PARITY_CASES, ids=lambda c: str(c))
+def test_logits_match_transformers_with_left_padding(hf_checkpoint, family, overrides):
+    torch_model, directory = hf_checkpoint(family, **overrides)
+    model = _load(directory)
+    ids, mask = left_padded_batch(np.random.RandomState(2), [11, 4, 1, 9], 211)
+    ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)).logits)
+    reference = _torch_logits(torch_model, ids, mask)
+    real = mask.astype(bool)  # logits at pad positions are meaningless in both
+    assert np.abs(ours[real] - reference[real]).max() <= 1e-4
+
+
+def test_bfloat16_model_tracks_float32(hf_checkpoint):
+    _, directory = hf_checkpoint("qwen2")
+    ids = jnp.asarray(np.random.RandomState(3).randint(3, 211, (2, 9)))
+    full = np.asarray(_load(directory, "float32")(ids).logits)
+    half_model = _load(directory, "bfloat16")
+    assert half_model.embed.dtype == jnp.bfloat16
+    half = np.asarray(half_model(ids).logits)
+    assert np.abs(half - full).max() < 0.1 * np.abs(full).max()
+
+
+def test_export_round_trips_checkpoint_names_and_values(hf_checkpoint):
+    torch_model, directory = hf_checkpoint("qwen3")
+    exported = to_hf_tensors(_load(directory))
+    reference = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    assert set(exported) == set(reference)
+    for name, value in reference.items():
+        np.testing.assert_array_equal(exported[name], value)
+
+
+def test_sharded_checkpoint_with_index_loads(hf_checkpoint, tmp_path):
+    torch_model, _ = hf_checkpoint("llama")
+    torch_model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    ids, mask = left_padded_batch(np.random.RandomState(4), [5], 211)
+    ours = np.asarray(_load(tmp_path)(jnp.asarray(ids)).logits)
+    np.testing.assert_allclose(ours, _torch_logits(torch_model, ids, mask), atol=1e-4)
+
+
+def test_from_pretrained_loads_bundled_model_and_tokenizer():
+    model, tokenizer = from_pretrained(BUNDLED_TINY_MODEL)
+    ids = tokenizer("罪名: 盗窃 def f(x): return x")["input_ids"]
+    assert tokenizer.decode(ids) == "罪名: 盗窃 def f(x): return x"
+    logits = model(jnp.asarray([ids])).logits
+    assert logits.shape == (1, len(ids), model.config.vocab_size)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_name_map_covers_every_family_tensor_and_rejects_strangers():
+    assert hf_name_to_path("model.layers.3.self_attn.q_norm.weight") == (
+        (("layers", 3, "attn", "q_norm", "scale"), False)
+    )
+    assert hf_name_to_path("model.layers.0.mlp.down_proj.weight")[1] is True
+    assert hf_name_to_path("model.layers.0.block_sparse_moe.gate.weight") is None
+
+
+def test_unsupported_or_broken_configs_fail_with_a_clear_message(tmp_path):
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        config_from_hf({"model_type": "gpt2"})
+    with pytest.raises(ValueError, match="sliding-window"):
+        config_from_hf({"model_type": "qwen2", "use_sliding_window": True, "num_attention_heads": 2})
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**json.loads(
+        (BUNDLED_TINY_MODEL / "config.json").read_text()), "num_hidden_layers": 5}))
+    for name in ("model.safetensors",):
+        (tmp_path / name).write_bytes((BUNDLED_TINY_MODEL / name).read_bytes())
+    with pytest.raises(KeyError, match="lacks"):
+        load_weights(read_hf_config(tmp_path), iter_checkpoint_tensors(tmp_path))
