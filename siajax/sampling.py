@@ -95,13 +95,18 @@ def sample_next_token(logits, key, temperature, top_p, top_k: int):
     """
     greedy = temperature <= 0.0
     scaled = logits / jnp.where(greedy, 1.0, temperature)
-    filtered = scaled
-    if top_k > 0:
-        kth_largest = jax.lax.top_k(scaled, top_k)[0][..., -1:]
-        filtered = jnp.where(scaled < kth_largest, -jnp.inf, scaled)
-    filtered = jax.lax.cond(top_p < 1.0, _nucleus_filter, lambda x, _: x, filtered, top_p)
-    token = jnp.where(greedy, jnp.argmax(logits, axis=-1), jax.random.categorical(key, filtered, axis=-1))
-    return token.astype(jnp.int32), token_logprobs(scaled, token)
+
+    def draw(scaled):
+        filtered = scaled
+        if top_k > 0:
+            kth_largest = jax.lax.top_k(scaled, top_k)[0][..., -1:]
+            filtered = jnp.where(scaled < kth_largest, -jnp.inf, scaled)
+        filtered = jax.lax.cond(top_p < 1.0, _nucleus_filter, lambda x, _: x, filtered, top_p)
+        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+    # Greedy skips the noise draw over the vocabulary, the costliest part of a small model's step.
+    token = jax.lax.cond(greedy, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), draw, scaled)
+    return token, token_logprobs(scaled, token)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "spec"))

@@ -1,0 +1,131 @@
+"""The jitted sampler against transformers' generate and against a full forward pass."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from siajax.models import iter_checkpoint_tensors, load_weights, read_hf_config
+from siajax.sampling import _generate, generate, left_pad, sample_next_token
+
+PROMPTS = [[5, 9, 33, 17, 8], [44, 12], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [100]]
+
+
+@pytest.fixture(scope="module")
+def models(hf_checkpoint):
+    torch_model, directory = hf_checkpoint("qwen2", seed=3)
+    return torch_model, load_weights(read_hf_config(directory), iter_checkpoint_tensors(directory))
+
+
+def _hf_greedy(torch_model, prompts, max_new_tokens, eos):
+    ids, mask = left_pad(prompts, 0, length=max(map(len, prompts)))
+    with torch.no_grad():
+        out = torch_model.generate(
+            torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long),
+            do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=0, eos_token_id=eos,
+        )
+    return out[:, ids.shape[1]:].numpy()
+
+
+def test_greedy_matches_transformers_generate(models):
+    torch_model, model = models
+    reference = _hf_greedy(torch_model, PROMPTS, 24, eos=[])
+    ours = generate(model, PROMPTS, key=jax.random.key(0), max_new_tokens=24, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(ours.tokens), reference)
+    assert np.asarray(ours.mask).all()
+
+
+def test_greedy_stops_like_transformers_generate(models):
+    torch_model, model = models
+    unstopped = _hf_greedy(torch_model, PROMPTS, 24, eos=[])
+    stop = int(unstopped[0, 6])
+    first_stop = int(np.argmax(unstopped[0] == stop))
+    reference = _hf_greedy(torch_model, PROMPTS, 24, eos=[stop])
+    ours = generate(model, PROMPTS, key=jax.random.key(0), max_new_tokens=24, temperature=0.0,
+                    stop_token_ids=[stop], pad_token_id=0)
+    tokens = np.asarray(ours.tokens)
+    np.testing.assert_array_equal(tokens[:, : reference.shape[1]], reference)
+    assert (tokens[:, reference.shape[1]:] == 0).all()
+    assert int(ours.lengths[0]) == first_stop + 1 and int(tokens[0, first_stop]) == stop
+    np.testing.assert_array_equal(np.asarray(ours.mask), np.arange(24)[None] < np.asarray(ours.lengths)[:, None])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_logprobs_equal_a_full_forward_pass(models, temperature):
+    _, model = models
+    result = generate(model, PROMPTS, key=jax.random.key(5), max_new_tokens=16,
+                      temperature=temperature, stop_token_ids=[3], pad_token_id=0)
+    sequence = jnp.concatenate([result.prompt_tokens, result.tokens], axis=1)
+    mask = jnp.concatenate([result.prompt_mask, result.mask], axis=1)
+    logits = np.asarray(model(sequence, attention_mask=mask).logits, np.float64)
+    prompt_len = result.prompt_tokens.shape[1]
+    predicting = logits[:, prompt_len - 1 : -1] / (temperature or 1.0)
+    log_softmax = predicting - np.log(np.exp(predicting - predicting.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - predicting.max(-1, keepdims=True)
+    expected = np.take_along_axis(log_softmax, np.asarray(result.tokens)[..., None], -1)[..., 0]
+    real = np.asarray(result.mask)
+    np.testing.assert_allclose(np.asarray(result.logprobs)[real], expected[real], atol=1e-5)
+    assert (np.asarray(result.logprobs)[~real] == 0).all()
+
+
+def test_a_fixed_key_reproduces_samples_and_another_key_does_not(models):
+    _, model = models
+    kwargs = dict(max_new_tokens=20, temperature=1.0, top_p=0.95)
+    first = generate(model, PROMPTS, key=jax.random.key(11), **kwargs)
+    second = generate(model, PROMPTS, key=jax.random.key(11), **kwargs)
+    other = generate(model, PROMPTS, key=jax.random.key(12), **kwargs)
+    np.testing.assert_array_equal(np.asarray(first.tokens), np.asarray(second.tokens))
+    np.testing.assert_array_equal(np.asarray(first.logprobs), np.asarray(second.logprobs))
+    assert (np.asarray(first.tokens) != np.asarray(other.tokens)).any()
+
+
+def test_temperature_and_top_p_changes_do_not_recompile(models):
+    _, model = models
+    generate(model, PROMPTS, key=jax.random.key(0), max_new_tokens=8, temperature=0.9, top_p=0.9)
+    compiled = _generate._cache_size()
+    for temperature, top_p in ((0.3, 1.0), (1.5, 0.5), (0.0, 0.8)):
+        generate(model, PROMPTS, key=jax.random.key(1), max_new_tokens=8, temperature=temperature, top_p=top_p)
+    assert _generate._cache_size() == compiled
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = jnp.asarray(np.random.RandomState(0).randn(64, 50).astype(np.float32))
+    greedy = np.asarray(jnp.argmax(logits, -1))
+    keys = jax.random.split(jax.random.key(0), 3)
+    top1, _ = sample_next_token(logits, keys[0], jnp.float32(1.0), jnp.float32(1.0), top_k=1)
+    nucleus, _ = sample_next_token(logits, keys[1], jnp.float32(1.0), jnp.float32(1e-6), top_k=0)
+    np.testing.assert_array_equal(np.asarray(top1), greedy)
+    np.testing.assert_array_equal(np.asarray(nucleus), greedy)
+
+
+def test_top_k_and_top_p_never_sample_outside_their_set():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = jnp.log(jnp.asarray(np.tile(probs, (4000, 1)), jnp.float32))
+    key = jax.random.key(7)
+    top2, _ = sample_next_token(logits, key, jnp.float32(1.0), jnp.float32(1.0), top_k=2)
+    nucleus, _ = sample_next_token(logits, key, jnp.float32(1.0), jnp.float32(0.7), top_k=0)
+    assert set(np.unique(np.asarray(top2))) == {0, 1}
+    assert set(np.unique(np.asarray(nucleus))) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    share = np.mean(np.asarray(nucleus) == 0)
+    assert abs(share - 0.5 / 0.8) < 0.03
+
+
+def test_sampling_frequencies_follow_the_tempered_distribution():
+    logits = jnp.asarray(np.tile([2.0, 1.0, 0.0], (20000, 1)), jnp.float32)
+    tokens, logprobs = sample_next_token(logits, jax.random.key(0), jnp.float32(0.5), jnp.float32(1.0), top_k=0)
+    expected = np.exp(np.array([4.0, 2.0, 0.0]))
+    expected /= expected.sum()
+    observed = np.bincount(np.asarray(tokens), minlength=3) / 20000
+    np.testing.assert_allclose(observed, expected, atol=0.01)
+    np.testing.assert_allclose(np.asarray(logprobs), np.log(expected)[np.asarray(tokens)], atol=1e-5)
+
+
+def test_bad_prompts_are_rejected_clearly(models):
+    _, model = models
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(model, [[1, 2], []], key=jax.random.key(0), max_new_tokens=4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, [[1, 2]], key=jax.random.key(0), max_new_tokens=0)
