@@ -1,0 +1,163 @@
+"""Advantage estimators: GAE, group-relative (GRPO), entropic weights, whitening.
+
+Pure, jittable functions of arrays. Token arrays are [B, T] with a response
+mask whose ones are contiguous from t = 0 (right padding); a masked step is
+terminal. Group arrays are [N, G]: N prompts, G samples each.
+"""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+
+LN2 = math.log(2.0)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+    mask = mask.astype(x.dtype)
+    return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
+
+
+def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Population variance over the masked entries."""
+    return masked_mean(jnp.square(x - masked_mean(x, mask)), mask)
+
+
+def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
+    """(x - mean) / std over the masked entries (population std); masked entries -> 0."""
+    mean = masked_mean(x, mask)
+    scaled = (x - mean) * jax.lax.rsqrt(masked_var(x, mask) + eps)
+    if not shift_mean:
+        scaled = scaled + mean
+    return jnp.where(mask, scaled, 0.0)
+
+
+def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float):
+    """Generalised advantage estimation with a reverse ``lax.scan``.
+
+    Args:
+      rewards, values, mask: [B, T]; values are V(s_t); past a row's last
+        response token the episode has ended (bootstrap value 0).
+    Returns:
+      (advantages, returns), each [B, T], zero where mask is 0.
+    """
+    chex.assert_rank([rewards, values, mask], 2)
+    chex.assert_equal_shape([rewards, values, mask])
+    mask = mask.astype(jnp.float32)
+    next_values = jnp.concatenate([values[:, 1:] * mask[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    next_mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    deltas = rewards + gamma * next_values - values
+
+    def backward(carry, inputs):
+        delta, keep_going = inputs
+        advantage = delta + gamma * lam * keep_going * carry
+        return advantage, advantage
+
+    _, advantages = jax.lax.scan(
+        backward, jnp.zeros(rewards.shape[0], jnp.float32), (deltas.T, next_mask.T), reverse=True
+    )
+    advantages = advantages.T * mask
+    return advantages, (advantages + values) * mask
+
+
+def group_relative(rewards: jax.Array, *, scale_by_std: bool = True, ddof: int = 1, eps: float = 1e-6):
+    """GRPO advantages (r - mean) / (std + eps) within each group.
+
+    rewards: [N, G]. ``ddof=1`` is the sample std (tunix, TRL); ``ddof=0`` the
+    population std. ``scale_by_std=False`` is Dr. GRPO (mean-centring only).
+    """
+    chex.assert_rank(rewards, 2)
+    centred = rewards - jnp.mean(rewards, axis=1, keepdims=True)
+    if not scale_by_std:
+        return centred
+    group_size = rewards.shape[1]
+    denom = max(group_size - ddof, 1)
+    std = jnp.sqrt(jnp.sum(jnp.square(centred), axis=1, keepdims=True) / denom)
+    return centred / (std + eps)
+
+
+def entropic_weights(rewards: jax.Array, beta: jax.Array | float) -> jax.Array:
+    """softmax(beta · r) within each group: the tilted distribution of J = log E exp(beta R).
+
+    rewards: [N, G]; beta: scalar or [N]. Rows sum to 1.
+    """
+    chex.assert_rank(rewards, 2)
+    beta = jnp.broadcast_to(jnp.asarray(beta, jnp.float32), rewards.shape[:1])[:, None]
+    return jax.nn.softmax(beta * rewards, axis=1)
+
+
+def _kl_from_uniform(rewards: jax.Array, beta: jax.Array) -> jax.Array:
+    """KL(softmax(beta r) || Uniform_G) per row. rewards [N, G], beta [N]."""
+    log_q = jax.nn.log_softmax(beta[:, None] * rewards, axis=1)
+    return jnp.sum(jnp.exp(log_q) * log_q, axis=1) + jnp.log(rewards.shape[1])
+
+
+def adaptive_entropic_beta(
+    rewards: jax.Array, target_kl: float = LN2, *, max_doublings: int = 40, bisection_steps: int = 60
+) -> jax.Array:
+    """Per-group beta with KL(softmax(beta r) || Uniform) = target_kl (TTT-Discover).
+
+    KL grows monotonically in beta, so: double an upper bracket until it passes
+    the target, then bisect. Groups that cannot reach the target (ties, or
+    G = 2 with target ln 2) get the largest bracket tried. G < 2 gives beta 0.
+    rewards: [N, G] -> beta [N].
+    """
+    chex.assert_rank(rewards, 2)
+    n, g = rewards.shape
+    if g < 2:
+        return jnp.zeros((n,), jnp.float32)
+    rewards = rewards.astype(jnp.float32)
+
+    def double(_, hi):
+        return jnp.where(_kl_from_uniform(rewards, hi) < target_kl, 2.0 * hi, hi)
+
+    hi = jax.lax.fori_loop(0, max_doublings, double, jnp.ones((n,), jnp.float32))
+    lo = jnp.where(_kl_from_uniform(rewards, hi) < target_kl, hi, jnp.zeros_like(hi))
+
+    def bisect(_, bracket):
+        lo, hi = bracket
+        mid = 0.5 * (lo + hi)
+        below = _kl_from_uniform(rewards, mid) < target_kl
+        return jnp.where(below, mid, lo), jnp.where(below, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, bisection_steps, bisect, (lo, hi))
+    return 0.5 * (lo + hi)
+
+
+def entropic_advantages(
+    rewards: jax.Array, beta: jax.Array | float | None = None, *, form: str = "loo", target_kl: float = LN2
+) -> jax.Array:
+    """Entropic advantage weighting: rare high rewards dominate the update.
+
+    form="loo" (TTT-Discover): e_i = exp(beta (r_i - max r)), leave-one-out
+      Z_i = (sum_j e_j - e_i) / (G - 1), A_i = e_i / Z_i - 1. beta=None solves
+      for beta per group so the tilt has KL ``target_kl`` from uniform.
+    form="rs" (risk-sensitive GRPO): A_i = (exp(beta r_i) / mean_j exp(beta r_j) - 1) / beta
+      with a fixed beta (2 recommended); -> r_i - mean r as beta -> 0.
+    rewards: [N, G] -> advantages [N, G].
+    """
+    chex.assert_rank(rewards, 2)
+    rewards = rewards.astype(jnp.float32)
+    g = rewards.shape[1]
+    if form == "rs":
+        if beta is None:
+            raise ValueError("form='rs' needs a fixed beta (2.0 is the published choice)")
+        log_mean = jax.nn.logsumexp(beta * rewards, axis=1, keepdims=True) - math.log(g)
+        return (jnp.exp(beta * rewards - log_mean) - 1.0) / beta
+    if form != "loo":
+        raise ValueError(f"unknown entropic form {form!r}; use 'loo' or 'rs'")
+    if g < 2:
+        return jnp.zeros_like(rewards)
+    beta = adaptive_entropic_beta(rewards, target_kl) if beta is None else jnp.asarray(beta, jnp.float32)
+    beta = jnp.broadcast_to(beta, rewards.shape[:1])[:, None]
+    e = jnp.exp(beta * (rewards - jnp.max(rewards, axis=1, keepdims=True)))
+    leave_one_out = (jnp.sum(e, axis=1, keepdims=True) - e) / (g - 1)
+    return e / (leave_one_out + 1e-12) - 1.0
+
+
+def effective_sample_size(weights: jax.Array) -> jax.Array:
+    """1 / sum w^2 of normalised weights [N, G] -> [N]; G for uniform, 1 for one-hot."""
+    return 1.0 / jnp.sum(jnp.square(weights), axis=-1)

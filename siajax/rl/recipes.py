@@ -1,0 +1,69 @@
+"""From rollout rewards to token advantages, one function per recipe.
+
+Each returns an :class:`~siajax.rl.losses.RLBatch`-ready dict of [B, T] arrays
+plus metrics. Rows are laid out group-major: row b belongs to prompt b // G.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from siajax.rl.advantages import (
+    effective_sample_size, entropic_advantages, entropic_weights, adaptive_entropic_beta, gae,
+    group_relative, masked_mean, whiten,
+)
+from siajax.rl.losses import EntropicConfig, GRPOConfig, PPOConfig
+
+
+def _per_token(sequence_values: jax.Array, mask: jax.Array) -> jax.Array:
+    """[B] -> [B, T], zero off the response."""
+    return sequence_values[:, None] * mask.astype(jnp.float32)
+
+
+def ppo_token_rewards(outcome, old_logprobs, ref_logprobs, mask, kl_coef: float):
+    """-beta·(log pi_old - log pi_ref) at every response token, plus the outcome at the last one."""
+    chex.assert_rank(outcome, 1)
+    mask = mask.astype(jnp.float32)
+    last = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
+    final = jax.nn.one_hot(last, mask.shape[1]) * outcome[:, None]
+    return (final - kl_coef * (old_logprobs - ref_logprobs)) * mask
+
+
+def ppo_gae_advantages(outcome, old_values, old_logprobs, ref_logprobs, mask, cfg: PPOConfig):
+    """GAE on KL-shaped token rewards; advantages whitened over the mask."""
+    rewards = ppo_token_rewards(outcome, old_logprobs, ref_logprobs, mask, cfg.reward_kl_coef)
+    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    return {"advantages": whiten(advantages, mask), "returns": returns}, {
+        "reward_mean": jnp.mean(outcome), "return_mean": masked_mean(returns, mask),
+    }
+
+
+def _group_mask(rewards: jax.Array, mask: jax.Array, drop_uniform: bool) -> jax.Array:
+    if not drop_uniform:
+        return mask
+    informative = jnp.any(rewards != rewards[:, :1], axis=1)  # DAPO dynamic sampling
+    return mask & jnp.repeat(informative, rewards.shape[1])[:, None]
+
+
+def grpo_advantages(rewards: jax.Array, mask: jax.Array, cfg: GRPOConfig):
+    """rewards [N, G], mask [N*G, T] -> group-relative advantages on every response token."""
+    advantages = group_relative(rewards, scale_by_std=cfg.scale_by_std, ddof=cfg.std_ddof)
+    mask = _group_mask(rewards, mask, cfg.drop_uniform_groups)
+    return {"advantages": _per_token(advantages.reshape(-1), mask), "mask": mask}, {
+        "reward_mean": jnp.mean(rewards),
+        "informative_groups": jnp.mean(jnp.any(rewards != rewards[:, :1], axis=1).astype(jnp.float32)),
+    }
+
+
+def entropic_token_advantages(rewards: jax.Array, mask: jax.Array, cfg: EntropicConfig):
+    """rewards [N, G] -> entropic advantages per token; reports beta and weight ESS."""
+    beta = adaptive_entropic_beta(rewards, cfg.target_kl) if cfg.beta is None else jnp.full(
+        rewards.shape[:1], cfg.beta, jnp.float32)
+    advantages = entropic_advantages(rewards, beta if cfg.form == "loo" else cfg.beta, form=cfg.form,
+                                     target_kl=cfg.target_kl)
+    ess = effective_sample_size(entropic_weights(rewards, beta))
+    return {"advantages": _per_token(advantages.reshape(-1), mask)}, {
+        "reward_mean": jnp.mean(rewards), "beta_mean": jnp.mean(beta), "weight_ess": jnp.mean(ess),
+    }

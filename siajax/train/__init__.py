@@ -1,0 +1,13 @@
+"""Training: TrainState, the jitted step, policy glue, orbax checkpoints."""
+
+from siajax.train.checkpoint import restore_pytree, save_pytree
+from siajax.train.policy import (
+    PolicyParts, TrainBatch, entropy_from_logits, evaluate_responses, make_policy_loss, score_responses,
+    split_policy,
+)
+from siajax.train.state import TrainState, init_train_state, make_train_step
+
+__all__ = [
+    "PolicyParts", "TrainBatch", "TrainState", "entropy_from_logits", "evaluate_responses", "init_train_state",
+    "make_policy_loss", "make_train_step", "restore_pytree", "save_pytree", "score_responses", "split_policy",
+]

@@ -1,0 +1,93 @@
+"""Pure-functional training: a TrainState pytree and one jitted, donated step.
+
+The imperative shell (sampling, I/O, the SIA loop) stays outside; inside,
+``train_step(state, frozen, batch) -> (state, metrics)`` is a pure function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+# loss_fn(trainable_params, frozen_params, batch, key) -> (scalar, metrics dict)
+LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict]]
+
+
+@struct.dataclass
+class TrainState:
+    """Everything that changes during training. Frozen base weights live outside it.
+
+    params: trainable pytree (LoRA adapters, value head); opt_state: optax state;
+    step: [] int32; rng: raw uint32 PRNG key data (orbax-serialisable).
+    """
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        params=params, opt_state=optimizer.init(params),
+        step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def _split_micro_batches(batch, micro_batches: int):
+    def split(x):
+        if x.shape[0] % micro_batches:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by micro_batches={micro_batches}")
+        return x.reshape(micro_batches, x.shape[0] // micro_batches, *x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def _tree_all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, micro_batches: int = 1):
+    """Returns ``train_step(state, frozen, batch) -> (state, metrics)``, jitted, state donated.
+
+    With ``micro_batches > 1`` the batch's leading axis is split and gradients
+    are averaged over a ``lax.scan`` (memory of one micro-batch). A non-finite
+    loss or gradient leaves params and optimizer state untouched and reports
+    ``metrics["skipped"] = 1``; the caller decides whether to stop.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def gradients(params, frozen, batch, key):
+        if micro_batches == 1:
+            return grad_fn(params, frozen, batch, key)
+        chunks = _split_micro_batches(batch, micro_batches)
+        keys = jax.random.split(key, micro_batches)
+
+        def accumulate(total, inputs):
+            chunk, chunk_key = inputs
+            value = grad_fn(params, frozen, chunk, chunk_key)
+            return jax.tree.map(jnp.add, total, value), None
+
+        first = grad_fn(params, frozen, jax.tree.map(lambda x: x[0], chunks), keys[0])
+        rest = jax.tree.map(lambda x: x[1:], (chunks, keys))
+        total, _ = jax.lax.scan(accumulate, first, rest)
+        return jax.tree.map(lambda x: x / micro_batches, total)
+
+    def train_step(state: TrainState, frozen, batch):
+        key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        (loss, metrics), grads = gradients(state.params, frozen, batch, step_key)
+        finite = jnp.isfinite(loss) & _tree_all_finite(grads)
+        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
+                   "skipped": (~finite).astype(jnp.int32)}
+        return TrainState(
+            params=keep(new_params, state.params), opt_state=keep(new_opt_state, state.opt_state),
+            step=state.step + finite.astype(jnp.int32), rng=jax.random.key_data(key),
+        ), metrics
+
+    return jax.jit(train_step, donate_argnums=0)

@@ -1,0 +1,149 @@
+"""Advantage estimators against float64 NumPy references written here, plus invariances."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from siajax.rl import (
+    adaptive_entropic_beta, effective_sample_size, entropic_advantages, entropic_weights, gae,
+    group_relative, whiten,
+)
+
+
+def ragged_mask(rng, batch, length):
+    lengths = rng.randint(1, length + 1, batch)
+    return (np.arange(length)[None] < lengths[:, None]), lengths
+
+
+def gae_reference(rewards, values, lengths, gamma, lam):
+    advantages = np.zeros_like(rewards, np.float64)
+    for b, n in enumerate(lengths):
+        running = 0.0
+        for t in reversed(range(n)):
+            next_value = values[b, t + 1] if t + 1 < n else 0.0
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            running = delta + gamma * lam * running
+            advantages[b, t] = running
+    returns = advantages + values * (np.arange(rewards.shape[1])[None] < lengths[:, None])
+    return advantages, returns
+
+
+class GAETest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_gae_matches_float64_reference_on_ragged_rows(self):
+        rng = np.random.RandomState(0)
+        mask, lengths = ragged_mask(rng, 6, 11)
+        rewards, values = rng.randn(6, 11), rng.randn(6, 11)
+        for gamma, lam in ((1.0, 0.95), (0.9, 0.5), (0.99, 1.0), (1.0, 0.0)):
+            fn = self.variant(lambda r, v, m: gae(r, v, m, gamma, lam))
+            adv, ret = fn(jnp.float32(rewards), jnp.float32(values), jnp.asarray(mask))
+            ref_adv, ref_ret = gae_reference(rewards, values, lengths, gamma, lam)
+            np.testing.assert_allclose(np.asarray(adv), ref_adv, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(ret), ref_ret * mask, atol=1e-5)
+
+
+def test_gae_agrees_with_rlax_when_installed():
+    rlax = pytest.importorskip("rlax")
+    rng = np.random.RandomState(1)
+    rewards, values = rng.randn(1, 9).astype(np.float32), rng.randn(1, 9).astype(np.float32)
+    ours, _ = gae(rewards, values, np.ones((1, 9), bool), 0.97, 0.9)
+    theirs = rlax.truncated_generalized_advantage_estimation(
+        rewards[0], jnp.full(9, 0.97), 0.9, jnp.concatenate([values[0], jnp.zeros(1)]))
+    np.testing.assert_allclose(np.asarray(ours[0]), np.asarray(theirs), atol=1e-5)
+
+
+def test_whiten_gives_zero_mean_unit_std_on_the_mask_only():
+    rng = np.random.RandomState(2)
+    x = rng.randn(5, 7) * 3 + 2
+    mask, _ = ragged_mask(rng, 5, 7)
+    out = np.asarray(whiten(jnp.float32(x), jnp.asarray(mask)))
+    chosen = x[mask]
+    np.testing.assert_allclose(out[mask], (chosen - chosen.mean()) / chosen.std(), atol=1e-4)
+    assert (out[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+@pytest.mark.parametrize("scale", [True, False])
+def test_group_relative_matches_numpy(ddof, scale):
+    rewards = np.random.RandomState(3).randn(4, 6)
+    ours = np.asarray(group_relative(jnp.float32(rewards), scale_by_std=scale, ddof=ddof, eps=1e-6))
+    centred = rewards - rewards.mean(1, keepdims=True)
+    expected = centred / (rewards.std(1, ddof=ddof, keepdims=True) + 1e-6) if scale else centred
+    np.testing.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_grpo_advantages_are_invariant_to_reward_shift_and_scale():
+    rewards = jnp.asarray(np.random.RandomState(4).randn(3, 8), jnp.float32)
+    base = group_relative(rewards)
+    np.testing.assert_allclose(np.asarray(group_relative(rewards + 17.0)), np.asarray(base), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(group_relative(rewards * 5.0)), np.asarray(base), atol=1e-4)
+
+
+def entropic_loo_reference(rewards, beta):
+    rewards = np.asarray(rewards, np.float64)
+    e = np.exp(beta * (rewards - rewards.max(1, keepdims=True)))
+    z = (e.sum(1, keepdims=True) - e) / (rewards.shape[1] - 1)
+    return e / (z + 1e-12) - 1
+
+
+def test_entropic_loo_and_rs_forms_match_numpy():
+    rewards = np.random.RandomState(5).rand(5, 8)
+    for beta in (0.5, 2.0, 7.0):
+        ours = entropic_advantages(jnp.float32(rewards), beta, form="loo")
+        np.testing.assert_allclose(np.asarray(ours), entropic_loo_reference(rewards, beta), rtol=1e-4, atol=1e-5)
+        rs = np.asarray(entropic_advantages(jnp.float32(rewards), beta, form="rs"))
+        tilted = np.exp(beta * rewards)
+        np.testing.assert_allclose(rs, (tilted / tilted.mean(1, keepdims=True) - 1) / beta, rtol=1e-4, atol=1e-5)
+
+
+def test_adaptive_beta_hits_the_target_kl():
+    rewards = np.random.RandomState(6).rand(6, 8)
+    beta = np.asarray(adaptive_entropic_beta(jnp.float32(rewards), math.log(2)), np.float64)
+    for row, b in zip(rewards, beta):
+        q = np.exp(b * row - np.log(np.exp(b * row).sum()))
+        assert abs(np.sum(q * np.log(q * len(row))) - math.log(2)) < 1e-4
+
+
+def test_adaptive_beta_handles_ties_and_tiny_groups():
+    ties = jnp.ones((2, 4))
+    assert np.isfinite(np.asarray(adaptive_entropic_beta(ties))).all()
+    np.testing.assert_allclose(np.asarray(entropic_advantages(ties)), 0.0, atol=1e-6)
+    assert np.asarray(adaptive_entropic_beta(jnp.ones((3, 1)))).tolist() == [0, 0, 0]
+
+
+def test_entropic_tends_to_mean_centred_rewards_as_beta_vanishes():
+    rewards = np.random.RandomState(7).randn(4, 6)
+    beta = 1e-4
+    rs = np.asarray(entropic_advantages(jnp.float32(rewards), beta, form="rs"))
+    np.testing.assert_allclose(rs, rewards - rewards.mean(1, keepdims=True), atol=2e-3)
+    loo = np.asarray(entropic_advantages(jnp.float32(rewards), beta, form="loo")) / beta
+    others_mean = (rewards.sum(1, keepdims=True) - rewards) / 5
+    np.testing.assert_allclose(loo, rewards - others_mean, atol=2e-2)
+
+
+def test_entropic_puts_all_weight_on_the_best_sample_as_beta_grows():
+    rng = np.random.RandomState(8)
+    rewards = jnp.asarray([rng.permutation(np.linspace(0, 1, 6)) for _ in range(4)], jnp.float32)
+    weights = np.asarray(entropic_weights(rewards, 500.0))
+    np.testing.assert_allclose(weights, np.asarray(jax.nn.one_hot(jnp.argmax(rewards, 1), 6)), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(effective_sample_size(jnp.asarray(weights))), 1.0, atol=1e-3)
+    advantages = np.asarray(entropic_advantages(rewards, 500.0, form="loo"))
+    best = np.argmax(np.asarray(rewards), 1)
+    assert (advantages[np.arange(4), best] > 1e3).all()
+    others = np.ones_like(advantages, bool)
+    others[np.arange(4), best] = False
+    np.testing.assert_allclose(advantages[others], -1.0, atol=1e-3)
+
+
+def test_rare_success_dominates_entropic_but_not_grpo():
+    """One success in 16: entropic gives it a far larger share than GRPO does."""
+    rewards = jnp.zeros((1, 16)).at[0, 3].set(1.0)
+    entropic = np.asarray(entropic_advantages(rewards))[0]
+    grpo = np.asarray(group_relative(rewards))[0]
+    assert entropic[3] / abs(entropic[0]) > 1.5 * grpo[3] / abs(grpo[0])
