@@ -89,6 +89,8 @@ def resolve_checkpoint_dir(path_or_hub_id: str | os.PathLike) -> Path:
         return path
     if path.exists():
         raise NotADirectoryError(f"{path} is a file; pass the checkpoint directory holding config.json")
+    if str(path_or_hub_id).startswith(("/", ".", "~")) or str(path_or_hub_id).count("/") > 1:
+        raise FileNotFoundError(f"no checkpoint directory at {path} (and it is not a hub id like 'org/name')")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as err:  # pragma: no cover - transformers depends on it

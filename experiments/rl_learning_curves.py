@@ -1,0 +1,118 @@
+"""Learning curves of PPO-GAE, GRPO and entropic weighting on checkable rewards.
+
+Two settings, both starting from the bundled tiny model with fresh LoRA:
+  dense   reward = share of response tokens containing a digit (clean scalar);
+  sparse  reward = 1 if the response holds >= k digit tokens (success rate
+          < 5% at the start: the high-failure regime entropic weighting targets).
+Writes JSON (every update's metrics) and a PNG of reward per update.
+
+    python experiments/rl_learning_curves.py [--updates 40] [--seeds 0 1 2] [--out experiments/out/rl_curves]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from siajax.models import BUNDLED_TINY_MODEL, from_pretrained
+from siajax.train.learner import recipe_config, rl_run
+from siajax.train.toy_rewards import at_least_k_digits_reward, digit_fraction_reward, digit_token_table
+
+PROMPTS = ["Count to ten.", "What year is it?", "Give me some numbers.", "List the digits you know."]
+
+
+def chat_prompts(tokenizer) -> list[list[int]]:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"]
+            for p in PROMPTS]
+
+
+def run_setting(setting: str, recipes, seeds, updates: int, *, k: int, group_size: int,
+                max_new_tokens: int, learning_rate: float, model_dir=BUNDLED_TINY_MODEL, log=print):
+    """-> {recipe: [history per seed]}."""
+    results = {}
+    for recipe in recipes:
+        results[recipe] = []
+        for seed in seeds:
+            model, tokenizer = from_pretrained(model_dir)
+            table = digit_token_table(tokenizer)
+            reward = digit_fraction_reward(table) if setting == "dense" else at_least_k_digits_reward(table, k)
+            cfg = recipe_config(recipe, kl_coef=0.0) if recipe != "ppo_gae" else recipe_config(recipe)
+            start = time.perf_counter()
+            history = rl_run(model, chat_prompts(tokenizer), reward, recipe, cfg=cfg, updates=updates,
+                             group_size=group_size, max_new_tokens=max_new_tokens, seed=seed,
+                             learning_rate=learning_rate, pad_token_id=tokenizer.pad_token_id)
+            rewards = [h["reward"] for h in history]
+            log(f"{setting:6s} {recipe:8s} seed {seed}: reward {np.mean(rewards[:3]):.3f} -> "
+                f"{np.mean(rewards[-3:]):.3f} ({time.perf_counter() - start:.0f}s)")
+            results[recipe].append(history)
+    return results
+
+
+def first_update_reaching(history, threshold: float) -> int | None:
+    for h in history:
+        if h["reward"] >= threshold:
+            return h["update"]
+    return None
+
+
+def plot(results_by_setting, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results_by_setting), figsize=(6 * len(results_by_setting), 4))
+    for ax, (setting, results) in zip(np.atleast_1d(axes), results_by_setting.items()):
+        for recipe, runs in results.items():
+            curves = np.array([[h["reward"] for h in run] for run in runs])
+            mean = curves.mean(0)
+            ax.plot(mean, label=f"{recipe} (n={len(runs)})")
+            ax.fill_between(range(len(mean)), curves.min(0), curves.max(0), alpha=0.15)
+        ax.set_title(f"{setting} reward")
+        ax.set_xlabel("update")
+        ax.set_ylabel("mean reward of the batch")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--updates", type=int, default=40)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--settings", nargs="+", default=["dense", "sparse"])
+    parser.add_argument("--k", type=int, default=4, help="digit tokens needed for a sparse success")
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument("--out", type=Path, default=Path("experiments/out/rl_curves"))
+    args = parser.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    all_results, summary = {}, {}
+    for setting in args.settings:
+        recipes = ["ppo_gae", "grpo", "entropic"] if setting == "dense" else ["grpo", "entropic"]
+        results = run_setting(setting, recipes, args.seeds, args.updates, k=args.k, group_size=args.group_size,
+                              max_new_tokens=args.max_new_tokens, learning_rate=args.learning_rate)
+        all_results[setting] = results
+        summary[setting] = {
+            recipe: {
+                "start_reward": float(np.mean([np.mean([h["reward"] for h in run[:3]]) for run in runs])),
+                "end_reward": float(np.mean([np.mean([h["reward"] for h in run[-3:]]) for run in runs])),
+                "updates_to_half": [first_update_reaching(run, 0.5) for run in runs],
+            }
+            for recipe, runs in results.items()
+        }
+    (args.out / "curves.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
+                                                      "summary": summary, "runs": all_results}, indent=1))
+    plot(all_results, args.out / "curves.png")
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {args.out}/curves.json and curves.png")
+
+
+if __name__ == "__main__":
+    main()

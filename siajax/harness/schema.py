@@ -1,0 +1,225 @@
+"""The harness: everything about how the policy is asked, as frozen, versioned data.
+
+A harness serialises to canonical JSON (sorted keys, no spaces, UTF-8); its
+version is the first 12 hex digits of that JSON's SHA-256, so equal content
+means equal version. Edits are JSON Patches validated by rebuilding the harness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import string
+from typing import Any
+
+from siajax.harness.jsonpatch import PatchError, apply_patch
+
+PARSER_KINDS = ("raw", "regex", "json", "label_set")
+FAILURE_KINDS = ("parse_error", "invalid_label", "wrong_answer", "compile_error", "wrong_result", "timeout",
+                 "crash", "oom", "forbidden", "wrong_shape", "negative_or_nan", "tool_error")
+
+
+class HarnessError(ValueError):
+    """A harness document that does not fit the schema; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FewShot:
+    input: str
+    output: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolSpec:
+    """A tool the policy may call: name, description and a JSON schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: dict = dataclasses.field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int = 1
+    retry_on: tuple[str, ...] = ("parse_error",)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerParser:
+    """How an answer is read from a sample.
+
+    kind="regex": first match of ``pattern`` (group 1 if present); "json": the
+    first JSON object in the text; "label_set": the labels found (whole-label
+    match, longest first); "raw": the stripped text. ``constrained`` asks the
+    sampler to decode only within ``labels`` (a trie over their tokens).
+    """
+
+    kind: str = "raw"
+    pattern: str | None = None
+    labels: tuple[str, ...] = ()
+    constrained: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    top_k: int = 0
+    samples_per_prompt: int = 4
+    max_new_tokens: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Harness:
+    """System prompt, template with named ``{slots}``, examples, tools, retries, parser, sampling."""
+
+    task: str
+    system_prompt: str
+    template: str
+    few_shot: tuple[FewShot, ...] = ()
+    tools: tuple[ToolSpec, ...] = ()
+    retry: RetryPolicy = RetryPolicy()
+    parser: AnswerParser = AnswerParser()
+    sampling: SamplingParams = SamplingParams()
+    notes: str = ""
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        return template_slots(self.template)
+
+    @property
+    def version(self) -> str:
+        return hashlib.sha256(to_json(self).encode("utf-8")).hexdigest()[:12]
+
+
+def template_slots(template: str) -> tuple[str, ...]:
+    """Named fields of a ``str.format`` template, in order of first use."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise HarnessError(f"template is not a valid format string: {err}") from None
+    if any(not re.fullmatch(r"[A-Za-z_]\w*", name) for name in fields):
+        raise HarnessError(f"template slots must be plain names like {{question}}, got {fields}")
+    return tuple(dict.fromkeys(fields))
+
+
+def to_dict(harness: Harness) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(harness)))
+
+
+def to_json(harness: Harness) -> str:
+    """Canonical JSON: the bytes that define the version."""
+    return json.dumps(to_dict(harness), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def _build(cls, data: Any, where: str):
+    """Rebuilds dataclass ``cls`` from JSON data, checking names and types field by field."""
+    if not isinstance(data, dict):
+        raise HarnessError(f"{where}: expected an object, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise HarnessError(f"{where}: unknown field(s) {sorted(unknown)}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, field in fields.items():
+        if name not in data:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise HarnessError(f"{where}.{name}: required field is missing")
+            continue
+        kwargs[name] = _convert(field.type, data[name], f"{where}.{name}")
+    return cls(**kwargs)
+
+
+_NESTED = {"FewShot": FewShot, "ToolSpec": ToolSpec, "RetryPolicy": RetryPolicy, "AnswerParser": AnswerParser,
+           "SamplingParams": SamplingParams}
+
+
+def _convert(type_name: str, value: Any, where: str):
+    type_name = str(type_name)
+    for name, cls in _NESTED.items():
+        if type_name == name:
+            return _build(cls, value, where)
+        if type_name == f"tuple[{name}, ...]":
+            if not isinstance(value, list):
+                raise HarnessError(f"{where}: expected a list, got {type(value).__name__}")
+            return tuple(_build(cls, item, f"{where}[{i}]") for i, item in enumerate(value))
+    if type_name == "tuple[str, ...]":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise HarnessError(f"{where}: expected a list of strings")
+        return tuple(value)
+    expected = {"str": str, "int": int, "float": (int, float), "bool": bool, "dict": dict,
+                "str | None": (str, type(None))}[type_name]
+    if isinstance(value, bool) and type_name in ("int", "float"):
+        raise HarnessError(f"{where}: expected {type_name}, got bool")
+    if not isinstance(value, expected):
+        raise HarnessError(f"{where}: expected {type_name}, got {type(value).__name__}")
+    return float(value) if type_name == "float" else value
+
+
+def validate(harness: Harness) -> Harness:
+    """Checks values the types cannot: ranges, parser consistency, slots, tool names."""
+    s, p = harness.sampling, harness.parser
+    problems = []
+    if not 0.0 <= s.temperature <= 5.0:
+        problems.append(f"sampling.temperature {s.temperature} not in [0, 5]")
+    if not 0.0 < s.top_p <= 1.0:
+        problems.append(f"sampling.top_p {s.top_p} not in (0, 1]")
+    if s.top_k < 0 or s.samples_per_prompt < 1 or s.max_new_tokens < 1:
+        problems.append("sampling.top_k >= 0, samples_per_prompt >= 1 and max_new_tokens >= 1 are required")
+    if p.kind not in PARSER_KINDS:
+        problems.append(f"parser.kind {p.kind!r} not in {PARSER_KINDS}")
+    if p.kind == "regex":
+        try:
+            re.compile(p.pattern or "")
+        except re.error as err:
+            problems.append(f"parser.pattern does not compile: {err}")
+        if not p.pattern:
+            problems.append("parser.kind 'regex' needs parser.pattern")
+    if (p.kind == "label_set" or p.constrained) and not p.labels:
+        problems.append("parser.labels must be non-empty for label_set parsing or constrained decoding")
+    if harness.retry.max_attempts < 1:
+        problems.append("retry.max_attempts must be >= 1")
+    unknown_failures = set(harness.retry.retry_on) - set(FAILURE_KINDS)
+    if unknown_failures:
+        problems.append(f"retry.retry_on has unknown failure kinds {sorted(unknown_failures)}")
+    names = [t.name for t in harness.tools]
+    if len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z_][\w-]*", n) for n in names):
+        problems.append(f"tool names must be unique identifiers, got {names}")
+    template_slots(harness.template)
+    if problems:
+        raise HarnessError("; ".join(problems))
+    return harness
+
+
+def from_dict(data: Any) -> Harness:
+    return validate(_build(Harness, data, "harness"))
+
+
+def from_json(text: str) -> Harness:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise HarnessError(f"harness JSON does not parse: {err}") from None
+    return from_dict(data)
+
+
+def patch_harness(harness: Harness, patch: list[dict]) -> Harness:
+    """Applies an RFC 6902 patch and validates the result; raises HarnessError with the reason."""
+    try:
+        return from_dict(apply_patch(to_dict(harness), patch))
+    except PatchError as err:
+        raise HarnessError(f"patch rejected: {err}") from None
+
+
+def render_messages(harness: Harness, **slots: str) -> list[dict]:
+    """Chat messages: system prompt, few-shot turns, then the filled template."""
+    missing = set(harness.slots) - set(slots)
+    if missing:
+        raise HarnessError(f"template needs slot(s) {sorted(missing)}")
+    messages = [{"role": "system", "content": harness.system_prompt}] if harness.system_prompt else []
+    for shot in harness.few_shot:
+        messages += [{"role": "user", "content": shot.input}, {"role": "assistant", "content": shot.output}]
+    messages.append({"role": "user", "content": harness.template.format(**slots)})
+    return messages
