@@ -13,8 +13,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
+from siajax.benchmarking import median_seconds
 from siajax.models import BUNDLED_TINY_MODEL, from_pretrained
 from siajax.sampling import generate, left_pad
 
@@ -31,16 +30,6 @@ def make_prompts(tokenizer, batch: int, seed: int = 0) -> list[list[int]]:
              "被告人于2014年盗窃", "Write a Pallas kernel that"]
     rng = np.random.RandomState(seed)
     return [tokenizer(texts[rng.randint(len(texts))] * (1 + rng.randint(3)))["input_ids"] for _ in range(batch)]
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_siajax(model, prompts, new_tokens, repeats):

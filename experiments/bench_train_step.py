@@ -13,8 +13,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -25,6 +23,7 @@ import torch
 from flax import nnx
 from transformers import AutoModelForCausalLM
 
+from siajax.benchmarking import median_seconds
 from siajax.models import BUNDLED_TINY_MODEL, LoRAConfig, add_lora, from_pretrained
 from siajax.rl import GRPOConfig, RLBatch, grpo_loss
 from siajax.train import TrainBatch, init_train_state, make_policy_loss, make_train_step, split_policy
@@ -72,16 +71,6 @@ def torch_grpo_step(model, optimizer, tokens, attention, mask, old, ref, adv):
     loss.backward()
     optimizer.step()
     return loss
-
-
-def median_seconds(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():

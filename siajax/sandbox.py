@@ -1,10 +1,12 @@
 """Run agent-written Python in a contained subprocess and classify what happened.
 
-Layers, outermost first:
+Layers, outermost first (set up by the child's runner before any agent code,
+not in a pre-exec hook, which is unsafe in a threaded JAX process):
   * process: new session (the whole group is killed on timeout), rlimits on
     address space, CPU seconds, file size, open files, and processes;
   * identity (when started as root): a fresh network namespace, then the
-    child drops to ``nobody``, so file permissions and RLIMIT_NPROC bind;
+    child drops to ``nobody`` if it can still run the interpreter, so file
+    permissions and RLIMIT_NPROC bind;
   * interpreter: audit hooks installed before the agent's code runs refuse
     sockets, subprocesses and forks, writes outside the scratch dir, and any
     access under the forbidden paths (a task's ``data/private``). A refusal
@@ -59,9 +61,21 @@ class SandboxResult:
 
 
 _RUNNER = textwrap.dedent('''
-    import json, os, sys, traceback
+    import json, os, resource, sys, traceback
     spec = json.load(open(sys.argv[1]))
     result_file = open(spec["result_path"], "w")
+    if os.geteuid() == 0:
+        try:  # a private, empty network namespace
+            import ctypes
+            ctypes.CDLL(None, use_errno=True).unshare(0x40000000)  # CLONE_NEWNET
+        except Exception:
+            pass
+    for name, value in spec["rlimits"].items():
+        resource.setrlimit(getattr(resource, name), (value, value))
+    if spec["uid"] is not None:
+        os.setgroups([])
+        os.setgid(spec["uid"])
+        os.setuid(spec["uid"])
 
     def report(status, **fields):
         result_file.write(json.dumps({"status": status, **fields}, default=repr))
@@ -136,28 +150,6 @@ _RUNNER = textwrap.dedent('''
 ''') % {"forbidden": _EXIT_FORBIDDEN, "oom": _EXIT_OOM}
 
 
-def _drop_privileges_and_limit(limits: SandboxLimits, scratch_uid: int | None):
-    """Runs in the child between fork and exec."""
-    import resource
-
-    os.setsid()
-    if os.geteuid() == 0:
-        try:  # a private, empty network namespace: no interface but a down loopback
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).unshare(0x40000000)  # CLONE_NEWNET
-        except Exception:
-            pass
-    for name, value in (("RLIMIT_AS", limits.memory_bytes), ("RLIMIT_CPU", limits.cpu_seconds),
-                        ("RLIMIT_FSIZE", limits.file_bytes), ("RLIMIT_NOFILE", limits.max_open_files),
-                        ("RLIMIT_NPROC", limits.max_processes), ("RLIMIT_CORE", 0)):
-        resource.setrlimit(getattr(resource, name), (value, value))
-    if os.geteuid() == 0 and scratch_uid is not None:
-        os.setgroups([])
-        os.setgid(scratch_uid)
-        os.setuid(scratch_uid)
-
-
 def _reachable_by_others(path: str) -> bool:
     """Whether an unprivileged user can reach and run ``path`` (every parent searchable)."""
     import stat
@@ -199,12 +191,15 @@ def run_sandboxed(source: str, *, entry: str = "main", kwargs: dict | None = Non
         result_path = control_dir / "result.json"
         (control_dir / "agent_code.py").write_text(source, encoding="utf-8")
         (control_dir / "runner.py").write_text(_RUNNER, encoding="utf-8")
+        uid = unprivileged_uid(python)
+        rlimits = {"RLIMIT_AS": limits.memory_bytes, "RLIMIT_CPU": limits.cpu_seconds,
+                   "RLIMIT_FSIZE": limits.file_bytes, "RLIMIT_NOFILE": limits.max_open_files,
+                   "RLIMIT_NPROC": limits.max_processes, "RLIMIT_CORE": 0}
         spec = {"source_path": str(control_dir / "agent_code.py"), "entry": entry, "kwargs": kwargs or {},
                 "scratch": str(scratch), "forbidden": [str(p) for p in forbidden_dirs],
-                "result_path": str(result_path)}
+                "result_path": str(result_path), "rlimits": rlimits, "uid": uid}
         (control_dir / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
         result_path.touch()
-        uid = unprivileged_uid(python)
         if uid is not None:
             os.chmod(control_dir, 0o755)
             for path in (scratch, result_path):
@@ -218,7 +213,7 @@ def run_sandboxed(source: str, *, entry: str = "main", kwargs: dict | None = Non
         process = subprocess.Popen(
             [python, "-I", str(control_dir / "runner.py"), str(control_dir / "spec.json")],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=str(scratch),
-            preexec_fn=lambda: _drop_privileges_and_limit(limits, uid),
+            start_new_session=True,  # its own process group, killed whole on timeout
         )
         try:
             stdout, stderr = process.communicate(timeout=limits.wall_seconds)

@@ -13,15 +13,15 @@ import pytest
 from experiments.rl_learning_curves import run_setting
 
 FULL = os.environ.get("SIAJAX_FULL") == "1"
-UPDATES = 40 if FULL else 20
+UPDATES = 30 if FULL else 20
 SEEDS = [0, 1, 2] if FULL else [0]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["ppo_gae", "grpo", "entropic"])
 def test_recipe_raises_dense_reward(recipe):
-    runs = run_setting("dense", [recipe], SEEDS, UPDATES, k=4, group_size=8, max_new_tokens=24,
-                       learning_rate=1e-2, log=lambda *_: None)[recipe]
+    runs = run_setting("dense", [recipe], SEEDS, UPDATES, k=2, group_size=8, max_new_tokens=24,
+                       learning_rate=3e-3, log=lambda *_: None)[recipe]
     for history in runs:
         rewards = np.array([h["reward"] for h in history])
         start, end = rewards[:3].mean(), rewards[-3:].mean()

@@ -32,6 +32,9 @@ class TrainState:
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """A fresh state over a copy of ``params``: the step donates its state, and the
+    caller's arrays (often shared with a live model) must survive that."""
+    params = jax.tree.map(jnp.copy, params)
     return TrainState(
         params=params, opt_state=optimizer.init(params),
         step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed)),

@@ -1,0 +1,90 @@
+"""TriMul: jnp reference vs an independent PyTorch version, Pallas (interpret), CUDA build."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from kernels.trimul.cuda_ffi import build_library, cuda_available, trimul_cuda
+from kernels.trimul.pallas import trimul_pallas
+from kernels.trimul.reference import generate_inputs, trimul_reference
+from kernels.trimul.bench import SHAPES
+
+TOL = dict(rtol=2e-2, atol=2e-2)
+TEST_SHAPES = json.loads(SHAPES.read_text())["tests"]
+
+
+def torch_trimul(x, mask, w):
+    """The GPU MODE math written out with torch ops (float32 on CPU, so no TF32)."""
+    t = {k: torch.from_numpy(v) for k, v in w.items()}
+    x, mask = torch.from_numpy(x), torch.from_numpy(mask)
+    xn = torch.nn.functional.layer_norm(x, (x.shape[-1],), t["norm.weight"], t["norm.bias"])
+    lin = lambda name: xn @ t[name].T  # noqa: E731
+    left = lin("left_proj.weight") * mask[..., None] * torch.sigmoid(lin("left_gate.weight"))
+    right = lin("right_proj.weight") * mask[..., None] * torch.sigmoid(lin("right_gate.weight"))
+    out = torch.einsum("bikh,bjkh->bijh", left, right)
+    out = torch.nn.functional.layer_norm(out, (out.shape[-1],), t["to_out_norm.weight"], t["to_out_norm.bias"])
+    return ((out * torch.sigmoid(lin("out_gate.weight"))) @ t["to_out.weight"].T).numpy()
+
+
+def _check_reference(shape):
+    x, mask, w = generate_inputs(**shape)
+    np.testing.assert_allclose(np.asarray(trimul_reference(x, mask, w)), torch_trimul(x, mask, w), **TOL)
+
+
+SMALL = [s for s in TEST_SHAPES if s["seqlen"] <= 64]
+
+
+@pytest.mark.parametrize("shape", SMALL, ids=lambda s: f"N{s['seqlen']}-C{s['dim']}-{s['distribution']}-"
+                                                         f"{'nomask' if s['nomask'] else 'mask'}")
+def test_reference_matches_pytorch_on_small_test_shapes(shape):
+    _check_reference(shape)
+
+
+@pytest.mark.slow
+def test_reference_matches_pytorch_on_every_test_shape():
+    for shape in TEST_SHAPES if os.environ.get("SIAJAX_FULL") == "1" else [s for s in TEST_SHAPES
+                                                                           if s["seqlen"] <= 128]:
+        _check_reference(shape)
+
+
+def test_inputs_follow_the_problem_distributions():
+    x, mask, w = generate_inputs(64, 2, 128, 128, seed=1, nomask=False, distribution="cauchy")
+    assert x.shape == (2, 64, 64, 128) and mask.shape == (2, 64, 64) and set(np.unique(mask)) == {0.0, 1.0}
+    assert np.median(np.abs(x)) == pytest.approx(2.0, rel=0.05)  # Cauchy(0, 2): median |x| = gamma
+    assert w["left_proj.weight"].shape == (128, 128) and w["to_out.weight"].shape == (128, 128)
+    with pytest.raises(ValueError, match="distribution"):
+        generate_inputs(8, 1, 8, 8, seed=0, nomask=True, distribution="uniform")
+
+
+@pytest.mark.parametrize("matmul_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", [dict(seqlen=32, bs=1, dim=128, hiddendim=128, nomask=False, distribution="normal"),
+                                   dict(seqlen=64, bs=2, dim=64, hiddendim=32, nomask=True, distribution="cauchy")],
+                         ids=["N32-mask", "N64-B2-cauchy"])
+def test_pallas_kernels_match_reference_in_interpret_mode(shape, matmul_dtype):
+    x, mask, w = generate_inputs(**shape, seed=7)
+    expected = np.asarray(trimul_reference(x, mask, w))
+    got = np.asarray(trimul_pallas(x, mask, w, matmul_dtype=matmul_dtype, interpret=True, block_ij=32, block_k=16))
+    np.testing.assert_allclose(got, expected, **TOL)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None and not os.environ.get("CI"),
+                    reason="no nvcc here (CI has one and must compile)")
+def test_cuda_kernel_compiles_for_sm80_and_sm90a(tmp_path):
+    library = build_library(tmp_path / "libsiajax_trimul.so", force=True)
+    symbols = subprocess.run(["nm", "-D", str(library)], capture_output=True, text=True).stdout
+    assert "SiajaxTriMul" in symbols
+
+
+@pytest.mark.skipif(cuda_available(), reason="a GPU is present")
+def test_cuda_wrapper_says_clearly_that_it_needs_a_gpu():
+    x, mask, w = generate_inputs(8, 1, 8, 8, seed=0, nomask=True)
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        trimul_cuda(x, mask, w)
