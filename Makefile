@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 run: $(STAMP)
-	$(PY) -m siajax sample
+	$(PY) -m siajax run --task digits --levers both --generations 6
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
