@@ -115,3 +115,23 @@ def test_meta_agent_uses_a_valid_llm_harness_or_falls_back(digits):
     harness, origin = initial_harness(digits, ScriptedBackend(["nope", '{"template": "{nonexistent}"}']),
                                       jax.random.key(0))
     assert harness == default and "invalid" in origin
+
+
+def test_tool_calls_are_run_and_answered(digits, tmp_path):
+    root = tmp_path / "digits"
+    shutil.copytree(BUNDLED_TASKS / "digits", root)
+    with open(root / "verifier.py", "a") as handle:
+        handle.write("\n\ndef count(things):\n    return len(things)\n\n\nTOOLS = {'count': count}\n")
+    task = load_task(root)
+    harness = patch_harness(task.default_harness(), [
+        {"op": "replace", "path": "/sampling/samples_per_prompt", "value": 1},
+        {"op": "add", "path": "/tools/-", "value": {"name": "count", "description": "count a list",
+                                                    "parameters": {"type": "object"}}}])
+    backend = ScriptedBackend(['<tool_call>{"name": "count", "arguments": {"things": [1, 2, 3]}}</tool_call>',
+                               '<tool_call>{"name": "rm_rf"}</tool_call>', "3", "0"])  # first turns batched
+    rollout = run_items(task, harness, backend, task.items("train")[:2], jax.random.key(0))
+    first, second = rollout.records
+    assert first["tool_calls"] == [{"name": "count", "arguments": {"things": [1, 2, 3]}, "result": 3}]
+    assert first["text"] == "3" and first["reward"] == 1.0
+    assert backend.calls[1][0][-1] == {"role": "tool", "content": json.dumps(first["tool_calls"][0])}
+    assert "unknown tool" in second["tool_calls"][0]["error"] and second["reward"] == 1.0

@@ -120,9 +120,11 @@ def main():
         if times and all(times):
             report["geomean_us"][name] = 1e6 * math.exp(sum(math.log(t) for t in times) / len(times))
     base = report["geomean_us"].get("reference_xla")
+    timed, total = len(report["shapes"]), len(shapes)
+    report["geomean_over"] = f"{timed} of {total} shapes"
     for name, value in report["geomean_us"].items():
         ratio = f"  ({base / value:.2f}x vs reference_xla)" if base else ""
-        print(f"geomean {name}: {value:.0f} us{ratio}")
+        print(f"geomean {name} over {timed} of {total} shapes: {value:.0f} us{ratio}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

@@ -53,18 +53,24 @@ def _parent(doc, parts: list[str]):
     return node
 
 
-def _get(doc, path: str):
-    parts = _pointer(path)
-    if not parts:
-        return doc
+def _existing(doc, parts: list[str], path: str):
+    """(container, key or index) of a value that must exist at ``parts``."""
     parent, token = _parent(doc, parts), parts[-1]
     if isinstance(parent, dict):
         if token not in parent:
             raise PatchError(f"{path} does not exist")
-        return parent[token]
+        return parent, token
     if isinstance(parent, list):
-        return parent[_list_index(parent, token, allow_end=False)]
+        return parent, _list_index(parent, token, allow_end=False)
     raise PatchError(f"{path} does not exist")
+
+
+def _get(doc, path: str):
+    parts = _pointer(path)
+    if not parts:
+        return doc
+    container, key = _existing(doc, parts, path)
+    return container[key]
 
 
 def _add(doc, path: str, value):
@@ -85,15 +91,8 @@ def _remove(doc, path: str):
     parts = _pointer(path)
     if not parts:
         raise PatchError("cannot remove the whole document")
-    parent, token = _parent(doc, parts), parts[-1]
-    if isinstance(parent, dict):
-        if token not in parent:
-            raise PatchError(f"{path} does not exist")
-        del parent[token]
-    elif isinstance(parent, list):
-        del parent[_list_index(parent, token, allow_end=False)]
-    else:
-        raise PatchError(f"{path} does not exist")
+    container, key = _existing(doc, parts, path)
+    del container[key]
     return doc
 
 
