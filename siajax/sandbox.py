@@ -102,7 +102,12 @@ _RUNNER = textwrap.dedent('''
     WRITE_EVENTS = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.link",
                     "os.symlink", "os.truncate", "shutil.rmtree", "os.utime"}
 
+    forbidden_modules = tuple(spec["forbidden_modules"])
+
     def hook(event, args):
+        if event == "import" and args and isinstance(args[0], str) and forbidden_modules:
+            if any(args[0] == m or args[0].startswith(m + ".") for m in forbidden_modules):
+                deny(f"importing {args[0]} is not allowed")
         if event in BLOCKED:
             deny(f"{event} is not allowed in the sandbox")
         if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
@@ -178,11 +183,12 @@ def unprivileged_uid(python: str = sys.executable) -> int | None:
 def run_sandboxed(source: str, *, entry: str = "main", kwargs: dict | None = None,
                   limits: SandboxLimits = SandboxLimits(), readable_dirs: list[str | os.PathLike] = (),
                   forbidden_dirs: list[str | os.PathLike] = (), scratch_dir: str | os.PathLike | None = None,
-                  python: str = sys.executable) -> SandboxResult:
+                  forbidden_modules: tuple[str, ...] = (), python: str = sys.executable) -> SandboxResult:
     """Runs ``entry(**kwargs)`` from ``source`` in the sandbox; never raises for the code's faults.
 
     readable_dirs: extra directories the child needs (a task's ``data/public``);
-    forbidden_dirs: directories it must never read (a task's ``data/private``).
+    forbidden_dirs: directories it must never read (a task's ``data/private``);
+    forbidden_modules: module names (and their submodules) it must not import.
     """
     with tempfile.TemporaryDirectory(prefix="siajax-sbx-") as control:
         control_dir = Path(control)
@@ -197,7 +203,8 @@ def run_sandboxed(source: str, *, entry: str = "main", kwargs: dict | None = Non
                    "RLIMIT_NPROC": limits.max_processes, "RLIMIT_CORE": 0}
         spec = {"source_path": str(control_dir / "agent_code.py"), "entry": entry, "kwargs": kwargs or {},
                 "scratch": str(scratch), "forbidden": [str(p) for p in forbidden_dirs],
-                "result_path": str(result_path), "rlimits": rlimits, "uid": uid}
+                "result_path": str(result_path), "rlimits": rlimits, "uid": uid,
+                "forbidden_modules": list(forbidden_modules)}
         (control_dir / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
         result_path.touch()
         if uid is not None:

@@ -88,3 +88,12 @@ def test_a_run_dir_refuses_a_different_config(tmp_path):
     run(RunConfig(levers="harness", generations=1, **SMALL), tmp_path / "run")
     with pytest.raises(ValueError, match="different config"):
         run(RunConfig(levers="weights", generations=1, **SMALL), tmp_path / "run")
+
+
+def test_trimul_task_runs_in_the_loop_on_cpu(tmp_path):
+    ledger = run(RunConfig(task="trimul", levers="both", generations=2, items_per_generation=1,
+                           updates_per_generation=1, seed=0), tmp_path / "run")
+    assert len(ledger) == 2
+    first = ledger[0]
+    assert first["decision"]["lever"] == "harness"  # the tiny model writes no code block: a parse failure
+    assert first["failure_rates"].get("parse_error", 0) > 0.5

@@ -127,3 +127,9 @@ def test_native_fork_bomb_is_bounded_by_process_limit_and_killed():
     """, limits=SandboxLimits(wall_seconds=3, cpu_seconds=10, max_processes=32))
     assert result.status in ("timeout", "runtime_error", "oom")
     assert result.wall_seconds < 30
+
+
+def test_importing_a_forbidden_module_is_refused():
+    result = run_sandboxed("def main():\n    import csv\n    return 1", entry="main", limits=FAST,
+                           forbidden_modules=("csv",))
+    assert result.status == "forbidden" and "csv" in result.error
