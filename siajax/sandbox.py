@@ -266,3 +266,20 @@ def _classify(report, returncode, timed_out, stdout: bytes, stderr: bytes, wall:
     if returncode in (-signal.SIGSEGV, -signal.SIGABRT) or "MemoryError" in err or "std::bad_alloc" in err:
         return SandboxResult("oom", error=f"died with code {returncode} under the memory limit", **common)
     return SandboxResult("runtime_error", error=f"exited with code {returncode} and no report", **common)
+
+
+COMPILE_FAULTS = ("SyntaxError", "IndentationError", "TabError", "NameError: the code must define")
+
+
+def failure_kind(result: SandboxResult) -> str | None:
+    """Maps a sandbox outcome to a task failure kind (None when the code ran).
+
+    Syntax errors raised while a trusted wrapper compiles the agent's code count
+    as compile errors; a refused action is a cheat; anything else is a crash.
+    """
+    if result.ok:
+        return None
+    last_line = (result.error.strip().splitlines() or [""])[-1]
+    if result.status == "compile_error" or (result.status == "runtime_error" and last_line.startswith(COMPILE_FAULTS)):
+        return "compile_error"
+    return {"timeout": "timeout", "forbidden": "cheat"}.get(result.status, "crash")

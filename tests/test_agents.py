@@ -135,3 +135,12 @@ def test_tool_calls_are_run_and_answered(digits, tmp_path):
     assert first["text"] == "3" and first["reward"] == 1.0
     assert backend.calls[1][0][-1] == {"role": "tool", "content": json.dumps(first["tool_calls"][0])}
     assert "unknown tool" in second["tool_calls"][0]["error"] and second["reward"] == 1.0
+
+
+def test_a_task_can_name_its_expected_recipe():
+    task = resolve_task("rna_denoise")
+    hints = task.spec["harness_hints"]
+    scalar = _summary(0.5, binary=False)
+    assert heuristic_decision(scalar, [], task.default_harness(), hints, ("weights",)).recipe == "grpo"
+    assert heuristic_decision(_summary(0.05, binary=False), [], task.default_harness(), hints,
+                              ("weights",)).recipe == "entropic"  # rare successes still go entropic

@@ -97,3 +97,9 @@ def test_trimul_task_runs_in_the_loop_on_cpu(tmp_path):
     first = ledger[0]
     assert first["decision"]["lever"] == "harness"  # the tiny model writes no code block: a parse failure
     assert first["failure_rates"].get("parse_error", 0) > 0.5
+
+
+def test_rna_denoise_task_runs_in_the_loop_on_cpu(tmp_path):
+    ledger = run(RunConfig(task="rna_denoise", levers="both", generations=1, items_per_generation=1,
+                           updates_per_generation=1, seed=0), tmp_path / "run")
+    assert len(ledger) == 1 and ledger[0]["decision"]["lever"] == "harness"

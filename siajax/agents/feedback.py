@@ -94,10 +94,14 @@ def harness_edits(summary: dict, harness: Harness, hints: dict, min_fixable: flo
     return edits
 
 
-def choose_recipe(summary: dict) -> tuple[str, str]:
-    """The paper's rule for the weight lever: the reward signal and failure mode pick the recipe."""
+def choose_recipe(summary: dict, hints: dict | None = None) -> tuple[str, str]:
+    """The paper's rule for the weight lever: the reward signal and failure mode pick the recipe.
+    A task may name its expected recipe (``preferred_recipe``); rare successes still go entropic."""
     if summary["success_rate"] < 0.1:
         return "entropic", f"success rate {summary['success_rate']:.0%}: up-weight the rare successes"
+    preferred = (hints or {}).get("preferred_recipe")
+    if preferred in RECIPE_NAMES:
+        return preferred, f"the task's expected recipe ({preferred})"
     if summary["binary_rewards"]:
         return "grpo", "pass/fail rewards compare within a group; no value network needed"
     return "ppo_gae", "clean scalar outcome rewards: PPO with a learned baseline (GAE)"
@@ -120,7 +124,7 @@ def heuristic_decision(summary: dict, history: list[dict], harness: Harness, hin
         patch, why = edits[0]
         return Decision("harness", None, patch, why)
     if "weights" in levers:
-        recipe, why = choose_recipe(summary)
+        recipe, why = choose_recipe(summary, hints)
         fallback_edits = harness_edits(summary, harness, hints, min_fixable=0.05) if "harness" in levers else []
         if _plateaued(history, "weights") and fallback_edits:
             patch, edit_why = fallback_edits[0]

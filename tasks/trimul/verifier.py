@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:  # the verifier (not the agent) uses the repo's re
     sys.path.append(str(REPO))
 
 from kernels.trimul.reference import flops, generate_inputs, trimul_reference  # noqa: E402
-from siajax.sandbox import SandboxLimits, run_sandboxed  # noqa: E402
+from siajax.sandbox import SandboxLimits, failure_kind, run_sandboxed  # noqa: E402
 CHECK_SHAPES = [dict(seqlen=32, bs=1, dim=128, hiddendim=128, nomask=True, distribution="normal"),
                 dict(seqlen=32, bs=1, dim=128, hiddendim=128, nomask=False, distribution="cauchy")]
 TIME_SHAPE = dict(seqlen=64, bs=1, dim=128, hiddendim=128, nomask=True, distribution="normal")
@@ -107,16 +107,10 @@ def score(item: dict, answer, text: str, seed: int | None = None) -> dict:
     seed = secrets.randbits(31) if seed is None else seed
     cases = _cases(seed)
     result, outputs = run_kernel(answer, cases)
-    compile_faults = ("SyntaxError", "IndentationError", "TabError", "NameError: the code must define")
-    if result.status == "compile_error" or (result.status == "runtime_error"
-                                            and result.error.strip().splitlines()[-1].startswith(compile_faults)):
-        return _fail("compile_error", result.error)
-    if result.status == "timeout":
-        return _fail("timeout", result.error)
-    if result.status == "forbidden":
-        return _fail("cheat", result.error)
-    if not result.ok:
-        return _fail("crash", f"{result.status}: {result.error}\n{result.stderr[-1500:]}")
+    kind = failure_kind(result)
+    if kind is not None:
+        detail = result.error if kind != "crash" else f"{result.status}: {result.error}\n{result.stderr[-1500:]}"
+        return _fail(kind, detail)
     if result.value["modified_inputs"]:
         return _fail("cheat", f"the kernel wrote into its inputs ({result.value['modified_inputs']})")
     for name, (shape, x, mask, weights) in cases.items():
