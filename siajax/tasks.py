@@ -140,3 +140,8 @@ def resolve_task(name_or_path: str) -> Task:
     if isinstance(task, TaskError):
         raise task
     return task
+
+
+def failed_verdict(kind: str, detail: str, reward: float = -1.0) -> dict:
+    """A verifier's answer for a sample that failed: the kind, a bounded detail, the failure reward."""
+    return {"reward": reward, "failure": kind, "metrics": {"detail": detail[:2000]}}

@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
 
 import mcv  # noqa: E402
 from siajax.sandbox import SandboxLimits, failure_kind, run_sandboxed  # noqa: E402
+from siajax.tasks import failed_verdict  # noqa: E402
 
 FAILURE_REWARD = -1.0
 LIMITS = SandboxLimits(wall_seconds=120, cpu_seconds=300, memory_bytes=4 << 30)
@@ -27,7 +28,7 @@ DATA = dict(n_cells=300, n_genes=1000, n_types=5)
 
 
 def _fail(kind: str, detail: str) -> dict:
-    return {"reward": FAILURE_REWARD, "failure": kind, "metrics": {"detail": detail[:2000]}}
+    return failed_verdict(kind, detail, FAILURE_REWARD)
 
 
 def score(item: dict, answer, text: str, seed: int | None = None) -> dict:

@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:  # the verifier (not the agent) uses the repo's re
 
 from kernels.trimul.reference import flops, generate_inputs, trimul_reference  # noqa: E402
 from siajax.sandbox import SandboxLimits, failure_kind, run_sandboxed  # noqa: E402
+from siajax.tasks import failed_verdict  # noqa: E402
 CHECK_SHAPES = [dict(seqlen=32, bs=1, dim=128, hiddendim=128, nomask=True, distribution="normal"),
                 dict(seqlen=32, bs=1, dim=128, hiddendim=128, nomask=False, distribution="cauchy")]
 TIME_SHAPE = dict(seqlen=64, bs=1, dim=128, hiddendim=128, nomask=True, distribution="normal")
@@ -98,7 +99,7 @@ def reference_seconds(seed: int) -> float:
 
 
 def _fail(kind: str, detail: str) -> dict:
-    return {"reward": FAILURE_REWARD, "failure": kind, "metrics": {"detail": detail[:2000]}}
+    return failed_verdict(kind, detail, FAILURE_REWARD)
 
 
 def score(item: dict, answer, text: str, seed: int | None = None) -> dict:
