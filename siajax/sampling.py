@@ -40,6 +40,79 @@ class GenerationResult(NamedTuple):
     prompt_mask: jax.Array  # [B, P]
 
 
+class TokenAutomaton(NamedTuple):
+    """A deterministic automaton over token ids that constrains decoding.
+
+    tokens[s, f]: the f-th token allowed in state s (-1 = unused slot);
+    next_state[s, f]: the state after emitting it. State 0 is the start.
+    """
+
+    tokens: jax.Array
+    next_state: jax.Array
+
+
+def label_automaton(encode, labels, *, prefix: str = "", separator: str | None = None, terminator: str = "",
+                    stop_token_id: int) -> TokenAutomaton:
+    """Accepts ``prefix label (separator label)* terminator <stop>``, labels from a fixed set.
+
+    encode: text -> token ids (no special tokens). Labels share a trie, so the
+    policy picks among them token by token; each piece is tokenised on its own.
+    """
+    edges: list[dict[int, int]] = [{}]
+
+    def new_state() -> int:
+        edges.append({})
+        return len(edges) - 1
+
+    def chain(start: int, ids: list[int], end: int | None = None) -> int:
+        state = start
+        for position, token in enumerate(ids):
+            last = position == len(ids) - 1
+            if token in edges[state]:
+                if last and end is not None and edges[state][token] != end:
+                    raise ValueError(f"token {token} is ambiguous in the automaton; change the separators")
+                state = edges[state][token]
+            else:
+                target = end if (last and end is not None) else new_state()
+                edges[state][token] = target
+                state = target
+        return state
+
+    label_root = chain(0, encode(prefix)) if prefix else 0
+    if label_root == 0 and prefix:
+        raise ValueError("empty prefix encoding")
+    accepting = {chain(label_root, encode(label)) for label in labels if label}
+    done = new_state()
+    for state in accepting:
+        if separator:
+            chain(state, encode(separator), end=label_root)
+        if terminator:
+            chain(state, encode(terminator) + [stop_token_id], end=done)
+        else:
+            chain(state, [stop_token_id], end=done)
+    edges[done][stop_token_id] = done
+    width = max(len(e) for e in edges)
+    tokens = np.full((len(edges), width), -1, np.int32)
+    next_state = np.zeros((len(edges), width), np.int32)
+    for state, out in enumerate(edges):
+        for slot, (token, target) in enumerate(sorted(out.items())):
+            tokens[state, slot], next_state[state, slot] = token, target
+    return TokenAutomaton(jnp.asarray(tokens), jnp.asarray(next_state))
+
+
+def _constrain(logits, automaton: TokenAutomaton, state):
+    """Masks logits [B, V] to the tokens the automaton allows in each row's state."""
+    allowed = automaton.tokens[state]  # [B, F]
+    rows = jnp.arange(logits.shape[0])[:, None]
+    mask = jnp.zeros(logits.shape, bool).at[rows, jnp.maximum(allowed, 0)].max(allowed >= 0)
+    return jnp.where(mask, logits, -jnp.inf)
+
+
+def _advance(automaton: TokenAutomaton, state, token):
+    hit = automaton.tokens[state] == token[:, None]
+    return jnp.sum(jnp.where(hit, automaton.next_state[state], 0), axis=-1).astype(jnp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
     """The static part of a sampling call (changing it recompiles)."""
@@ -49,6 +122,7 @@ class DecodeSpec:
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
     lora: bool = True
+    constrained: bool = False
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -88,13 +162,17 @@ def _nucleus_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def sample_next_token(logits, key, temperature, top_p, top_k: int):
+def sample_next_token(logits, key, temperature, top_p, top_k: int, allowed_logits=None):
     """Draws one token per row from logits [B, V]; returns (token [B], logprob [B]).
 
     temperature <= 0 means greedy. top_k = 0 and top_p >= 1 disable truncation.
+    ``allowed_logits`` (logits with forbidden tokens at -inf) constrains the draw;
+    the returned log-prob stays that of the unconstrained policy, which is what
+    a training forward pass recomputes.
     """
     greedy = temperature <= 0.0
     scaled = logits / jnp.where(greedy, 1.0, temperature)
+    choice = scaled if allowed_logits is None else allowed_logits / jnp.where(greedy, 1.0, temperature)
 
     def draw(scaled):
         filtered = scaled
@@ -105,12 +183,13 @@ def sample_next_token(logits, key, temperature, top_p, top_k: int):
         return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
     # Greedy skips the noise draw over the vocabulary, the costliest part of a small model's step.
-    token = jax.lax.cond(greedy, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), draw, scaled)
+    token = jax.lax.cond(greedy, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), draw, choice)
     return token, token_logprobs(scaled, token)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "spec"))
-def _generate(graphdef, state, prompt_tokens, prompt_mask, key, temperature, top_p, spec: DecodeSpec):
+def _generate(graphdef, state, prompt_tokens, prompt_mask, key, temperature, top_p, spec: DecodeSpec,
+              automaton: TokenAutomaton | None = None):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_tokens.shape
     steps = spec.max_new_tokens
@@ -120,7 +199,17 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, temperature, top
     out = model(prompt_tokens, attention_mask=prompt_mask, cache=cache, lora=spec.lora)
     next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     key, first_key = jax.random.split(key)
-    token, logprob = sample_next_token(out.logits[:, -1], first_key, temperature, top_p, spec.top_k)
+
+    def draw(logits, step_key, automaton_state):
+        if not spec.constrained:
+            return sample_next_token(logits, step_key, temperature, top_p, spec.top_k)
+        return sample_next_token(logits, step_key, temperature, top_p, spec.top_k,
+                                 allowed_logits=_constrain(logits, automaton, automaton_state))
+
+    automaton_state = jnp.zeros((batch,), jnp.int32)
+    token, logprob = draw(out.logits[:, -1], first_key, automaton_state)
+    if spec.constrained:
+        automaton_state = _advance(automaton, automaton_state, token)
 
     tokens = jnp.full((batch, steps), spec.pad_token_id, jnp.int32).at[:, 0].set(token)
     logprobs = jnp.zeros((batch, steps), jnp.float32).at[:, 0].set(logprob)
@@ -132,23 +221,26 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, temperature, top
         return (step < steps) & ~jnp.all(done)
 
     def decode_step(carry):
-        step, cache, position, done, tokens, logprobs, lengths, key = carry
+        step, cache, position, done, tokens, logprobs, lengths, key, automaton_state = carry
         previous = tokens[:, step - 1]
         out = model(
             previous[:, None], attention_mask=jnp.ones((batch, 1), bool),
             positions=position[:, None], cache=cache, lora=spec.lora,
         )
         key, step_key = jax.random.split(key)
-        token, logprob = sample_next_token(out.logits[:, -1], step_key, temperature, top_p, spec.top_k)
+        token, logprob = draw(out.logits[:, -1], step_key, automaton_state)
+        if spec.constrained:
+            automaton_state = _advance(automaton, automaton_state, token)
         token = jnp.where(done, spec.pad_token_id, token)
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(token, stop_ids)
-        return step + 1, out.cache, position + 1, done, tokens, logprobs, lengths, key
+        return step + 1, out.cache, position + 1, done, tokens, logprobs, lengths, key, automaton_state
 
-    carry = (jnp.ones((), jnp.int32), out.cache, next_position, done, tokens, logprobs, lengths, key)
-    _, _, _, _, tokens, logprobs, lengths, _ = jax.lax.while_loop(keep_going, decode_step, carry)
+    carry = (jnp.ones((), jnp.int32), out.cache, next_position, done, tokens, logprobs, lengths, key,
+             automaton_state)
+    _, _, _, _, tokens, logprobs, lengths, _, _ = jax.lax.while_loop(keep_going, decode_step, carry)
     mask = jnp.arange(steps)[None, :] < lengths[:, None]
     return GenerationResult(tokens, logprobs, mask, lengths, prompt_tokens, prompt_mask)
 
@@ -165,20 +257,24 @@ def generate(
     stop_token_ids: Sequence[int] = (),
     pad_token_id: int = 0,
     lora: bool = True,
+    constraint: TokenAutomaton | None = None,
 ) -> GenerationResult:
     """Samples continuations for a batch of prompts.
 
     prompt_token_ids: ragged list of token-id lists, or an int array [B, P] of
     unpadded prompts. ``lora=False`` samples from the frozen base policy.
+    ``constraint`` restricts every sample to the automaton's language (e.g. a
+    label set, see :func:`label_automaton`).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if isinstance(prompt_token_ids, (np.ndarray, jax.Array)) and np.ndim(prompt_token_ids) == 2:
         prompt_token_ids = np.asarray(prompt_token_ids).tolist()
     tokens, mask = left_pad(prompt_token_ids, pad_token_id)
-    spec = DecodeSpec(max_new_tokens, int(top_k or 0), tuple(int(t) for t in stop_token_ids), pad_token_id, lora)
+    spec = DecodeSpec(max_new_tokens, int(top_k or 0), tuple(int(t) for t in stop_token_ids), pad_token_id, lora,
+                      constrained=constraint is not None)
     graphdef, state = nnx.split(model)
     return _generate(
         graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), key,
-        jnp.float32(temperature), jnp.float32(top_p), spec,
+        jnp.float32(temperature), jnp.float32(top_p), spec, constraint,
     )

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from siajax.harness import SamplingParams
-from siajax.sampling import GenerationResult, generate
+from siajax.sampling import GenerationResult, generate, label_automaton
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,17 +31,30 @@ class LocalPolicyBackend:
 
     def __init__(self, model, tokenizer):
         self.model, self.tokenizer = model, tokenizer
+        self._automata = {}
+
+    def automaton(self, parser):
+        """The token automaton of a constrained parser (built once per label set and format)."""
+        key = (parser.labels, parser.answer_prefix, parser.label_separator, parser.answer_suffix)
+        if key not in self._automata:
+            encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+            self._automata[key] = label_automaton(
+                encode, parser.labels, prefix=parser.answer_prefix, separator=parser.label_separator or None,
+                terminator=parser.answer_suffix, stop_token_id=self.tokenizer.eos_token_id)
+        return self._automata[key]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
 
-    def sample(self, conversations: list[list[dict]], sampling: SamplingParams, key: jax.Array):
-        """-> (completions per conversation, GenerationResult with rows grouped by conversation)."""
+    def sample(self, conversations: list[list[dict]], sampling: SamplingParams, key: jax.Array, parser=None):
+        """-> (completions per conversation, GenerationResult with rows grouped by conversation).
+        A ``parser`` with ``constrained=True`` limits decoding to its label language."""
         prompts = [self.prompt_ids(c) for c in conversations for _ in range(sampling.samples_per_prompt)]
         result = generate(
             self.model, prompts, key=key, max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
             stop_token_ids=[self.tokenizer.eos_token_id], pad_token_id=self.tokenizer.pad_token_id,
+            constraint=self.automaton(parser) if parser is not None and parser.constrained else None,
         )
         tokens, logprobs, lengths = (np.asarray(a) for a in (result.tokens, result.logprobs, result.lengths))
         flat = []

@@ -79,6 +79,9 @@ def harness_edits(summary: dict, harness: Harness, hints: dict, min_fixable: flo
     edits = []
     fixable = sum(summary["failure_rates"].get(k, 0.0) for k in HARNESS_FIXABLE)
     if fixable >= min_fixable and fixable > 0:
+        if harness.parser.labels and not harness.parser.constrained:
+            edits.append(([{"op": "replace", "path": "/parser/constrained", "value": True}],
+                          f"{fixable:.0%} of samples name no valid label; decode only within the label set"))
         lenient = hints.get("lenient_answer_pattern")
         if harness.parser.kind == "regex" and lenient and harness.parser.pattern != lenient:
             edits.append(([{"op": "replace", "path": "/parser/pattern", "value": lenient}],

@@ -86,7 +86,7 @@ def run_items(task, harness: Harness, backend, items: list[dict], key: jax.Array
     conversations = [render_messages(harness, **{s: item[s] for s in harness.slots}) for item in items]
     key, first_key = jax.random.split(key)
     if hasattr(backend, "sample"):
-        groups, generation = backend.sample(conversations, harness.sampling, first_key)
+        groups, generation = backend.sample(conversations, harness.sampling, first_key, parser=harness.parser)
     else:
         groups, generation = backend.complete(conversations, harness.sampling, first_key), None
     records, rewards = [], []

@@ -53,13 +53,17 @@ class AnswerParser:
     kind="regex": first match of ``pattern`` (group 1 if present); "json": the
     first JSON object in the text; "label_set": the labels found (whole-label
     match, longest first); "raw": the stripped text. ``constrained`` asks the
-    sampler to decode only within ``labels`` (a trie over their tokens).
+    sampler to decode only ``answer_prefix label (label_separator label)*
+    answer_suffix`` with labels from ``labels`` (a trie over their tokens).
     """
 
     kind: str = "raw"
     pattern: str | None = None
     labels: tuple[str, ...] = ()
     constrained: bool = False
+    answer_prefix: str = ""
+    label_separator: str = ""
+    answer_suffix: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

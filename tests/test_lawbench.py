@@ -1,0 +1,85 @@
+"""LawBench 3-3: splits, whole-label parsing and both metrics, constrained decoding, the task in the loop."""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import pytest
+
+from siajax.models import BUNDLED_TINY_MODEL, from_pretrained
+from siajax.sampling import generate, label_automaton
+from siajax.tasks import resolve_task
+
+TASK = resolve_task("lawbench")
+sys.path.insert(0, str(TASK.root))
+from charges import LABELS, parse_charges, set_f1  # noqa: E402
+
+
+def test_splits_are_disjoint_seeded_and_test_is_private():
+    splits = {name: TASK.items(name) for name in ("train", "dev", "test")}
+    assert [len(v) for v in splits.values()] == [300, 48, 152]
+    ids = [{i["id"] for i in v} for v in splits.values()]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert TASK.spec["splits"]["test"].startswith("data/private/")
+    assert len(LABELS) == 189
+
+
+@pytest.mark.parametrize("answer,labels,invalid", [
+    ("盗窃", ["盗窃"], []),
+    ("盗窃罪；诈骗", ["盗窃", "诈骗"], []),                      # full-width separator, trailing 罪
+    (" 罪名：故意伤害 , 故意毁坏财物<eoa>后面的话", ["故意伤害", "故意毁坏财物"], []),
+    ("[罪名]单位受贿<eoa>", ["单位受贿"], []),                   # no substring credit for 受贿
+    ("虚开增值税专用发票、用于骗取出口退税、抵扣税款发票", ["虚开增值税专用发票、用于骗取出口退税、抵扣税款发票"], []),
+    ("盗窃、诈骗", ["盗窃", "诈骗"], []),                         # 、-joined labels
+    ("杀人;盗窃;盗窃", ["盗窃"], ["杀人"]),                        # unknown label kept apart, repeats dropped
+])
+def test_answers_parse_to_whole_labels(answer, labels, invalid):
+    assert parse_charges(answer) == (labels, invalid)
+
+
+def test_verifier_reports_top1_and_set_f1_and_failure_kinds():
+    item = {"labels": ["受贿", "诈骗"]}
+    score = TASK.verifier.score
+    assert score(item, "受贿;盗窃", "")["reward"] == 1.0
+    wrong = score(item, "盗窃;诈骗", "")
+    assert wrong["failure"] == "wrong_label" and wrong["metrics"]["set_f1"] == pytest.approx(0.5)
+    assert score(item, "单位受贿", "")["failure"] == "wrong_label"  # the substring hole is closed
+    assert score(item, "杀人", "")["failure"] == "invalid_label"
+    assert score(item, None, "no answer")["failure"] == "parse_error"
+    assert set_f1(["受贿", "诈骗"], ["诈骗", "受贿"]) == 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return from_pretrained(BUNDLED_TINY_MODEL)
+
+
+def test_constrained_decoding_only_writes_valid_label_answers(tiny):
+    model, tokenizer = tiny
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    automaton = label_automaton(encode, LABELS, prefix="[罪名]", separator=";", terminator="<eoa>",
+                                stop_token_id=tokenizer.eos_token_id)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "事实:被告人盗窃手机一部。"}],
+                                           add_generation_prompt=True)["input_ids"]
+    for temperature in (1.5, 0.0):
+        result = generate(model, [prompt] * 12, key=jax.random.key(1), max_new_tokens=64, temperature=temperature,
+                          stop_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                          constraint=automaton)
+        for row, length in zip(result.tokens, result.lengths):
+            ids = [int(t) for t in row[: int(length)]]
+            assert ids[-1] == tokenizer.eos_token_id  # every sample completed its answer
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            assert text.startswith("[罪名]") and text.endswith("<eoa>")
+            labels, invalid = parse_charges(text)
+            assert labels and not invalid
+
+
+def test_unconstrained_tiny_model_fails_to_parse_and_feedback_turns_constraints_on(tmp_path):
+    from siajax.loop import RunConfig, run
+
+    ledger = run(RunConfig(task="lawbench", levers="both", generations=1, items_per_generation=2,
+                           updates_per_generation=1, seed=0), tmp_path / "run")
+    decision = ledger[0]["decision"]
+    assert decision["lever"] == "harness" and decision["patch"] == [
+        {"op": "replace", "path": "/parser/constrained", "value": True}]
