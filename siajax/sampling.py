@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from siajax.models.transformer import KVCache, Transformer, positions_from_mask
+from siajax.models.transformer import KVCache, Transformer
 
 
 class GenerationResult(NamedTuple):

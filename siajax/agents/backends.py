@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from siajax.harness import SamplingParams
-from siajax.sampling import GenerationResult, generate, label_automaton
+from siajax.sampling import generate, label_automaton
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,6 @@ time below the machine's physical floor is rejected).
 
 from __future__ import annotations
 
-import json
 import math
 import secrets
 import tempfile
