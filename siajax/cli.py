@@ -127,13 +127,10 @@ def _cmd_serve(args) -> int:
 
     if args.run:
         from siajax.loop import Policy, RunConfig, read_ledger
-        from siajax.train import restore_pytree
 
         run_dir = Path(args.run)
         policy = Policy(RunConfig(**json.loads((run_dir / "config.json").read_text())))
-        checkpoint = next((e["checkpoint"] for e in reversed(read_ledger(run_dir)) if e.get("checkpoint")), None)
-        if checkpoint:
-            policy.state = restore_pytree(run_dir / checkpoint, policy.state)
+        policy.restore(run_dir, read_ledger(run_dir))
         backend = policy.backend()
     else:
         from siajax.models import from_pretrained

@@ -34,8 +34,8 @@ from siajax.harness import HarnessError, HarnessStore, to_json
 from siajax.harness.store import atomic_write_text
 from siajax.models import BUNDLED_TINY_MODEL, LoRAConfig, ValueHead, add_lora, from_pretrained
 from siajax.tasks import resolve_task
-from siajax.train import init_train_state, make_policy_loss, make_train_step, restore_pytree, save_pytree, split_policy
-from siajax.train.learner import RECIPES, Learner, recipe_config
+from siajax.train import init_train_state, restore_pytree, save_pytree, split_policy
+from siajax.train.learner import Learner, bind_learner
 
 LEVER_MODES = {"harness": ("harness",), "weights": ("weights",), "both": ("harness", "weights")}
 UNTIMED_LEDGER_KEYS = ("wall_seconds",)
@@ -104,10 +104,14 @@ class Policy:
 
     def learner(self, recipe: str) -> Learner:
         if recipe not in self._learners:
-            cfg = recipe_config(recipe)
-            step = make_train_step(make_policy_loss(self.parts, RECIPES[recipe][0], cfg), self.optimizer)
-            self._learners[recipe] = Learner(self.parts, recipe, cfg, step)
+            self._learners[recipe] = bind_learner(self.parts, recipe, self.optimizer)
         return self._learners[recipe]
+
+    def restore(self, run_dir: Path, ledger: list[dict]) -> None:
+        """Loads the train state named by the ledger's last line (each line carries the latest)."""
+        checkpoint = ledger[-1].get("checkpoint") if ledger else None
+        if checkpoint:
+            self.state = restore_pytree(run_dir / checkpoint, self.state)
 
     def backend(self) -> LocalPolicyBackend:
         model = nnx.merge(self.parts.graphdef, self.state.params["lora"], self.frozen)
@@ -166,9 +170,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
 
     if ledger:
         store.rollback(ledger[-1]["next_harness"])
-        checkpoint = ledger[-1].get("checkpoint")
-        if checkpoint:
-            policy.state = restore_pytree(run_dir / checkpoint, policy.state)
+        policy.restore(run_dir, ledger)
     else:
         harness, origin = initial_harness(task, feedback_backend, jax.random.fold_in(root_key, 10**6))
         store.put(harness, reason=origin)

@@ -85,17 +85,23 @@ class Learner:
         return state, {k: float(v) for k, v in {**metrics, **step_metrics}.items()}
 
 
+def bind_learner(parts: PolicyParts, recipe: str, optimizer: optax.GradientTransformation, *, cfg=None,
+                 epochs: int = 1) -> Learner:
+    """The recipe's loss (default config unless given) compiled into a train step for ``parts``."""
+    cfg = recipe_config(recipe) if cfg is None else cfg
+    step = make_train_step(make_policy_loss(parts, RECIPES[recipe][0], cfg), optimizer)
+    return Learner(parts, recipe, cfg, step, epochs=epochs)
+
+
 def make_learner(model: Transformer, recipe: str, *, cfg=None, lora: LoRAConfig = LoRAConfig(),
                  learning_rate: float = 3e-3, epochs: int = 1, seed: int = 0):
     """Adds adapters (and a value head for PPO) and returns (learner, state, frozen)."""
-    cfg = recipe_config(recipe) if cfg is None else cfg
     if not jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
         add_lora(model, lora, key=jax.random.key(seed))
     value_head = ValueHead(model.config.hidden_size, rngs=nnx.Rngs(seed)) if recipe == "ppo_gae" else None
     parts, params, frozen = split_policy(model, value_head)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
-    step = make_train_step(make_policy_loss(parts, RECIPES[recipe][0], cfg), optimizer)
-    learner = Learner(parts, recipe, cfg, step, epochs=epochs)
+    learner = bind_learner(parts, recipe, optimizer, cfg=cfg, epochs=epochs)
     return learner, init_train_state(params, optimizer, seed), frozen
 
 
