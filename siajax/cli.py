@@ -88,12 +88,15 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_resume(args) -> int:
+    import dataclasses
     import json
     from pathlib import Path
 
     from siajax.loop import RunConfig
 
     config = RunConfig(**json.loads((Path(args.run_dir) / "config.json").read_text()))
+    if args.mesh is not None:
+        config = dataclasses.replace(config, mesh=args.mesh or None)
     return _run_with_progress(config, args.run_dir, resume=True)
 
 
@@ -175,11 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--feedback", default=None, choices=["heuristic", "llm"])
     run.add_argument("--feedback-model", default=None)
     run.add_argument("--feedback-base-url", default=None)
+    run.add_argument("--mesh", default=None, help="shard over this process's devices, e.g. data=2,fsdp=2,tensor=2")
     run.add_argument("--run-dir", default=None)
     run.set_defaults(func=_cmd_run)
 
     resume = sub.add_parser("resume", help="continue a run after a crash or stop")
     resume.add_argument("run_dir")
+    resume.add_argument("--mesh", default=None, help="continue on another mesh ('' for one device)")
     resume.set_defaults(func=_cmd_resume)
 
     report = sub.add_parser("report", help="per-generation table and score plot of a run")

@@ -33,12 +33,14 @@ from siajax.agents.meta import initial_harness
 from siajax.harness import HarnessError, HarnessStore, to_json
 from siajax.harness.store import atomic_write_text
 from siajax.models import BUNDLED_TINY_MODEL, LoRAConfig, ValueHead, add_lora, from_pretrained
+from siajax.parallel import MeshConfig, make_mesh
 from siajax.tasks import resolve_task
 from siajax.train import init_train_state, restore_pytree, save_pytree, split_policy
-from siajax.train.learner import Learner, bind_learner
+from siajax.train.learner import Learner, bind_learner, place_on_mesh
 
 LEVER_MODES = {"harness": ("harness",), "weights": ("weights",), "both": ("harness", "weights")}
 UNTIMED_LEDGER_KEYS = ("wall_seconds",)
+LAYOUT_ONLY_FIELDS = ("mesh",)  # may change on resume: where arrays live, not what is computed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +58,11 @@ class RunConfig:
     feedback: str = "heuristic"  # or "llm": an OpenAI-compatible endpoint decides
     feedback_model: str | None = None
     feedback_base_url: str | None = None
+    mesh: str | None = None  # e.g. "data=2,fsdp=2,tensor=2" over this process's devices; None = one device
 
     def __post_init__(self):
+        if self.mesh is not None:
+            MeshConfig.parse(self.mesh)
         if self.levers not in LEVER_MODES:
             raise ValueError(f"levers must be one of {sorted(LEVER_MODES)}, got {self.levers!r}")
         if self.feedback not in ("heuristic", "llm"):
@@ -100,22 +105,32 @@ class Policy:
         self.parts, params, self.frozen = split_policy(model, value_head)
         self.optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(config.learning_rate))
         self.state = init_train_state(params, self.optimizer, config.seed)
+        self.mesh = self.shardings = None
+        if config.mesh is not None:
+            if jax.process_count() > 1:
+                raise ValueError("the SIA loop drives one process's devices; for multi-host RL use "
+                                 "siajax.train.learner.rl_run (see README, 'Scale-out')")
+            self.mesh = make_mesh(MeshConfig.parse(config.mesh), jax.local_devices())
+            self.state, self.frozen, self.shardings = place_on_mesh(self.state, self.frozen, self.optimizer,
+                                                                    self.mesh)
         self._learners: dict[str, Learner] = {}
 
     def learner(self, recipe: str) -> Learner:
         if recipe not in self._learners:
-            self._learners[recipe] = bind_learner(self.parts, recipe, self.optimizer)
+            self._learners[recipe] = bind_learner(self.parts, recipe, self.optimizer, shardings=self.shardings)
         return self._learners[recipe]
 
     def restore(self, run_dir: Path, ledger: list[dict]) -> None:
-        """Loads the train state named by the ledger's last line (each line carries the latest)."""
+        """Loads the train state named by the ledger's last line (each line carries the latest),
+        laid out on this run's mesh whatever mesh saved it."""
         checkpoint = ledger[-1].get("checkpoint") if ledger else None
         if checkpoint:
-            self.state = restore_pytree(run_dir / checkpoint, self.state)
+            self.state = restore_pytree(run_dir / checkpoint, self.state,
+                                        None if self.shardings is None else self.shardings.state)
 
     def backend(self) -> LocalPolicyBackend:
         model = nnx.merge(self.parts.graphdef, self.state.params["lora"], self.frozen)
-        return LocalPolicyBackend(model, self.tokenizer)
+        return LocalPolicyBackend(model, self.tokenizer, mesh=self.mesh)
 
 
 def _feedback_backend(config: RunConfig):
@@ -154,8 +169,11 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
     config_path = run_dir / "config.json"
     if config_path.exists():
         stored = RunConfig(**json.loads(config_path.read_text()))
-        if stored != config:
+        layout = {name: getattr(config, name) for name in LAYOUT_ONLY_FIELDS}
+        if dataclasses.replace(stored, **layout) != config:
             raise ValueError(f"{run_dir} was started with a different config; use `siajax resume {run_dir}`")
+        if stored != config:
+            atomic_write_text(config_path, json.dumps(dataclasses.asdict(config), indent=1))
     else:
         atomic_write_text(config_path, json.dumps(dataclasses.asdict(config), indent=1))
     emit = on_event or (lambda *_: None)

@@ -20,6 +20,9 @@ import numpy as np
 from flax import nnx
 
 from siajax.models.transformer import KVCache, Transformer
+from siajax.parallel.distributed import global_max, to_global
+from siajax.parallel.mesh import batch_shard_count, mesh_context
+from siajax.parallel.rules import PARTITION_RULES, Rules, shard_tree, spec_for
 
 
 class GenerationResult(NamedTuple):
@@ -187,15 +190,26 @@ def sample_next_token(logits, key, temperature, top_p, top_k: int, allowed_logit
     return token, token_logprobs(scaled, token)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "spec"))
+def _constrain_cache(cache: KVCache, rules: Rules | None) -> KVCache:
+    """Lays the cache out by the rules when tracing under a mesh (a no-op otherwise)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return cache
+    specs = {name: spec_for(f"cache/{name}", getattr(cache, name).shape, mesh, rules)
+             for name in ("keys", "values", "valid", "index")}
+    return KVCache(**{name: jax.lax.with_sharding_constraint(getattr(cache, name), spec)
+                      for name, spec in specs.items()})
+
+
+@partial(jax.jit, static_argnames=("graphdef", "spec", "rules"))
 def _generate(graphdef, state, prompt_tokens, prompt_mask, key, temperature, top_p, spec: DecodeSpec,
-              automaton: TokenAutomaton | None = None):
+              automaton: TokenAutomaton | None = None, rules: Rules | None = None):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_tokens.shape
     steps = spec.max_new_tokens
     stop_ids = jnp.asarray(spec.stop_token_ids or (-1,), jnp.int32)
 
-    cache = KVCache.empty(model.config, batch, prompt_len + steps)
+    cache = _constrain_cache(KVCache.empty(model.config, batch, prompt_len + steps), rules)
     out = model(prompt_tokens, attention_mask=prompt_mask, cache=cache, lora=spec.lora)
     next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     key, first_key = jax.random.split(key)
@@ -236,9 +250,10 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, temperature, top
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(token, stop_ids)
-        return step + 1, out.cache, position + 1, done, tokens, logprobs, lengths, key, automaton_state
+        cache = _constrain_cache(out.cache, rules)
+        return step + 1, cache, position + 1, done, tokens, logprobs, lengths, key, automaton_state
 
-    carry = (jnp.ones((), jnp.int32), out.cache, next_position, done, tokens, logprobs, lengths, key,
+    carry = (jnp.ones((), jnp.int32), _constrain_cache(out.cache, rules), next_position, done, tokens, logprobs, lengths, key,
              automaton_state)
     _, _, _, _, tokens, logprobs, lengths, _, _ = jax.lax.while_loop(keep_going, decode_step, carry)
     mask = jnp.arange(steps)[None, :] < lengths[:, None]
@@ -258,23 +273,57 @@ def generate(
     pad_token_id: int = 0,
     lora: bool = True,
     constraint: TokenAutomaton | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Rules = PARTITION_RULES,
 ) -> GenerationResult:
     """Samples continuations for a batch of prompts.
 
     prompt_token_ids: ragged list of token-id lists, or an int array [B, P] of
     unpadded prompts. ``lora=False`` samples from the frozen base policy.
     ``constraint`` restricts every sample to the automaton's language (e.g. a
-    label set, see :func:`label_automaton`).
+    label set, see :func:`label_automaton`). With a ``mesh``, weights, prompts
+    and the KV cache are laid out by ``rules`` and decoding runs SPMD; the batch
+    is padded with repeats of its last prompt to a multiple of the data x fsdp
+    shards and cut back, so rows match an unsharded call. With several
+    processes, each passes only its own prompts and gets global arrays back
+    (``siajax.parallel.to_host_local`` returns its rows).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if isinstance(prompt_token_ids, (np.ndarray, jax.Array)) and np.ndim(prompt_token_ids) == 2:
         prompt_token_ids = np.asarray(prompt_token_ids).tolist()
-    tokens, mask = left_pad(prompt_token_ids, pad_token_id)
     spec = DecodeSpec(max_new_tokens, int(top_k or 0), tuple(int(t) for t in stop_token_ids), pad_token_id, lora,
                       constrained=constraint is not None)
     graphdef, state = nnx.split(model)
-    return _generate(
-        graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), key,
-        jnp.float32(temperature), jnp.float32(top_p), spec, constraint,
-    )
+    if mesh is None:
+        tokens, mask = left_pad(prompt_token_ids, pad_token_id)
+        return _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), key,
+                         jnp.float32(temperature), jnp.float32(top_p), spec, constraint)
+    rows = len(prompt_token_ids)
+    prompt_token_ids = _pad_rows_for_mesh(list(prompt_token_ids), mesh)
+    tokens, mask = left_pad(prompt_token_ids, pad_token_id,
+                            global_max(bucket_length(max(len(p) for p in prompt_token_ids))))
+    state = shard_tree(state, mesh, rules)
+    placed = to_global({"tokens": tokens, "mask": mask}, mesh, rules, prefix="batch")
+    with mesh_context(mesh):
+        result = _generate(graphdef, state, placed["tokens"], placed["mask"], key, jnp.float32(temperature),
+                           jnp.float32(top_p), spec, constraint, tuple(rules))
+    if jax.process_count() > 1:
+        return result
+    return GenerationResult(*(x[:rows] for x in result))
+
+
+def _pad_rows_for_mesh(prompts: list, mesh) -> list:
+    """One process: repeat the last prompt up to a multiple of the batch shards (cut later).
+    Several: each passes its own rows, the same number, a multiple of its shards."""
+    shards, processes = batch_shard_count(mesh), jax.process_count()
+    if processes == 1:
+        return prompts + [prompts[-1]] * (-len(prompts) % shards)
+    most, fewest = global_max(len(prompts)), -global_max(-len(prompts))  # every process joins both
+    local_shards = shards // processes
+    if shards % processes or most != fewest or len(prompts) % local_shards:
+        raise ValueError(
+            f"multi-host sampling needs the batch split over every process (data x fsdp = {shards} shards for "
+            f"{processes} processes) and the same number of prompts on each, a multiple of {max(local_shards, 1)}; "
+            f"this process has {len(prompts)} (fewest {fewest}, most {most})")
+    return prompts

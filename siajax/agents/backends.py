@@ -27,10 +27,11 @@ class Completion:
 
 
 class LocalPolicyBackend:
-    """Samples from a siajax Transformer (with whatever LoRA it carries) via the jitted sampler."""
+    """Samples from a siajax Transformer (with whatever LoRA it carries) via the jitted sampler
+    (SPMD over ``mesh`` when given)."""
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, mesh=None):
+        self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self._automata = {}
 
     def automaton(self, parser):
@@ -55,6 +56,7 @@ class LocalPolicyBackend:
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
             stop_token_ids=[self.tokenizer.eos_token_id], pad_token_id=self.tokenizer.pad_token_id,
             constraint=self.automaton(parser) if parser is not None and parser.constrained else None,
+            mesh=self.mesh,
         )
         tokens, logprobs, lengths = (np.asarray(a) for a in (result.tokens, result.logprobs, result.lengths))
         flat = []

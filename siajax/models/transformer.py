@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from siajax.models.config import ModelConfig, rope_inverse_frequencies
+from siajax.parallel.mesh import constrain_batch, gather_fsdp_for_lookup
 
 _MASKED = jnp.finfo(jnp.float32).min
 
@@ -237,7 +238,7 @@ class Transformer(nnx.Module):
             key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, write_index))
         mask = causal_mask(write_index + jnp.arange(t), key_valid)
 
-        x = self.embed[...][tokens]
+        x = constrain_batch(gather_fsdp_for_lookup(self.embed[...])[tokens])
         layer_keys = jax.random.split(dropout_key, len(self.layers)) if dropout_key is not None else None
         cache_kv = None if cache is None else (cache.keys, cache.values)
         for i, layer in enumerate(self.layers):
@@ -246,6 +247,7 @@ class Transformer(nnx.Module):
                 x, positions, mask, inv_freq, kv,
                 lora=lora, key=None if layer_keys is None else layer_keys[i],
             )
+            x = constrain_batch(x)
         hidden = self.final_norm(x)
         if self.lm_head is None:
             logits = hidden @ self.embed[...].T

@@ -13,6 +13,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from siajax.parallel.mesh import mesh_context
+from siajax.parallel.rules import StepShardings, shard_tree
+
 # loss_fn(trainable_params, frozen_params, batch, key) -> (scalar, metrics dict)
 LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict]]
 
@@ -53,8 +56,14 @@ def _tree_all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, micro_batches: int = 1):
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, micro_batches: int = 1,
+                    shardings: StepShardings | None = None):
     """Returns ``train_step(state, frozen, batch) -> (state, metrics)``, jitted, state donated.
+
+    With ``shardings`` (see :func:`siajax.parallel.step_shardings`) the step runs
+    SPMD over their mesh: the state keeps its rule layout from step to step, each
+    batch is split over ``data`` x ``fsdp`` on the way in, and ``frozen`` is
+    expected already placed (``siajax.parallel.shard_tree``).
 
     With ``micro_batches > 1`` the batch's leading axis is split and gradients
     are averaged over a ``lax.scan`` (memory of one micro-batch). A non-finite
@@ -93,4 +102,14 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
             step=state.step + finite.astype(jnp.int32), rng=jax.random.key_data(key),
         ), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if shardings is None:
+        return jax.jit(train_step, donate_argnums=0)
+    mesh = shardings.mesh
+    jitted = jax.jit(train_step, donate_argnums=0,
+                     out_shardings=(shardings.state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+
+    def sharded_train_step(state: TrainState, frozen, batch):
+        with mesh_context(mesh):
+            return jitted(state, frozen, shard_tree(batch, mesh, shardings.rules, prefix="batch"))
+
+    return sharded_train_step
