@@ -25,7 +25,6 @@ from typing import Callable
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from siajax.agents import LocalPolicyBackend, OpenAIBackend, heuristic_decision, llm_decision, run_items, summarize
@@ -36,7 +35,7 @@ from siajax.models import BUNDLED_TINY_MODEL, LoRAConfig, ValueHead, add_lora, f
 from siajax.parallel import MeshConfig, make_mesh
 from siajax.tasks import resolve_task
 from siajax.train import init_train_state, restore_pytree, save_pytree, split_policy
-from siajax.train.learner import Learner, bind_learner, place_on_mesh
+from siajax.train.learner import Learner, bind_learner, default_optimizer, place_on_mesh
 
 LEVER_MODES = {"harness": ("harness",), "weights": ("weights",), "both": ("harness", "weights")}
 UNTIMED_LEDGER_KEYS = ("wall_seconds",)
@@ -103,7 +102,7 @@ class Policy:
         add_lora(model, LoRAConfig(rank=config.lora_rank, alpha=2.0 * config.lora_rank), key=jax.random.key(config.seed))
         value_head = ValueHead(model.config.hidden_size, rngs=nnx.Rngs(config.seed))
         self.parts, params, self.frozen = split_policy(model, value_head)
-        self.optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(config.learning_rate))
+        self.optimizer = default_optimizer(config.learning_rate)
         self.state = init_train_state(params, self.optimizer, config.seed)
         self.mesh = self.shardings = None
         if config.mesh is not None:

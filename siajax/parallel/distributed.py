@@ -95,6 +95,13 @@ def to_host_local(tree) -> object:
     return jax.tree.map(local, tree)
 
 
+def gather_to_host(tree):
+    """Full global values as NumPy on every process (for logging or export; costs a copy)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def global_max(value: int) -> int:
     """The largest ``value`` over all processes (e.g. a prompt bucket every host must share)."""
     if jax.process_count() == 1:

@@ -49,7 +49,7 @@ PARTITION_RULES: Rules = (
     (r"(^|/)cache/(keys|values)$", P(None, BATCH_AXES, None, "tensor", None)),
     (r"(^|/)cache/valid$", P(BATCH_AXES)),
     # Batches (prompts, train batches): leading axis over data x fsdp.
-    (r"^batch/", P(BATCH_AXES)),
+    (r"^batch(/|$)", P(BATCH_AXES)),
     (r".*", P()),  # everything else (norm biases, counters, scalars): replicated
 )
 

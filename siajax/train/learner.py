@@ -97,6 +97,11 @@ class Learner:
         return state, {k: float(v) for k, v in {**metrics, **step_metrics}.items()}
 
 
+def default_optimizer(learning_rate: float = 3e-3) -> optax.GradientTransformation:
+    """Adam behind a global-norm clip of 1: the optimiser every siajax learner uses unless given one."""
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
+
+
 def bind_learner(parts: PolicyParts, recipe: str, optimizer: optax.GradientTransformation, *, cfg=None,
                  epochs: int = 1, shardings: StepShardings | None = None) -> Learner:
     """The recipe's loss (default config unless given) compiled into a train step for ``parts``
@@ -120,7 +125,7 @@ def make_learner(model: Transformer, recipe: str, *, cfg=None, lora: LoRAConfig 
         add_lora(model, lora, key=jax.random.key(seed))
     value_head = ValueHead(model.config.hidden_size, rngs=nnx.Rngs(seed)) if recipe == "ppo_gae" else None
     parts, params, frozen = split_policy(model, value_head)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
+    optimizer = default_optimizer(learning_rate)
     state, shardings = init_train_state(params, optimizer, seed), None
     if mesh is not None:
         state, frozen, shardings = place_on_mesh(state, frozen, optimizer, mesh, rules)
@@ -128,28 +133,27 @@ def make_learner(model: Transformer, recipe: str, *, cfg=None, lora: LoRAConfig 
     return learner, state, frozen
 
 
-def rl_run(model: Transformer, prompts: list[list[int]], reward_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
-           recipe: str, *, updates: int, group_size: int = 8, max_new_tokens: int = 16,
-           temperature: float = 1.0, seed: int = 0, pad_token_id: int = 0, stop_token_ids=(),
-           on_update: Callable[[int, dict], None] | None = None, **learner_kwargs) -> list[dict]:
-    """Sample -> reward -> update, ``updates`` times; returns per-update metrics.
+def rl_updates(learner: Learner, state: TrainState, frozen, prompts: list[list[int]],
+               reward_fn: Callable[[np.ndarray, np.ndarray], np.ndarray], *, updates: int, group_size: int = 8,
+               max_new_tokens: int = 16, temperature: float = 1.0, seed: int = 0, pad_token_id: int = 0,
+               stop_token_ids=(), on_update: Callable[[int, dict], None] | None = None):
+    """Sample -> reward -> update, ``updates`` times; -> (final state, per-update metrics).
 
     reward_fn(tokens [B, N], mask [B, N]) -> rewards [B] (NumPy). Each prompt is
     sampled ``group_size`` times (rows grouped, as the group recipes expect).
-    Multi-host ready: with a ``mesh`` spanning several processes, each samples
-    and rewards its own block of ``prompts``; updates are global.
+    Multi-host ready: when the learner's mesh spans several processes, each
+    samples and rewards its own block of ``prompts``; updates are global.
     """
-    learner, state, frozen = make_learner(model, recipe, seed=seed, **learner_kwargs)
     own_prompts = prompts[host_rows(len(prompts))] if learner.mesh is not None else prompts
     batch_prompts = [p for p in own_prompts for _ in range(group_size)]
+    rules = learner.shardings.rules if learner.shardings else PARTITION_RULES
     key = jax.random.key(seed)
     history = []
     for update in range(updates):
         key, sample_key = jax.random.split(key)
         samples = generate(learner.policy(state, frozen), batch_prompts, key=sample_key,
-                           max_new_tokens=max_new_tokens, temperature=temperature,
-                           pad_token_id=pad_token_id, stop_token_ids=stop_token_ids, mesh=learner.mesh,
-                           rules=learner.shardings.rules if learner.shardings else PARTITION_RULES)
+                           max_new_tokens=max_new_tokens, temperature=temperature, pad_token_id=pad_token_id,
+                           stop_token_ids=stop_token_ids, mesh=learner.mesh, rules=rules)
         tokens, mask = to_host_local((samples.tokens, samples.mask))
         rewards = np.asarray(reward_fn(tokens, mask), np.float32)
         state, metrics = learner.update(state, frozen, samples, rewards, group_size)
@@ -158,4 +162,15 @@ def rl_run(model: Transformer, prompts: list[list[int]], reward_fn: Callable[[np
         history.append(metrics)
         if on_update is not None:
             on_update(update, metrics)
-    return history
+    return state, history
+
+
+def rl_run(model: Transformer, prompts: list[list[int]], reward_fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+           recipe: str, *, updates: int, group_size: int = 8, max_new_tokens: int = 16, temperature: float = 1.0,
+           seed: int = 0, pad_token_id: int = 0, stop_token_ids=(), on_update=None, **learner_kwargs) -> list[dict]:
+    """Fresh adapters on ``model``, then :func:`rl_updates`; returns the per-update metrics.
+    ``learner_kwargs`` go to :func:`make_learner` (cfg, lora, learning_rate, mesh, rules, ...)."""
+    learner, state, frozen = make_learner(model, recipe, seed=seed, **learner_kwargs)
+    return rl_updates(learner, state, frozen, prompts, reward_fn, updates=updates, group_size=group_size,
+                      max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                      pad_token_id=pad_token_id, stop_token_ids=stop_token_ids, on_update=on_update)[1]
