@@ -103,3 +103,36 @@ def test_rna_denoise_task_runs_in_the_loop_on_cpu(tmp_path):
     ledger = run(RunConfig(task="rna_denoise", levers="both", generations=1, items_per_generation=1,
                            updates_per_generation=1, seed=0), tmp_path / "run")
     assert len(ledger) == 1 and ledger[0]["decision"]["lever"] == "harness"
+
+
+@pytest.mark.skipif(__import__("jax").device_count() < 8, reason="needs 8 devices (conftest sets XLA_FLAGS)")
+def test_sharded_run_resumes_on_another_mesh(tmp_path):
+    """Weights trained on a (2, 2, 2) mesh continue on (1, 8, 1) and on one device."""
+    import jax
+    import numpy as np
+
+    from siajax.loop import Policy
+    from siajax.parallel import path_string
+
+    config = RunConfig(levers="weights", generations=1, mesh="data=2,fsdp=2,tensor=2", **SMALL)
+    ledger = run(config, tmp_path / "run")
+    assert ledger[0]["checkpoint"] == "gen_000/train_state"
+
+    policies = []
+    for mesh in ("fsdp=8", None):
+        policy = Policy(RunConfig(**{**config.__dict__, "mesh": mesh}))
+        policy.restore(tmp_path / "run", ledger)
+        policies.append(policy)
+    resharded, single = ({path_string(p): x for p, x in jax.tree_util.tree_leaves_with_path(pol.state.params)}
+                         for pol in policies)
+    for path, value in resharded.items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(single[path]))
+    assert resharded["lora/layers/0/attn/q_proj/lora_a"].sharding.spec[0] == "fsdp"
+    assert int(policies[0].state.step) == SMALL["updates_per_generation"]
+
+    config_path = tmp_path / "run" / "config.json"
+    config_path.write_text(config_path.read_text().replace('"generations": 1', '"generations": 2'))
+    moved = RunConfig(**{**json.loads(config_path.read_text()), "mesh": "fsdp=8"})
+    ledger = run(moved, tmp_path / "run")  # `siajax resume RUN --mesh fsdp=8`
+    assert len(ledger) == 2 and ledger[1]["decision"]["lever"] == "weights"
+    assert json.loads(config_path.read_text())["mesh"] == "fsdp=8"
