@@ -206,3 +206,24 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(policy, tmp_path):
     for got, want in zip(jax.tree.leaves(single), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
         assert len(got.sharding.device_set) == 1
+
+
+@pytest.mark.parametrize("shape", MESHES + [(1, 1, 8)])
+def test_memory_accounting_matches_the_bytes_a_device_holds(policy, shape):
+    from siajax.parallel.memory import abstract_mesh, memory_budget, per_device_bytes
+
+    model, _, params, frozen = policy
+    mesh = make_mesh(MeshConfig(*shape))
+    placed = shard_tree({"frozen": frozen, "params": params}, mesh)
+    held = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(placed))
+    abstract = jax.eval_shape(lambda: {"frozen": frozen, "params": params})
+    assert per_device_bytes(abstract, abstract_mesh(shape)) == held
+
+    cache = KVCache.empty(model.config, 8, 32)
+    with jax.set_mesh(mesh):
+        laid_out = jax.jit(lambda c: _constrain_cache(c, tuple(PARTITION_RULES)))(cache)
+    cache_held = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(laid_out))
+    budget = memory_budget(model.config, shape, lora=LoRAConfig(rank=4), batch=8, slots=32)
+    assert budget.kv_cache == cache_held
+    frozen_held = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(placed["frozen"]))
+    assert budget.params == frozen_held
