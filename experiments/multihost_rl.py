@@ -59,8 +59,11 @@ def main(argv=None) -> int:
     out = Path(args.out).resolve()
     model, tokenizer = from_pretrained(args.model or BUNDLED_TINY_MODEL)
     learner, state, frozen = make_learner(model, args.recipe, mesh=mesh)
+    prompts = chat_prompts(tokenizer)
+    processes = jax.process_count()
+    prompts = [prompts[i % len(prompts)] for i in range(-(-len(prompts) // processes) * processes)]  # >= 1 per host
     state, history = rl_updates(
-        learner, state, frozen, chat_prompts(tokenizer), digit_fraction_reward(digit_token_table(tokenizer)),
+        learner, state, frozen, prompts, digit_fraction_reward(digit_token_table(tokenizer)),
         updates=args.updates, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         on_update=lambda u, m: print(f"[process {jax.process_index()}] update {u}: reward {m['reward']:.3f} "

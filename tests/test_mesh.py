@@ -227,3 +227,16 @@ def test_memory_accounting_matches_the_bytes_a_device_holds(policy, shape):
     assert budget.kv_cache == cache_held
     frozen_held = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(placed["frozen"]))
     assert budget.params == frozen_held
+
+
+def test_distributed_config_reads_the_environment_and_hosts_get_disjoint_rows():
+    from siajax.parallel.distributed import DistributedConfig, host_rows
+
+    env = {"SIAJAX_COORDINATOR": "node0:12355", "SIAJAX_NUM_PROCESSES": "4", "SIAJAX_PROCESS_ID": "2",
+           "SIAJAX_LOCAL_DEVICE_IDS": "0,1"}
+    assert DistributedConfig.from_env(env) == DistributedConfig("node0:12355", 4, 2, (0, 1))
+    assert DistributedConfig.from_env({}) == DistributedConfig()  # auto-detect (TPU, SLURM, MPI)
+    blocks = [host_rows(12, i, 4) for i in range(4)]
+    assert [list(range(12))[b] for b in blocks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    with pytest.raises(ValueError, match="do not split evenly"):
+        host_rows(10, 0, 4)

@@ -1,7 +1,8 @@
 """Two processes x 4 CPU devices (jax.distributed over gloo) train like one process x 8 devices.
 
-Runs experiments/multihost_rl.py as real separate processes, as on two hosts:
-each samples and rewards only its own prompts. Then the checkpoint the two
+Runs experiments/multihost_rl.py as two real separate processes, as on two
+hosts (each samples and rewards only its own prompts), and in this process
+for the one-process reference. Then the checkpoint the two
 processes wrote restores here onto a different mesh, value for value.
 """
 
@@ -40,18 +41,20 @@ def _env(devices: int, **extra) -> dict:
     return env
 
 
-def _run_processes(out: Path, processes: int, devices_each: int) -> dict:
+def _start_processes(out: Path, processes: int, devices_each: int) -> list[subprocess.Popen]:
     port = _free_port()
-    procs = [
+    return [
         subprocess.Popen(
             [sys.executable, str(SCRIPT), *ARGS, "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True,
-            env=_env(devices_each, **({} if processes == 1 else {
-                "SIAJAX_COORDINATOR": f"127.0.0.1:{port}", "SIAJAX_NUM_PROCESSES": str(processes),
-                "SIAJAX_PROCESS_ID": str(i)})),
+            env=_env(devices_each, SIAJAX_COORDINATOR=f"127.0.0.1:{port}", SIAJAX_NUM_PROCESSES=str(processes),
+                     SIAJAX_PROCESS_ID=str(i)),
         )
         for i in range(processes)
     ]
+
+
+def _wait(procs: list[subprocess.Popen]) -> None:
     logs = []
     for proc in procs:
         try:
@@ -62,14 +65,21 @@ def _run_processes(out: Path, processes: int, devices_each: int) -> dict:
             pytest.fail("multi-process run hung")
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log[-3000:]
-    return json.loads((out / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The two-process run in the background; the one-process run here (this process has 8 devices)."""
+    from experiments.multihost_rl import main
+
     one = tmp_path_factory.mktemp("one_process")
     two = tmp_path_factory.mktemp("two_processes")
-    return (one, _run_processes(one, 1, 8)), (two, _run_processes(two, 2, 4))
+    procs = _start_processes(two, 2, 4)
+    try:
+        assert main([*ARGS, "--out", str(one)]) == 0
+    finally:
+        _wait(procs)
+    return [(out, json.loads((out / "metrics.json").read_text())) for out in (one, two)]
 
 
 def test_two_processes_train_like_one(runs):
