@@ -166,14 +166,11 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"
-    if config_path.exists():
-        stored = RunConfig(**json.loads(config_path.read_text()))
-        layout = {name: getattr(config, name) for name in LAYOUT_ONLY_FIELDS}
-        if dataclasses.replace(stored, **layout) != config:
-            raise ValueError(f"{run_dir} was started with a different config; use `siajax resume {run_dir}`")
-        if stored != config:
-            atomic_write_text(config_path, json.dumps(dataclasses.asdict(config), indent=1))
-    else:
+    stored = RunConfig(**json.loads(config_path.read_text())) if config_path.exists() else None
+    layout = {name: getattr(config, name) for name in LAYOUT_ONLY_FIELDS}
+    if stored is not None and dataclasses.replace(stored, **layout) != config:
+        raise ValueError(f"{run_dir} was started with a different config; use `siajax resume {run_dir}`")
+    if stored != config:  # a new run, or a resume onto another mesh
         atomic_write_text(config_path, json.dumps(dataclasses.asdict(config), indent=1))
     emit = on_event or (lambda *_: None)
     task = resolve_task(config.task)

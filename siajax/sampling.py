@@ -21,7 +21,7 @@ from flax import nnx
 
 from siajax.models.transformer import KVCache, Transformer
 from siajax.parallel.distributed import global_max, to_global
-from siajax.parallel.mesh import batch_shard_count, mesh_context
+from siajax.parallel.mesh import ambient_mesh, batch_shard_count, mesh_context
 from siajax.parallel.rules import PARTITION_RULES, Rules, shard_tree, spec_for
 
 
@@ -192,8 +192,8 @@ def sample_next_token(logits, key, temperature, top_p, top_k: int, allowed_logit
 
 def _constrain_cache(cache: KVCache, rules: Rules | None) -> KVCache:
     """Lays the cache out by the rules when tracing under a mesh (a no-op otherwise)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if rules is None or mesh.empty:
+    mesh = ambient_mesh()
+    if rules is None or mesh is None:
         return cache
     specs = {name: spec_for(f"cache/{name}", getattr(cache, name).shape, mesh, rules)
              for name in ("keys", "values", "valid", "index")}
@@ -253,8 +253,8 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, key, temperature, top
         cache = _constrain_cache(out.cache, rules)
         return step + 1, cache, position + 1, done, tokens, logprobs, lengths, key, automaton_state
 
-    carry = (jnp.ones((), jnp.int32), _constrain_cache(out.cache, rules), next_position, done, tokens, logprobs, lengths, key,
-             automaton_state)
+    carry = (jnp.ones((), jnp.int32), _constrain_cache(out.cache, rules), next_position, done, tokens, logprobs,
+             lengths, key, automaton_state)
     _, _, _, _, tokens, logprobs, lengths, _, _ = jax.lax.while_loop(keep_going, decode_step, carry)
     mask = jnp.arange(steps)[None, :] < lengths[:, None]
     return GenerationResult(tokens, logprobs, mask, lengths, prompt_tokens, prompt_mask)

@@ -95,7 +95,7 @@ def batch_shard_count(mesh: Mesh) -> int:
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
 
 
-def _ambient_siajax_mesh():
+def ambient_mesh():
     """The mesh being traced under, if it has siajax's axes (else None)."""
     mesh = jax.sharding.get_abstract_mesh()
     return None if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) else mesh
@@ -107,8 +107,8 @@ def constrain_batch(x: jax.Array) -> jax.Array:
     Without it, XLA may all-gather activations instead of fsdp-sharded weights.
     A no-op outside a mesh or when the batch does not divide.
     """
-    mesh = _ambient_siajax_mesh()
-    if mesh is None or x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+    mesh = ambient_mesh()
+    if mesh is None or x.shape[0] % batch_shard_count(mesh):
         return x
     return jax.lax.with_sharding_constraint(x, PartitionSpec(BATCH_AXES))
 
@@ -120,7 +120,7 @@ def gather_fsdp_for_lookup(table: jax.Array) -> jax.Array:
     but not for a gather whose output is batch-split over the same axis, where
     it falls back to full rematerialisation. No-op outside a mesh.
     """
-    mesh = _ambient_siajax_mesh()
+    mesh = ambient_mesh()
     if mesh is None or table.shape[0] % mesh.shape["tensor"]:
         return table
     return jax.lax.with_sharding_constraint(table, PartitionSpec("tensor", None))

@@ -158,11 +158,3 @@ def step_shardings(state, optimizer: optax.GradientTransformation, mesh: Mesh,
                    rules: Rules = PARTITION_RULES) -> StepShardings:
     return StepShardings(mesh, tuple(rules), train_state_shardings(state, optimizer, mesh, rules))
 
-
-def describe_shardings(tree, mesh, rules: Rules = PARTITION_RULES, prefix: str = "") -> list[tuple[str, tuple, P]]:
-    """(path, global shape, fitted spec) for every array: the table the rules produce."""
-    rows = []
-    for key_path, x in jax.tree_util.tree_leaves_with_path(tree):
-        path = join_path(prefix, key_path)
-        rows.append((path, tuple(x.shape), spec_for(path, x.shape, mesh, rules)))
-    return rows

@@ -14,7 +14,7 @@ import optax
 from flax import struct
 
 from siajax.parallel.mesh import mesh_context
-from siajax.parallel.rules import StepShardings, shard_tree
+from siajax.parallel.rules import StepShardings, replicated, shard_tree
 
 # loss_fn(trainable_params, frozen_params, batch, key) -> (scalar, metrics dict)
 LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict]]
@@ -105,8 +105,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     if shardings is None:
         return jax.jit(train_step, donate_argnums=0)
     mesh = shardings.mesh
-    jitted = jax.jit(train_step, donate_argnums=0,
-                     out_shardings=(shardings.state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+    jitted = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings.state, replicated(mesh)))
 
     def sharded_train_step(state: TrainState, frozen, batch):
         with mesh_context(mesh):
