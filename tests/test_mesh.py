@@ -151,6 +151,7 @@ def test_greedy_and_sampled_decoding_match_one_device(policy, shape):
         np.testing.assert_array_equal(np.asarray(sharded.tokens), np.asarray(single.tokens))
         np.testing.assert_array_equal(np.asarray(sharded.lengths), np.asarray(single.lengths))
         np.testing.assert_allclose(np.asarray(sharded.logprobs), np.asarray(single.logprobs), rtol=1e-5, atol=1e-5)
+        assert len(sharded.tokens.sharding.device_set) == 8, "decoding ran on the whole mesh"
 
 
 def _train_batch(model, key) -> TrainBatch:
