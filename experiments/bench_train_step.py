@@ -50,10 +50,12 @@ def torch_policy_with_adapters(model_dir, jax_model):
     for path, linear in nnx.iter_graph(jax_model):
         if getattr(linear, "lora_a", None) is None:
             continue
-        layer, group, name = path[1], {"attn": "self_attn", "mlp": "mlp"}[path[2]], path[3]
-        parent = getattr(torch_model.model.layers[layer], group)
-        setattr(parent, name, TorchLoRALinear(getattr(parent, name), np.asarray(linear.lora_a[...]),
-                                              np.asarray(linear.lora_b[...]), linear.lora_scale))
+        # Stacked blocks: path (layers, attn, q_proj) with adapters [L, ...].
+        group, name = {"attn": "self_attn", "mlp": "mlp"}[path[-2]], path[-1]
+        a, b = np.asarray(linear.lora_a[...]), np.asarray(linear.lora_b[...])
+        for layer in range(a.shape[0]):
+            parent = getattr(torch_model.model.layers[layer], group)
+            setattr(parent, name, TorchLoRALinear(getattr(parent, name), a[layer], b[layer], linear.lora_scale))
     return torch_model
 
 

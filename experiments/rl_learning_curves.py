@@ -31,8 +31,9 @@ def chat_prompts(tokenizer) -> list[list[int]]:
 
 
 def run_setting(setting: str, recipes, seeds, updates: int, *, k: int, group_size: int,
-                max_new_tokens: int, learning_rate: float, model_dir=BUNDLED_TINY_MODEL, log=print):
-    """-> {recipe: [history per seed]}."""
+                max_new_tokens: int, learning_rate: float, temperature: float = 1.0, model_dir=BUNDLED_TINY_MODEL,
+                log=print):
+    """-> {recipe: [history per seed]}. Each recipe runs its default update schedule."""
     results = {}
     for recipe in recipes:
         results[recipe] = []
@@ -46,12 +47,25 @@ def run_setting(setting: str, recipes, seeds, updates: int, *, k: int, group_siz
             start = time.perf_counter()
             history = rl_run(model, chat_prompts(tokenizer), reward, recipe, cfg=cfg, updates=updates,
                              group_size=group_size, max_new_tokens=max_new_tokens, seed=seed,
-                             learning_rate=learning_rate, pad_token_id=tokenizer.pad_token_id)
+                             learning_rate=learning_rate, temperature=temperature, pad_token_id=tokenizer.pad_token_id)
             rewards = [h["reward"] for h in history]
-            log(f"{setting:6s} {recipe:8s} seed {seed}: reward {np.mean(rewards[:3]):.3f} -> "
-                f"{np.mean(rewards[-3:]):.3f} ({time.perf_counter() - start:.0f}s)")
+            log(f"{setting:6s} T={temperature} {recipe:8s} seed {seed}: reward {np.mean(rewards[:3]):.3f} -> "
+                f"{np.mean(rewards[-3:]):.3f}, clip fraction {np.mean([h['clip_fraction'] for h in history]):.3f}, "
+                f"max logprob mismatch {max(h['logprob_mismatch'] for h in history):.1e} "
+                f"({time.perf_counter() - start:.0f}s)")
             results[recipe].append(history)
     return results
+
+
+def summarise_runs(runs) -> dict:
+    def mean_of(key, part=slice(None)):
+        return float(np.mean([np.mean([h[key] for h in run[part]]) for run in runs]))
+
+    return {"initial_reward": float(np.mean([run[0]["reward"] for run in runs])),
+            "start_reward": mean_of("reward", slice(0, 3)), "end_reward": mean_of("reward", slice(-3, None)),
+            "updates_to_half": [first_update_reaching(run, 0.5) for run in runs],
+            "clip_fraction_mean": mean_of("clip_fraction"),
+            "logprob_mismatch_max": float(max(h["logprob_mismatch"] for run in runs for h in run))}
 
 
 def first_update_reaching(history, threshold: float) -> int | None:
@@ -91,7 +105,8 @@ def main():
     parser.add_argument("--k", type=int, default=3, help="digit tokens needed for a sparse success")
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 0.7])
     parser.add_argument("--out", type=Path, default=Path("experiments/out/rl_curves"))
     args = parser.parse_args()
 
@@ -100,18 +115,13 @@ def main():
     for setting in args.settings:
         recipes = ["ppo_gae", "grpo", "entropic"] if setting == "dense" else ["grpo", "entropic"]
         seeds = args.seeds if setting == "dense" else args.sparse_seeds
-        results = run_setting(setting, recipes, seeds, args.updates, k=args.k, group_size=args.group_size,
-                              max_new_tokens=args.max_new_tokens, learning_rate=args.learning_rate)
-        all_results[setting] = results
-        summary[setting] = {
-            recipe: {
-                "initial_reward": float(np.mean([run[0]["reward"] for run in runs])),
-                "start_reward": float(np.mean([np.mean([h["reward"] for h in run[:3]]) for run in runs])),
-                "end_reward": float(np.mean([np.mean([h["reward"] for h in run[-3:]]) for run in runs])),
-                "updates_to_half": [first_update_reaching(run, 0.5) for run in runs],
-            }
-            for recipe, runs in results.items()
-        }
+        for temperature in args.temperatures:
+            name = f"{setting} T={temperature}"
+            results = run_setting(setting, recipes, seeds, args.updates, k=args.k, group_size=args.group_size,
+                                  max_new_tokens=args.max_new_tokens, learning_rate=args.learning_rate,
+                                  temperature=temperature)
+            all_results[name] = results
+            summary[name] = {recipe: summarise_runs(runs) for recipe, runs in results.items()}
     (args.out / "curves.json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)},
                                                       "summary": summary, "runs": all_results}, indent=1))
     plot(all_results, args.out / "curves.png")

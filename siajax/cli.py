@@ -1,19 +1,45 @@
-"""``siajax`` command line: ``python -m siajax <command>``."""
+"""``siajax`` command line: ``python -m siajax <command>``.
+
+Errors a user can fix (a bad option, a missing task or run directory, a broken
+config file) print one line and exit with status 2; ``--debug`` (or
+SIAJAX_DEBUG=1) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing error: the message says what is wrong and what to do."""
+
+
+def _user_errors():
+    """The exception types that mean "the input is wrong", not "siajax is broken"."""
+    import tomllib
+
+    from siajax.harness import HarnessError
+    from siajax.tasks import TaskError
+
+    return (CliError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError, TaskError,
+            HarnessError, tomllib.TOMLDecodeError)
 
 
 def _cmd_sample(args) -> int:
     import jax
 
-    from siajax.models import from_pretrained
+    from siajax.models import decoding_ids, from_pretrained
     from siajax.sampling import generate
 
     model, tokenizer = from_pretrained(args.model, dtype=args.dtype)
+    decoding = decoding_ids(tokenizer)
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)["input_ids"]
         for p in args.prompt
@@ -22,7 +48,7 @@ def _cmd_sample(args) -> int:
     result = generate(
         model, prompts, key=jax.random.key(args.seed), max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        stop_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+        stop_token_ids=decoding.stop_token_ids, pad_token_id=decoding.pad_token_id,
     )
     jax.block_until_ready(result.tokens)
     seconds = time.perf_counter() - start
@@ -35,75 +61,189 @@ def _cmd_sample(args) -> int:
 
 
 def _progress_printer(config):
-    """Rich progress for a run: one bar over generations, one over training steps."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """A live display for a run: generations with ETA, and the current step (evaluation,
+    candidate harnesses, rollouts and updates, checkpoint) with its own bar."""
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    )
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TextColumn("eta"), TimeRemainingColumn(), transient=True)
     generations = progress.add_task("generations", total=config.generations)
-    training = progress.add_task("training", total=config.updates_per_generation, visible=False)
+    step = progress.add_task("", total=1, visible=False)
+
+    def show_step(description, completed, total):
+        progress.update(step, description=description, completed=completed, total=total, visible=True)
 
     def on_event(kind, event):
-        if kind == "rollouts":
-            progress.update(generations, description=f"gen {event['generation']}: rollouts")
-        elif kind == "training":
-            progress.reset(training, total=config.updates_per_generation, visible=True,
-                           description=f"gen {event['generation']}: {event['recipe']} updates")
+        generation = event.get("generation")
+        if kind == "evaluation":
+            label = "initial" if generation == -1 else f"gen {generation}"
+            show_step(f"{label}: evaluating dev and test", 0, 1)
+        elif kind == "deciding":
+            progress.update(generations, description=f"gen {generation}: deciding")
+        elif kind == "candidate":
+            show_step(f"harness candidate {event['index'] + 1} ({event['kind']}) on dev", event["index"], event["of"])
+        elif kind == "rollouts":
+            show_step(f"gen {generation}: rollouts for update {event['update'] + 1}", event["update"],
+                      config.updates_per_generation)
         elif kind == "train_step":
-            progress.advance(training)
+            show_step(f"gen {generation}: update {event['update'] + 1}/{event['of']}", event["update"] + 1,
+                      event["of"])
+        elif kind == "checkpoint":
+            show_step(f"gen {generation}: checkpoint", 1, 1)
         elif kind == "generation":
-            progress.update(training, visible=False)
-            progress.update(generations, completed=event["generation"] + 1)
-            d = event["decision"]
-            progress.console.print(
-                f"gen {event['generation']}: score {event['score']:.3f} -> {d['lever']}"
-                f"{' (' + d['recipe'] + ')' if d['recipe'] else ''}: {d['rationale']}")
+            progress.update(step, visible=False)
+            progress.update(generations, completed=generation + 1, description="generations")
+            progress.console.print(_generation_line(event))
     return progress, on_event
 
 
-def _run_with_progress(config, run_dir, resume: bool):
+def _generation_line(entry: dict) -> str:
+    d, before, after = entry["decision"], entry["before"], entry["after"]
+    lever = d["lever"] + (f" ({d['recipe']})" if d["recipe"] else "")
+    verdict = "rolled back" if entry["rolled_back"] else "kept" if entry["comparison"] else "no change"
+    return (f"gen {entry['generation']}: {lever}: dev {before['dev']['score']:.3f} -> {after['dev']['score']:.3f} "
+            f"({verdict}), test {after['test']['score']:.3f} | {d['rationale']}")
+
+
+def _run_with_progress(config, run_dir, resume: bool) -> int:
     from siajax import loop, report
 
     progress, on_event = _progress_printer(config)
-    with progress:
-        if resume:
-            loop.resume(run_dir, on_event=on_event)
-        else:
-            loop.run(config, run_dir, on_event=on_event)
+    try:
+        with progress:
+            if resume:
+                loop.resume(run_dir, on_event=on_event)
+            else:
+                loop.run(config, run_dir, on_event=on_event)
+    except KeyboardInterrupt:
+        if Path(run_dir, "config.json").exists():
+            print(f"interrupted; continue with: siajax resume {run_dir}", file=sys.stderr)
+        return 130
     png = report.report(run_dir)
     print(f"run directory: {run_dir}\nplot: {png}")
     return 0
 
 
-def _cmd_run(args) -> int:
+RUN_OPTION_GROUPS = {
+    "what to run": [
+        ("--task", str, "task name (see `siajax tasks`) or a task directory"),
+        ("--model", str, "HF-format directory, .gguf file or hub id (default: the embedded model)"),
+        ("--levers", ["harness", "weights", "both"], "harness = SIA-H, both = SIA-W+H (default)"),
+        ("--generations", int, "generations to run"),
+        ("--seed", int, "seed of every key and item draw"),
+    ],
+    "weight lever": [
+        ("--recipe", ["ppo_gae", "grpo", "entropic"], "force the RL recipe (default: the Feedback-Agent's rule)"),
+        ("--items-per-generation", int, "train prompts per update"),
+        ("--updates-per-generation", int, "updates in a weights generation"),
+        ("--samples-per-prompt", int, "group size of the training rollouts (default: the harness's)"),
+        ("--epochs", int, "passes over each update's samples (default: the recipe's)"),
+        ("--minibatches", int, "optimiser steps per pass (default: the recipe's)"),
+        ("--micro-batches", int, "split each step for memory (exact)"),
+        ("--target-kl", float, "stop an update's steps early past 1.5x this approx-KL"),
+        ("--learning-rate", float, "LoRA learning rate (default: by the model's depth)"),
+        ("--lr-schedule", ["constant", "cosine"], "learning-rate schedule (cosine decays over the run)"),
+        ("--warmup-steps", int, "linear warm-up steps"),
+        ("--lora-rank", int, "LoRA rank (alpha = 2 x rank)"),
+        ("--dtype", ["float32", "bfloat16"], "parameter and activation dtype"),
+    ],
+    "harness and evaluation": [
+        ("--temperature", float, "sampling temperature of the initial harness"),
+        ("--eval-split", ["dev", "train"], "the split decisions read (train only for tasks without dev)"),
+        ("--dev-items", int, "evaluate at most this many dev items"),
+        ("--test-items", int, "evaluate at most this many test items"),
+    ],
+    "feedback agent": [
+        ("--feedback", ["heuristic", "llm"], "who decides each generation"),
+        ("--feedback-model", str, "model name at the OpenAI-compatible endpoint"),
+        ("--feedback-base-url", str, "the endpoint, e.g. http://127.0.0.1:8000/v1"),
+    ],
+    "placement": [
+        ("--mesh", str, "shard over this process's devices, e.g. data=2,fsdp=2,tensor=2"),
+    ],
+}
+
+
+def _add_run_options(parser) -> None:
+    parser.add_argument("--config", type=Path, default=None,
+                        help="a TOML file of run settings (field names as in RunConfig); flags override it")
+    parser.add_argument("--run-dir", default=None, help="where the run writes (default: runs/<task>-<levers>-...)")
+    for title, options in RUN_OPTION_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for flag, kind, help_text in options:
+            if isinstance(kind, list):
+                group.add_argument(flag, default=None, choices=kind, help=help_text)
+            else:
+                group.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def run_config_from(args):
+    """RunConfig from the TOML file (if any), then every flag that was given."""
     import dataclasses
-    import datetime
+    import tomllib
 
     from siajax.loop import RunConfig
 
+    settings = {}
+    if args.config is not None:
+        if not args.config.is_file():
+            raise CliError(f"config file {args.config} does not exist")
+        with open(args.config, "rb") as handle:
+            settings = tomllib.load(handle)
     fields = {f.name for f in dataclasses.fields(RunConfig)}
-    config = RunConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    run_dir = args.run_dir or f"runs/{config.task}-{config.levers}-s{config.seed}-" \
+    settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
+    if "model" not in settings:
+        settings["model"] = default_model()
+    return RunConfig.from_dict(settings)
+
+
+def default_model() -> str:
+    from siajax.models import BUNDLED_TINY_MODEL
+
+    return str(BUNDLED_TINY_MODEL)
+
+
+def _cmd_run(args) -> int:
+    import datetime
+
+    config = run_config_from(args)
+    run_dir = args.run_dir or f"runs/{Path(config.task).name}-{config.levers}-s{config.seed}-" \
                               f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     return _run_with_progress(config, run_dir, resume=False)
 
 
+def _require_run(run_dir) -> Path:
+    path = Path(run_dir)
+    if not (path / "config.json").is_file():
+        raise CliError(f"{run_dir} is not a siajax run directory (no config.json); start one with `siajax run`")
+    return path
+
+
 def _cmd_resume(args) -> int:
     import dataclasses
-    import json
-    from pathlib import Path
 
-    from siajax.loop import RunConfig
+    from siajax.loop import load_config
 
-    config = RunConfig(**json.loads((Path(args.run_dir) / "config.json").read_text()))
+    config = load_config(_require_run(args.run_dir))
     if args.mesh is not None:
         config = dataclasses.replace(config, mesh=args.mesh or None)
     return _run_with_progress(config, args.run_dir, resume=True)
 
 
+def _cmd_eval(args) -> int:
+    from siajax.loop import evaluate_saved
+
+    result = evaluate_saved(_require_run(args.run_dir), args.generation, args.split)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
 def _cmd_report(args) -> int:
     from siajax.report import report
 
-    print(f"plot: {report(args.run_dir)}")
+    print(f"plot: {report(_require_run(args.run_dir))}")
     return 0
 
 
@@ -122,38 +262,18 @@ def _cmd_tasks(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    import json
-    from pathlib import Path
+    from siajax.serve import serve_from_args
 
-    from siajax.agents import LocalPolicyBackend
-    from siajax.serve import make_server
-
-    if args.run:
-        from siajax.loop import Policy, RunConfig, read_ledger
-
-        run_dir = Path(args.run)
-        policy = Policy(RunConfig(**json.loads((run_dir / "config.json").read_text())))
-        policy.restore(run_dir, read_ledger(run_dir))
-        backend = policy.backend()
-    else:
-        from siajax.models import from_pretrained
-
-        backend = LocalPolicyBackend(*from_pretrained(args.model, dtype=args.dtype))
-    server = make_server(backend, host=args.host, port=args.port, model_name=args.name)
-    print(f"serving {args.name} on http://{server.server_address[0]}:{server.server_address[1]}/v1", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return serve_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siajax", description="Self-improving AI in JAX.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also SIAJAX_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sample = sub.add_parser("sample", help="sample from a policy model (bundled tiny model by default)")
-    sample.add_argument("--model", default=None, help="HF-format directory or hub id")
+    sample = sub.add_parser("sample", help="sample from a policy model")
+    sample.add_argument("--model", default=None, help="HF-format directory, .gguf file or hub id")
     sample.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     sample.add_argument("--prompt", action="append", default=None)
     sample.add_argument("--max-new-tokens", type=int, default=48)
@@ -164,28 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     sample.set_defaults(func=_cmd_sample)
 
     run = sub.add_parser("run", help="run the SIA loop on a task")
-    run.add_argument("--task", default=None, help="task name (see `siajax tasks`) or directory")
-    run.add_argument("--model", default=None, help="HF-format directory or hub id (default: bundled tiny model)")
-    run.add_argument("--levers", default=None, choices=["harness", "weights", "both"],
-                     help="harness = SIA-H, both = SIA-W+H (default)")
-    run.add_argument("--generations", type=int, default=None)
-    run.add_argument("--seed", type=int, default=None)
-    run.add_argument("--items-per-generation", type=int, default=None)
-    run.add_argument("--updates-per-generation", type=int, default=None)
-    run.add_argument("--learning-rate", type=float, default=None)
-    run.add_argument("--lora-rank", type=int, default=None)
-    run.add_argument("--dtype", default=None, choices=["float32", "bfloat16"])
-    run.add_argument("--feedback", default=None, choices=["heuristic", "llm"])
-    run.add_argument("--feedback-model", default=None)
-    run.add_argument("--feedback-base-url", default=None)
-    run.add_argument("--mesh", default=None, help="shard over this process's devices, e.g. data=2,fsdp=2,tensor=2")
-    run.add_argument("--run-dir", default=None)
+    _add_run_options(run)
     run.set_defaults(func=_cmd_run)
 
     resume = sub.add_parser("resume", help="continue a run after a crash or stop")
     resume.add_argument("run_dir")
     resume.add_argument("--mesh", default=None, help="continue on another mesh ('' for one device)")
     resume.set_defaults(func=_cmd_resume)
+
+    evaluate = sub.add_parser("eval", help="re-score a saved generation on dev or test")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--generation", type=int, default=None, help="default: the last one")
+    evaluate.add_argument("--split", default="test", choices=["dev", "test"])
+    evaluate.set_defaults(func=_cmd_eval)
 
     report = sub.add_parser("report", help="per-generation table and score plot of a run")
     report.add_argument("run_dir")
@@ -196,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="OpenAI-compatible chat endpoint over a local policy")
     serve.add_argument("--model", default=None)
-    serve.add_argument("--run", default=None, help="serve a run's policy with its latest LoRA")
+    serve.add_argument("--run", default=None, help="serve a run's policy with its latest LoRA and harness")
     serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
@@ -207,13 +318,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("SIAJAX_DEBUG") == "1"
     if args.command in ("sample", "serve") and args.model is None:
-        from siajax.models import BUNDLED_TINY_MODEL
-
-        args.model = BUNDLED_TINY_MODEL
+        args.model = default_model()
     if getattr(args, "prompt", "unset") is None:
         args.prompt = ["Name the charge for this case.", "Write a fast kernel."]
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        if debug:
+            raise
+        message = str(err).strip().strip("'\"") or type(err).__name__
+        print(f"siajax {args.command}: error: {message.splitlines()[0]}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

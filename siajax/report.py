@@ -1,4 +1,4 @@
-"""Per-generation table and score plot of a run (``siajax report RUN``)."""
+"""Per-generation table and dev/test plot of a run (``siajax report RUN``)."""
 
 from __future__ import annotations
 
@@ -8,36 +8,46 @@ from siajax.loop import read_ledger
 
 
 def ledger_rows(ledger: list[dict]) -> list[dict]:
-    return [{
-        "generation": e["generation"], "score": e["score"], "lever": e["decision"]["lever"],
-        "recipe": e["decision"]["recipe"] or "", "harness": e["harness_version"],
-        "next_harness": e["next_harness"], "wall_s": e["wall_seconds"], "why": e["decision"]["rationale"],
-    } for e in ledger]
+    rows = []
+    for e in ledger:
+        spend = e.get("spend", {})
+        rows.append({
+            "generation": e["generation"], "lever": e["decision"]["lever"], "recipe": e["decision"]["recipe"] or "",
+            "dev_before": e["before"]["dev"]["score"], "dev": e["after"]["dev"]["score"],
+            "pass_at_1": e["after"]["dev"]["pass_at_1"], "test": e["after"]["test"]["score"],
+            "test_pass_at_1": e["after"]["test"]["pass_at_1"],
+            "verdict": "rolled back" if e["rolled_back"] else ("kept" if e["comparison"] else "-"),
+            "samples": sum(v for k, v in spend.items() if k.endswith("samples")),
+            "harness": e["next_harness"], "wall_s": e["wall_seconds"], "why": e["decision"]["rationale"],
+        })
+    return rows
 
 
 def plot_scores(ledger: list[dict], path: Path) -> Path:
+    """Dev and test score of the state leaving each generation (generation -1: the start), levers marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = ledger_rows(ledger)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["generation"] for r in rows], [r["score"] for r in rows], color="0.4", zorder=1)
-    styles = {"harness": ("s", "tab:blue"), "weights": ("o", "tab:orange")}
-    for lever, (marker, colour) in styles.items():
-        chosen = [r for r in rows if r["lever"] == lever]
-        ax.scatter([r["generation"] for r in chosen], [r["score"] for r in chosen], marker=marker, color=colour,
-                   s=60, zorder=2, label=f"then {lever} lever")
+    xs = [-1] + [r["generation"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for split, colour in (("dev", "tab:blue"), ("test", "tab:green")):
+        start = ledger[0]["before"][split]["score"]
+        ax.plot(xs, [start] + [r[split] for r in rows], color=colour, marker=".", label=f"{split} score")
     for r in rows:
-        if r["recipe"]:
-            ax.annotate(r["recipe"], (r["generation"], r["score"]), textcoords="offset points", xytext=(4, -12),
-                        fontsize=8)
-    ax.set_xlabel("generation")
-    ax.set_ylabel("score (mean reward of the generation's rollouts)")
-    ax.set_ylim(-0.05, 1.05 if max((r["score"] for r in rows), default=1) <= 1 else None)
-    ax.legend()
-    ax.set_title("SIA run: score per generation, lever chosen after it")
+        colour = "tab:orange" if r["lever"] == "weights" else "0.6"
+        ax.axvspan(r["generation"] - 0.5, r["generation"] + 0.5, color=colour, alpha=0.12, lw=0)
+        label = r["recipe"] or "harness"
+        ax.annotate(label + (" (rolled back)" if r["verdict"] == "rolled back" else ""), (r["generation"], 0.02),
+                    fontsize=7, rotation=90, va="bottom", ha="center")
+    ax.set_xlabel("generation (-1 = start; shading: lever pulled, orange = weights)")
+    ax.set_ylabel("score on held-out items")
+    top = max([1.0] + [r["dev"] for r in rows] + [r["test"] for r in rows])
+    ax.set_ylim(min(0.0, *(r["test"] for r in rows)) - 0.05, top + 0.05)
+    ax.legend(loc="upper left")
+    ax.set_title("SIA run: dev (decisions) and test (reported only) per generation")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -53,14 +63,17 @@ def report(run_dir: str | Path, console=None) -> Path:
     ledger = read_ledger(run_dir)
     if not ledger:
         raise FileNotFoundError(f"{run_dir} has no finished generation (ledger.jsonl is empty or missing)")
-    table = Table(title=f"siajax run {run_dir.name}")
-    for column in ("gen", "score", "lever", "recipe", "harness", "→ harness", "wall s", "why"):
+    table = Table(title=f"siajax run {run_dir.name}: start dev {ledger[0]['before']['dev']['score']:.3f}, "
+                        f"test {ledger[0]['before']['test']['score']:.3f}")
+    for column in ("gen", "lever", "recipe", "dev", "pass@1", "test", "verdict", "samples", "harness", "wall s",
+                   "why"):
         table.add_column(column)
     for r in ledger_rows(ledger):
-        table.add_row(str(r["generation"]), f"{r['score']:.3f}", r["lever"], r["recipe"], r["harness"],
-                      r["next_harness"], f"{r['wall_s']:.1f}", r["why"][:60])
+        table.add_row(str(r["generation"]), r["lever"], r["recipe"], f"{r['dev_before']:.3f}->{r['dev']:.3f}",
+                      f"{r['pass_at_1']:.3f}", f"{r['test']:.3f}", r["verdict"], str(r["samples"]), r["harness"],
+                      f"{r['wall_s']:.1f}", r["why"][:50])
     console = console or Console()
     if not console.is_terminal:
-        console.width = max(console.width, 150)
+        console.width = max(console.width, 170)
     console.print(table)
     return plot_scores(ledger, run_dir / "score.png")

@@ -1,10 +1,12 @@
-"""Batched, jitted sampling: one prefill, then a ``lax.while_loop`` of decode steps.
+"""Batched, jitted sampling: one prefill, then ``lax.while_loop`` decode steps.
 
-Shapes are static per (batch, prompt bucket, max_new_tokens, top_k, stop ids), so
-a bucket compiles once and every later call reuses it; temperature and top-p are
-traced values and never recompile. The KV cache is preallocated for
-prompt + max_new_tokens slots. Prompts are left-padded so all rows write the
-same cache slot each step.
+Every shape that reaches the compiler is bucketed so that a new request rarely
+compiles a new program: rows are padded to a power of two (padding rows start
+finished), prompts are left-padded to a power of two, and ``max_new_tokens``
+is rounded up to one (the real limit is a traced value). Temperature, top-p
+and the limit are traced and never recompile; top-k and the stop ids are
+static. Decoding runs in a few segments whose attention spans only the filled
+part of the preallocated KV cache (doubling spans), not all of it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from siajax.harness.constrained import TokenAutomaton, advance, allowed_tokens, mask_logits
 from siajax.models.transformer import KVCache, Transformer
 from siajax.parallel.distributed import global_max, to_global
 from siajax.parallel.mesh import ambient_mesh, batch_shard_count, mesh_context
@@ -30,9 +33,13 @@ class GenerationResult(NamedTuple):
 
     tokens, logprobs, mask: [B, N]. ``mask`` marks response tokens (the stop
     token included); tokens after a stop are ``pad_token_id`` with logprob 0.
-    ``logprobs`` are log-probabilities under the tempered, untruncated
-    distribution softmax(logits / temperature) (raw logits when greedy), the
-    behaviour policy a policy-gradient ratio is taken against.
+    ``logprobs`` are log-probabilities of the distribution each token was
+    drawn from: softmax(logits / temperature), restricted to the constraint's
+    allowed tokens and truncated by top-k / top-p when those are on (greedy:
+    the raw logits' softmax). ``temperature``, ``top_p``, ``top_k`` are the
+    draw's settings and ``allowed`` [B, N, F] the constraint's allowed token
+    ids at each step (-1 = unused; None unconstrained), so a trainer can
+    recompute exactly this distribution.
     """
 
     tokens: jax.Array
@@ -41,86 +48,22 @@ class GenerationResult(NamedTuple):
     lengths: jax.Array
     prompt_tokens: jax.Array  # [B, P] left-padded
     prompt_mask: jax.Array  # [B, P]
+    temperature: jax.Array  # [] float32
+    top_p: jax.Array  # [] float32
+    top_k: jax.Array  # [] int32
+    allowed: jax.Array | None = None  # [B, N, F] int32
 
-
-class TokenAutomaton(NamedTuple):
-    """A deterministic automaton over token ids that constrains decoding.
-
-    tokens[s, f]: the f-th token allowed in state s (-1 = unused slot);
-    next_state[s, f]: the state after emitting it. State 0 is the start.
-    """
-
-    tokens: jax.Array
-    next_state: jax.Array
-
-
-def label_automaton(encode, labels, *, prefix: str = "", separator: str | None = None, terminator: str = "",
-                    stop_token_id: int) -> TokenAutomaton:
-    """Accepts ``prefix label (separator label)* terminator <stop>``, labels from a fixed set.
-
-    encode: text -> token ids (no special tokens). Labels share a trie, so the
-    policy picks among them token by token; each piece is tokenised on its own.
-    """
-    edges: list[dict[int, int]] = [{}]
-
-    def new_state() -> int:
-        edges.append({})
-        return len(edges) - 1
-
-    def chain(start: int, ids: list[int], end: int | None = None) -> int:
-        state = start
-        for position, token in enumerate(ids):
-            last = position == len(ids) - 1
-            if token in edges[state]:
-                if last and end is not None and edges[state][token] != end:
-                    raise ValueError(f"token {token} is ambiguous in the automaton; change the separators")
-                state = edges[state][token]
-            else:
-                target = end if (last and end is not None) else new_state()
-                edges[state][token] = target
-                state = target
-        return state
-
-    label_root = chain(0, encode(prefix)) if prefix else 0
-    if label_root == 0 and prefix:
-        raise ValueError("empty prefix encoding")
-    accepting = {chain(label_root, encode(label)) for label in labels if label}
-    done = new_state()
-    for state in accepting:
-        if separator:
-            chain(state, encode(separator), end=label_root)
-        if terminator:
-            chain(state, encode(terminator) + [stop_token_id], end=done)
-        else:
-            chain(state, [stop_token_id], end=done)
-    edges[done][stop_token_id] = done
-    width = max(len(e) for e in edges)
-    tokens = np.full((len(edges), width), -1, np.int32)
-    next_state = np.zeros((len(edges), width), np.int32)
-    for state, out in enumerate(edges):
-        for slot, (token, target) in enumerate(sorted(out.items())):
-            tokens[state, slot], next_state[state, slot] = token, target
-    return TokenAutomaton(jnp.asarray(tokens), jnp.asarray(next_state))
-
-
-def _constrain(logits, automaton: TokenAutomaton, state):
-    """Masks logits [B, V] to the tokens the automaton allows in each row's state."""
-    allowed = automaton.tokens[state]  # [B, F]
-    rows = jnp.arange(logits.shape[0])[:, None]
-    mask = jnp.zeros(logits.shape, bool).at[rows, jnp.maximum(allowed, 0)].max(allowed >= 0)
-    return jnp.where(mask, logits, -jnp.inf)
-
-
-def _advance(automaton: TokenAutomaton, state, token):
-    hit = automaton.tokens[state] == token[:, None]
-    return jnp.sum(jnp.where(hit, automaton.next_state[state], 0), axis=-1).astype(jnp.int32)
+    @property
+    def truncated(self) -> bool:
+        """Whether top-k or top-p cut the distribution (a trainer cannot recompute that cut)."""
+        return bool(self.top_k > 0) or bool(self.top_p < 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
     """The static part of a sampling call (changing it recompiles)."""
 
-    max_new_tokens: int
+    max_new_tokens: int  # bucketed; the requested limit is traced
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
     pad_token_id: int = 0
@@ -129,7 +72,7 @@ class DecodeSpec:
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
-    """Rounds a prompt length up to a power of two so similar prompts share a compilation."""
+    """Rounds a length up to a power of two (at least ``minimum``) so similar calls share a program."""
     return max(minimum, 1 << max(0, n - 1).bit_length())
 
 
@@ -165,17 +108,21 @@ def _nucleus_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def sample_next_token(logits, key, temperature, top_p, top_k: int, allowed_logits=None):
+def sample_next_token(logits, key, temperature, top_p, top_k: int, allowed: jax.Array | None = None):
     """Draws one token per row from logits [B, V]; returns (token [B], logprob [B]).
 
     temperature <= 0 means greedy. top_k = 0 and top_p >= 1 disable truncation.
-    ``allowed_logits`` (logits with forbidden tokens at -inf) constrains the draw;
-    the returned log-prob stays that of the unconstrained policy, which is what
-    a training forward pass recomputes.
+    ``allowed`` [B, F] (token ids, -1 unused) restricts the draw. The log-prob is
+    that of the distribution the token was drawn from (see GenerationResult).
     """
     greedy = temperature <= 0.0
+    if allowed is not None:
+        logits = mask_logits(logits, allowed)
     scaled = logits / jnp.where(greedy, 1.0, temperature)
-    choice = scaled if allowed_logits is None else allowed_logits / jnp.where(greedy, 1.0, temperature)
+
+    def pick_greedy(scaled):
+        token = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
+        return token, token_logprobs(scaled, token)
 
     def draw(scaled):
         filtered = scaled
@@ -183,11 +130,11 @@ def sample_next_token(logits, key, temperature, top_p, top_k: int, allowed_logit
             kth_largest = jax.lax.top_k(scaled, top_k)[0][..., -1:]
             filtered = jnp.where(scaled < kth_largest, -jnp.inf, scaled)
         filtered = jax.lax.cond(top_p < 1.0, _nucleus_filter, lambda x, _: x, filtered, top_p)
-        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        token = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        return token, token_logprobs(filtered, token)
 
     # Greedy skips the noise draw over the vocabulary, the costliest part of a small model's step.
-    token = jax.lax.cond(greedy, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), draw, choice)
-    return token, token_logprobs(scaled, token)
+    return jax.lax.cond(greedy, pick_greedy, draw, scaled)
 
 
 def _constrain_cache(cache: KVCache, rules: Rules | None) -> KVCache:
@@ -201,63 +148,146 @@ def _constrain_cache(cache: KVCache, rules: Rules | None) -> KVCache:
                       for name, spec in specs.items()})
 
 
+def kv_span_segments(prompt_len: int, steps: int, first: int = 128) -> list[int]:
+    """Ends (in cache slots) of the decode segments: each attends to that many slots.
+
+    Spans double from max(2P, P + first) until the whole cache, so attention
+    reads at most twice the filled part with only a few compiled loop bodies.
+    """
+    total, ends = prompt_len + steps, []
+    end = max(2 * prompt_len, prompt_len + first)
+    while end < total:
+        ends.append(end)
+        end *= 2
+    return ends + [total]
+
+
 @partial(jax.jit, static_argnames=("graphdef", "spec", "rules"))
-def _generate(graphdef, state, prompt_tokens, prompt_mask, key, temperature, top_p, spec: DecodeSpec,
-              automaton: TokenAutomaton | None = None, rules: Rules | None = None):
+def _generate(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p, limit,
+              spec: DecodeSpec, automaton: TokenAutomaton | None = None, rules: Rules | None = None):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_tokens.shape
     steps = spec.max_new_tokens
     stop_ids = jnp.asarray(spec.stop_token_ids or (-1,), jnp.int32)
 
     cache = _constrain_cache(KVCache.empty(model.config, batch, prompt_len + steps), rules)
-    out = model(prompt_tokens, attention_mask=prompt_mask, cache=cache, lora=spec.lora)
+    out = model(prompt_tokens, attention_mask=prompt_mask, cache=cache, kv_span=prompt_len, lora=spec.lora,
+                head="last")
     next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     key, first_key = jax.random.split(key)
+    width = automaton.tokens.shape[1] if spec.constrained else 0
 
     def draw(logits, step_key, automaton_state):
         if not spec.constrained:
-            return sample_next_token(logits, step_key, temperature, top_p, spec.top_k)
-        return sample_next_token(logits, step_key, temperature, top_p, spec.top_k,
-                                 allowed_logits=_constrain(logits, automaton, automaton_state))
+            return sample_next_token(logits, step_key, temperature, top_p, spec.top_k), None
+        allowed = allowed_tokens(automaton, automaton_state)
+        return sample_next_token(logits, step_key, temperature, top_p, spec.top_k, allowed), allowed
 
     automaton_state = jnp.zeros((batch,), jnp.int32)
-    token, logprob = draw(out.logits[:, -1], first_key, automaton_state)
+    (token, logprob), allowed = draw(out.logits[:, -1], first_key, automaton_state)
     if spec.constrained:
-        automaton_state = _advance(automaton, automaton_state, token)
+        automaton_state = advance(automaton, automaton_state, token)
 
+    done = jnp.arange(batch) >= live_rows  # padding rows start (and stay) finished
+    token = jnp.where(done, spec.pad_token_id, token)
     tokens = jnp.full((batch, steps), spec.pad_token_id, jnp.int32).at[:, 0].set(token)
-    logprobs = jnp.zeros((batch, steps), jnp.float32).at[:, 0].set(logprob)
-    done = jnp.isin(token, stop_ids)
-    lengths = jnp.ones((batch,), jnp.int32)
+    logprobs = jnp.zeros((batch, steps), jnp.float32).at[:, 0].set(jnp.where(done, 0.0, logprob))
+    allowed_log = jnp.full((batch, steps, width), -1, jnp.int32)
+    if spec.constrained:
+        allowed_log = allowed_log.at[:, 0].set(jnp.where(done[:, None], -1, allowed))
+    lengths = (~done).astype(jnp.int32)
+    done = done | jnp.isin(token, stop_ids)
 
-    def keep_going(carry):
-        step, _, _, done, *_ = carry
-        return (step < steps) & ~jnp.all(done)
-
-    def decode_step(carry):
-        step, cache, position, done, tokens, logprobs, lengths, key, automaton_state = carry
+    def decode_step(span, carry):
+        step, cache, position, done, tokens, logprobs, allowed_log, lengths, key, automaton_state = carry
         previous = tokens[:, step - 1]
-        out = model(
-            previous[:, None], attention_mask=jnp.ones((batch, 1), bool),
-            positions=position[:, None], cache=cache, lora=spec.lora,
-        )
+        out = model(previous[:, None], attention_mask=jnp.ones((batch, 1), bool), positions=position[:, None],
+                    cache=cache, kv_span=span, lora=spec.lora, head="last")
         key, step_key = jax.random.split(key)
-        token, logprob = draw(out.logits[:, -1], step_key, automaton_state)
+        (token, logprob), allowed = draw(out.logits[:, -1], step_key, automaton_state)
         if spec.constrained:
-            automaton_state = _advance(automaton, automaton_state, token)
+            automaton_state = advance(automaton, automaton_state, token)
+            allowed_log = allowed_log.at[:, step].set(jnp.where(done[:, None], -1, allowed))
         token = jnp.where(done, spec.pad_token_id, token)
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(token, stop_ids)
         cache = _constrain_cache(out.cache, rules)
-        return step + 1, cache, position + 1, done, tokens, logprobs, lengths, key, automaton_state
+        return step + 1, cache, position + 1, done, tokens, logprobs, allowed_log, lengths, key, automaton_state
 
     carry = (jnp.ones((), jnp.int32), _constrain_cache(out.cache, rules), next_position, done, tokens, logprobs,
-             lengths, key, automaton_state)
-    _, _, _, _, tokens, logprobs, lengths, _, _ = jax.lax.while_loop(keep_going, decode_step, carry)
+             allowed_log, lengths, key, automaton_state)
+    for span in kv_span_segments(prompt_len, steps):
+        # Step s writes slot P + s - 1 and reads slots [0, P + s): this segment covers P + s <= span.
+        def keep_going(carry, span=span):
+            step, _, _, done, *_ = carry
+            return (step < limit) & (prompt_len + step <= span) & ~jnp.all(done)
+
+        carry = jax.lax.while_loop(keep_going, partial(decode_step, span), carry)
+    _, _, _, _, tokens, logprobs, allowed_log, lengths, _, _ = carry
     mask = jnp.arange(steps)[None, :] < lengths[:, None]
-    return GenerationResult(tokens, logprobs, mask, lengths, prompt_tokens, prompt_mask)
+    return GenerationResult(tokens, logprobs, mask, lengths, prompt_tokens, prompt_mask, temperature, top_p,
+                            jnp.int32(spec.top_k), allowed_log if spec.constrained else None)
+
+
+def validate_sampling(*, max_new_tokens: int, temperature: float, top_p: float, top_k: int, pad_token_id) -> None:
+    """Rejects settings the sampler would silently misread (top_p=0 would emit token 0)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None: pass the tokenizer's pad id, or its EOS id when it has no pad "
+                         "token (siajax.models.generation_defaults does this)")
+
+
+def _take_rows(result: GenerationResult, rows: int, steps: int) -> GenerationResult:
+    """Cuts bucket padding off: the first ``rows`` rows and ``steps`` decode positions."""
+    def per_row(x):
+        return x[:rows]
+
+    def per_step(x):
+        return None if x is None else x[:rows, :steps]
+
+    return result._replace(tokens=per_step(result.tokens), logprobs=per_step(result.logprobs),
+                           mask=per_step(result.mask), lengths=per_row(result.lengths),
+                           prompt_tokens=per_row(result.prompt_tokens), prompt_mask=per_row(result.prompt_mask),
+                           allowed=per_step(result.allowed))
+
+
+def concatenate_results(parts: Sequence[GenerationResult], pad_token_id: int,
+                        order: Sequence[int] | None = None) -> GenerationResult:
+    """One result from several calls' (same max_new_tokens): prompts left-padded to the longest,
+    rows concatenated, then put in ``order`` (row i of the output is row order[i] of the stack)."""
+    if len(parts) == 1 and order is None:
+        return parts[0]
+    width = max(part.prompt_tokens.shape[1] for part in parts)
+
+    def pad_left(x, value):
+        return jnp.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=value)
+
+    def stack(name, transform=None):
+        arrays = [getattr(part, name) for part in parts]
+        if arrays[0] is None:
+            return None
+        joined = jnp.concatenate([transform(x) if transform else x for x in arrays], axis=0)
+        return joined if order is None else joined[jnp.asarray(order)]
+
+    return GenerationResult(
+        stack("tokens"), stack("logprobs"), stack("mask"), stack("lengths"),
+        stack("prompt_tokens", lambda x: pad_left(x, pad_token_id)), stack("prompt_mask", lambda x: pad_left(x, False)),
+        parts[0].temperature, parts[0].top_p, parts[0].top_k, stack("allowed"))
+
+
+def row_bucket(rows: int, multiple: int = 1) -> int:
+    """Rows padded to a power of two, and to a multiple of the batch shards under a mesh."""
+    padded = 1 << max(0, rows - 1).bit_length()
+    return -(-padded // multiple) * multiple
 
 
 def generate(
@@ -281,44 +311,48 @@ def generate(
     prompt_token_ids: ragged list of token-id lists, or an int array [B, P] of
     unpadded prompts. ``lora=False`` samples from the frozen base policy.
     ``constraint`` restricts every sample to the automaton's language (e.g. a
-    label set, see :func:`label_automaton`). With a ``mesh``, weights, prompts
-    and the KV cache are laid out by ``rules`` and decoding runs SPMD; the batch
-    is padded with repeats of its last prompt to a multiple of the data x fsdp
-    shards and cut back, so rows match an unsharded call. With several
-    processes, each passes only its own prompts and gets global arrays back
-    (``siajax.parallel.to_host_local`` returns its rows).
+    label set, see :func:`siajax.harness.constrained.label_automaton`). With a
+    ``mesh``, weights, prompts and the KV cache are laid out by ``rules`` and
+    decoding runs SPMD. With several processes, each passes only its own
+    prompts and gets global arrays back (``siajax.parallel.to_host_local``
+    returns its rows).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=int(top_k or 0),
+                      pad_token_id=pad_token_id)
     if isinstance(prompt_token_ids, (np.ndarray, jax.Array)) and np.ndim(prompt_token_ids) == 2:
         prompt_token_ids = np.asarray(prompt_token_ids).tolist()
-    spec = DecodeSpec(max_new_tokens, int(top_k or 0), tuple(int(t) for t in stop_token_ids), pad_token_id, lora,
+    prompts = list(prompt_token_ids)
+    steps = bucket_length(max_new_tokens)
+    spec = DecodeSpec(steps, int(top_k or 0), tuple(int(t) for t in stop_token_ids), int(pad_token_id), lora,
                       constrained=constraint is not None)
     graphdef, state = nnx.split(model)
+    scalars = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens))
+    rows = len(prompts)
     if mesh is None:
-        tokens, mask = left_pad(prompt_token_ids, pad_token_id)
-        return _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), key,
-                         jnp.float32(temperature), jnp.float32(top_p), spec, constraint)
-    rows = len(prompt_token_ids)
-    prompt_token_ids = _pad_rows_for_mesh(list(prompt_token_ids), mesh)
-    tokens, mask = left_pad(prompt_token_ids, pad_token_id,
-                            global_max(bucket_length(max(len(p) for p in prompt_token_ids))))
+        padded = prompts + [prompts[-1]] * (row_bucket(rows) - rows)
+        tokens, mask = left_pad(padded, pad_token_id)
+        result = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.int32(rows), key,
+                           *scalars, spec, constraint)
+        return _take_rows(result, rows, max_new_tokens)
+    padded = _pad_rows_for_mesh(prompts, mesh)
+    tokens, mask = left_pad(padded, pad_token_id, global_max(bucket_length(max(len(p) for p in padded))))
     state = shard_tree(state, mesh, rules)
     placed = to_global({"tokens": tokens, "mask": mask}, mesh, rules, prefix="batch")
+    live = rows if jax.process_count() == 1 else len(padded) * jax.process_count()
     with mesh_context(mesh):
-        result = _generate(graphdef, state, placed["tokens"], placed["mask"], key, jnp.float32(temperature),
-                           jnp.float32(top_p), spec, constraint, tuple(rules))
+        result = _generate(graphdef, state, placed["tokens"], placed["mask"], jnp.int32(live), key, *scalars,
+                           spec, constraint, tuple(rules))
     if jax.process_count() > 1:
         return result
-    return GenerationResult(*(x[:rows] for x in result))
+    return _take_rows(result, rows, max_new_tokens)
 
 
 def _pad_rows_for_mesh(prompts: list, mesh) -> list:
-    """One process: repeat the last prompt up to a multiple of the batch shards (cut later).
+    """One process: repeat the last prompt up to the row bucket (finished from the start, cut later).
     Several: each passes its own rows, the same number, a multiple of its shards."""
     shards, processes = batch_shard_count(mesh), jax.process_count()
     if processes == 1:
-        return prompts + [prompts[-1]] * (-len(prompts) % shards)
+        return prompts + [prompts[-1]] * (row_bucket(len(prompts), shards) - len(prompts))
     most, fewest = global_max(len(prompts)), -global_max(-len(prompts))  # every process joins both
     local_shards = shards // processes
     if shards % processes or most != fewest or len(prompts) % local_shards:

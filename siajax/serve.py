@@ -84,3 +84,29 @@ def make_server(backend, *, host: str = "127.0.0.1", port: int = 0, model_name: 
             self._send(200, _chat_response(request.get("model", model_name), completions, prompt_tokens))
 
     return ThreadingHTTPServer((host, port), Handler)
+
+
+def serve_from_args(args) -> int:
+    """``siajax serve``: a run's policy (``--run``) or a checkpoint (``--model``) on loopback."""
+    from pathlib import Path
+
+    from siajax.agents import LocalPolicyBackend
+
+    if args.run:
+        from siajax.loop import Policy, load_config, read_ledger
+
+        run_dir = Path(args.run)
+        policy = Policy(load_config(run_dir))
+        policy.restore(run_dir, read_ledger(run_dir))
+        backend = policy.backend()
+    else:
+        from siajax.models import from_pretrained
+
+        backend = LocalPolicyBackend(*from_pretrained(args.model, dtype=args.dtype))
+    server = make_server(backend, host=args.host, port=args.port, model_name=args.name)
+    print(f"serving {args.name} on http://{server.server_address[0]}:{server.server_address[1]}/v1", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import os
@@ -63,6 +64,23 @@ class Task:
         spec.loader.exec_module(module)
         return module
 
+    def has_split(self, split: str) -> bool:
+        return split in self.spec["splits"]
+
+    def dev_items(self) -> list[dict]:
+        """The dev split, or, for a task that declares none, the train items a stable hash sets aside."""
+        if self.has_split("dev"):
+            return self.items("dev")
+        carved = [item for item in self.items("train") if _held_out(item)]
+        return carved or self.items("train")  # too few items to hold any out: decide on train
+
+    def train_items(self) -> list[dict]:
+        """Train items the weight lever may learn from (never the ones carved out as dev)."""
+        items = self.items("train")
+        if self.has_split("dev"):
+            return items
+        return [item for item in items if not _held_out(item)] or items
+
     def items(self, split: str) -> list[dict]:
         """Items of a split (JSONL, one object per line with an "id" and template slots)."""
         splits = self.spec["splits"]
@@ -77,6 +95,12 @@ class Task:
                 except json.JSONDecodeError as err:
                     raise TaskError(f"{path}:{number}: not valid JSON ({err})") from None
         return items
+
+
+def _held_out(item: dict, share: float = 0.2) -> bool:
+    """Stable across runs and machines: the item's id hashed, not Python's salted hash()."""
+    digest = hashlib.sha256(f"siajax-dev:{item['id']}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") < share * 2**32
 
 
 def load_task(path: str | os.PathLike) -> Task:

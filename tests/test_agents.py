@@ -6,9 +6,12 @@ import json
 import shutil
 
 import jax
+import numpy as np
 import pytest
 
-from siajax.agents import Completion, Decision, heuristic_decision, llm_decision, run_items, summarize
+from siajax.agents import (
+    Completion, Decision, FeedbackRules, heuristic_decision, llm_decision, run_items, summarize, validate_decision,
+)
 from siajax.agents.meta import initial_harness
 from siajax.harness import patch_harness
 from siajax.tasks import BUNDLED_TASKS, TaskError, load_task, resolve_task
@@ -71,39 +74,107 @@ def test_task_agent_parses_verifies_and_retries(digits):
     assert summary["score"] == 1.0 and summary["retries"] == 1  # the retry fixed the only failure
 
 
-def _summary(success, parse_error=0.0, binary=True):
+def _summary(success, parse_error=0.0):
     return {"score": success, "success_rate": success, "failure_rates": {"parse_error": parse_error} if parse_error
-            else {}, "binary_rewards": binary, "samples": 32, "retries": 0, "examples": {}}
+            else {}, "samples": 32, "retries": 0, "examples": {}}
 
 
-def test_feedback_rules_pick_lever_and_recipe(digits):
-    harness, hints = digits.default_harness(), digits.spec["harness_hints"]
-    both = ("harness", "weights")
-    fix = heuristic_decision(_summary(0.0, parse_error=1.0), [], harness, hints, both)
-    assert fix.lever == "harness" and fix.patch[0]["path"] == "/parser/pattern"
-    assert heuristic_decision(_summary(0.03), [], harness, hints, both).recipe == "entropic"
-    assert heuristic_decision(_summary(0.4), [], harness, hints, both).recipe == "grpo"
-    assert heuristic_decision(_summary(0.4, binary=False), [], harness, hints, both).recipe == "ppo_gae"
-    assert heuristic_decision(_summary(0.0, parse_error=1.0), [], harness, hints, ("weights",)).lever == "weights"
-    stuck = [{"generation": g, "score": 0.5, "decision": {"lever": "weights"}} for g in range(2)]
-    switched = heuristic_decision(_summary(0.5, parse_error=0.2), stuck, harness, hints, both)
+RULES = FeedbackRules()
+BOTH = ("harness", "weights")
+
+
+def _entry(generation, lever, better):
+    return {"generation": generation, "decision": {"lever": lever, "recipe": None, "candidates": []},
+            "comparison": {"better": better}, "before": {"dev": {"score": 0.5}}, "after": {"dev": {"score": 0.5}}}
+
+
+def test_feedback_rules_pick_lever_and_recipe_from_the_declared_reward_kind(digits):
+    harness = digits.default_harness()
+    decide = lambda summary, history=(), levers=BOTH, task=digits: heuristic_decision(  # noqa: E731
+        summary, list(history), harness, task, levers, RULES, group_size=8)
+    fix = decide(_summary(0.0, parse_error=1.0))
+    assert fix.lever == "harness" and fix.candidates and fix.candidates[0].kind == "lenient_parser"
+    assert decide(_summary(0.03)).recipe == "entropic"  # rare successes
+    assert decide(_summary(0.4)).recipe == "grpo"  # digits declares binary rewards
+    scalar = resolve_task("trimul")
+    assert heuristic_decision(_summary(0.4), [], scalar.default_harness(), scalar, ("weights",), RULES,
+                              group_size=8).recipe == "ppo_gae"
+    assert decide(_summary(0.0, parse_error=1.0), levers=("weights",)).lever == "weights"
+    stuck = [_entry(g, "weights", False) for g in range(2)]
+    switched = decide(_summary(0.5, parse_error=0.2), stuck)
     assert switched.lever == "harness" and "plateau" in switched.rationale
+    harness_stuck = [_entry(g, "harness", False) for g in range(2)]
+    assert decide(_summary(0.5, parse_error=0.9), harness_stuck).lever == "weights"
 
 
-def test_llm_decision_is_validated_repaired_then_falls_back(digits):
-    harness, hints = digits.default_harness(), digits.spec["harness_hints"]
-    args = (_summary(0.4), [], harness, hints, ("harness", "weights"), jax.random.key(0))
+def test_weights_decisions_need_groups_and_a_positive_temperature(digits):
+    harness = digits.default_harness()
+    single = heuristic_decision(_summary(0.4), [], harness, digits, BOTH, RULES, group_size=1)
+    assert single.lever == "harness"  # GRPO needs >= 2 samples per prompt: search the harness instead
+    assert heuristic_decision(_summary(0.03), [], harness, digits, ("weights",), RULES,
+                              group_size=2).lever == "harness"  # entropic LOO needs 3
+    greedy = patch_harness(harness, [{"op": "replace", "path": "/sampling/temperature", "value": 0.0}])
+    blocked = heuristic_decision(_summary(0.4), [], greedy, digits, ("weights",), RULES, group_size=8)
+    assert blocked.lever == "harness" and "temperature" in blocked.rationale
+    fields = set(digits.items("train")[0])
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        validate_decision({"lever": "weights", "recipe": "entropic"}, BOTH, harness, group_size=2,
+                          item_fields=fields)
+    with pytest.raises(ValueError, match="not fields of the task's items"):
+        validate_decision({"lever": "harness", "patch": [{"op": "replace", "path": "/template",
+                                                          "value": "{nonexistent}"}]}, BOTH, harness,
+                          group_size=8, item_fields=fields)
+
+
+def test_llm_decision_sees_the_history_is_validated_repaired_then_falls_back(digits):
+    harness = digits.default_harness()
+    history = [_entry(0, "harness", True)]
+    args = (_summary(0.4), history, harness, digits, BOTH, RULES, jax.random.key(0))
     good = ScriptedBackend(['Sure: {"lever": "weights", "recipe": "ppo_gae", "patch": null, "rationale": "r"}'])
-    assert llm_decision(good, *args) == Decision("weights", "ppo_gae", None, "r", "llm")
+    assert llm_decision(good, *args, group_size=8) == Decision("weights", "ppo_gae", (), "r", "llm")
+    assert '"significant": true' in good.calls[0][0][0]["content"]  # the prompt carries the history
     repaired = ScriptedBackend(['{"lever": "weights", "recipe": "sgd"}',
                                 '{"lever": "harness", "patch": [{"op": "replace", "path": "/sampling/temperature", '
                                 '"value": 0.5}], "rationale": "calmer"}'])
-    decision = llm_decision(repaired, *args)
-    assert decision.lever == "harness" and len(repaired.calls) == 2
-    assert "recipe" in repaired.calls[1][0][-1]["content"]  # the repair names the problem
+    decision = llm_decision(repaired, *args, group_size=8)
+    assert decision.lever == "harness" and decision.candidates[0].patch[0]["value"] == 0.5
+    assert len(repaired.calls) == 2 and "recipe" in repaired.calls[1][0][-1]["content"]
     broken = ScriptedBackend(["no json here", '{"lever": "harness", "patch": [{"op": "remove", "path": "/nope"}]}'])
-    fallback = llm_decision(broken, *args)
+    fallback = llm_decision(broken, *args, group_size=8)
     assert fallback.source == "fallback" and fallback.recipe == "grpo" and "invalid" in fallback.rationale
+
+
+def test_generic_harness_edits_apply_to_any_task(digits):
+    from siajax.agents.harness_edits import candidate_edits
+
+    kinds = [c.kind for c in candidate_edits(digits.default_harness(), digits, RULES)]
+    assert kinds[:2] == ["lenient_parser", "format_instruction"] and "few_shot" in kinds
+    few_shot = next(c for c in candidate_edits(digits.default_harness(), digits, RULES) if c.kind == "few_shot")
+    shots = few_shot.patch[0]["value"]
+    pairs = {(item["question"], digits.verifier.demonstration(item)) for item in digits.items("train")}
+    assert len(shots) == 3 and all((shot["input"], shot["output"]) in pairs for shot in shots)
+    labelled = resolve_task("lawbench")
+    assert "constrained_decoding" in [c.kind for c in candidate_edits(labelled.default_harness(), labelled, RULES)]
+    tried = {patch_harness(digits.default_harness(), c.patch).version
+             for c in candidate_edits(digits.default_harness(), digits, RULES)[:2]}
+    assert [c.kind for c in candidate_edits(digits.default_harness(), digits, RULES, tried)][0] != "lenient_parser"
+
+
+def test_paired_bootstrap_separates_a_real_gain_from_noise():
+    from siajax.stats import paired_bootstrap
+
+    rng = np.random.RandomState(0)
+    baseline = rng.binomial(1, 0.5, 200).astype(float)
+    better = np.maximum(baseline, rng.binomial(1, 0.3, 200))  # fixes ~30% of the failures
+    assert paired_bootstrap(better, baseline).better
+    shuffled = rng.permutation(baseline)  # same mean, different items: no gain
+    same = paired_bootstrap(shuffled, baseline)
+    assert not same.better and not same.worse or abs(same.mean_difference) > 0.05
+    assert paired_bootstrap(baseline, better).worse
+    small = paired_bootstrap([1, 1, 0, 1], [0, 1, 0, 1])  # one item better out of four: noise
+    assert not small.better
+    with pytest.raises(ValueError, match="equal"):
+        paired_bootstrap([1, 0], [1])
 
 
 def test_meta_agent_uses_a_valid_llm_harness_or_falls_back(digits):
@@ -139,8 +210,7 @@ def test_tool_calls_are_run_and_answered(digits, tmp_path):
 
 def test_a_task_can_name_its_expected_recipe():
     task = resolve_task("rna_denoise")
-    hints = task.spec["harness_hints"]
-    scalar = _summary(0.5, binary=False)
-    assert heuristic_decision(scalar, [], task.default_harness(), hints, ("weights",)).recipe == "grpo"
-    assert heuristic_decision(_summary(0.05, binary=False), [], task.default_harness(), hints,
-                              ("weights",)).recipe == "entropic"  # rare successes still go entropic
+    decide = lambda summary: heuristic_decision(summary, [], task.default_harness(), task, ("weights",), RULES,  # noqa: E731
+                                                group_size=8)
+    assert decide(_summary(0.5)).recipe == "grpo"
+    assert decide(_summary(0.05)).recipe == "entropic"  # rare successes still go entropic

@@ -8,7 +8,8 @@ import jax
 import pytest
 
 from siajax.models import BUNDLED_TINY_MODEL, from_pretrained
-from siajax.sampling import generate, label_automaton
+from siajax.harness.constrained import label_automaton
+from siajax.sampling import generate
 from siajax.tasks import resolve_task
 
 TASK = resolve_task("lawbench")
@@ -79,7 +80,7 @@ def test_unconstrained_tiny_model_fails_to_parse_and_feedback_turns_constraints_
     from siajax.loop import RunConfig, run
 
     ledger = run(RunConfig(task="lawbench", levers="both", generations=1, items_per_generation=2,
-                           updates_per_generation=1, seed=0), tmp_path / "run")
+                           updates_per_generation=1, seed=0, dev_items=8, test_items=8), tmp_path / "run")
     decision = ledger[0]["decision"]
-    assert decision["lever"] == "harness" and decision["patch"] == [
+    assert decision["lever"] == "harness" and decision["candidates"][0]["patch"] == [
         {"op": "replace", "path": "/parser/constrained", "value": True}]

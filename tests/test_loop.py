@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from siajax.agents import FeedbackRules
 from siajax.loop import RunConfig, read_ledger, run
 from siajax.report import report
 
@@ -23,26 +24,64 @@ def _timeless(ledger):
 
 
 @pytest.mark.slow
-def test_both_levers_run_and_the_score_moves(tmp_path):
-    ledger = run(RunConfig(levers="both", generations=5, **SMALL), tmp_path / "run")
+def test_both_levers_run_scored_on_dev_and_test_every_generation(tmp_path):
+    # One generation without a significant dev gain counts as a plateau here (rules are data).
+    quick = FeedbackRules(plateau_window=1)
+    ledger = run(RunConfig(levers="both", generations=5, feedback_rules=quick, **SMALL), tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["feedback_rules"]["plateau_window"] == 1
     levers = [e["decision"]["lever"] for e in ledger]
     assert "harness" in levers and "weights" in levers
-    assert ledger[-1]["score"] > ledger[0]["score"]
-    gen = tmp_path / "run" / "gen_000"
-    for name in ("harness.json", "trajectory.jsonl", "scores.json", "decision.json"):
-        assert (gen / name).exists()
+    start = ledger[0]["before"]
+    assert start["dev"]["items"] == 16 and start["test"]["items"] == 32  # every dev and test item, every time
+    for previous, entry in zip(ledger, ledger[1:]):
+        assert entry["before"] == previous["after"]  # each generation starts where the last one ended
+    for entry in ledger:
+        for split in ("dev", "test"):
+            assert {"score", "pass_at_1", "samples", "tokens"} <= set(entry["after"][split])
+        assert entry["spend"]["eval_samples"] > 0
+        if entry["decision"]["lever"] == "weights":
+            assert entry["logprob_mismatch"] <= 1e-4  # trained on the distribution that sampled
+            assert entry["spend"]["rollout_samples"] == SMALL["items_per_generation"] * 8 * SMALL[
+                "updates_per_generation"]
+        elif entry["candidates"]:
+            budget = SMALL["items_per_generation"] * 8 * SMALL["updates_per_generation"]
+            assert entry["spend"]["candidate_samples"] - max(c["dev_samples"] for c in entry["candidates"]) < budget
+    assert ledger[-1]["after"]["dev"]["score"] > start["dev"]["score"]
+    assert (tmp_path / "run" / "initial" / "eval_test.jsonl").exists()
+    weights_gen = next(e for e in ledger if e["decision"]["lever"] == "weights")["generation"]
+    gen = tmp_path / "run" / f"gen_{weights_gen:03d}"
     first_record = json.loads((gen / "trajectory.jsonl").read_text().splitlines()[0])
     assert {"messages", "text", "token_ids", "logprobs", "answer", "reward", "failure"} <= set(first_record)
-    weights_gen = next(e for e in ledger if e["decision"]["lever"] == "weights")["generation"]
-    assert (tmp_path / "run" / f"gen_{weights_gen:03d}" / "train_state").is_dir()
     png = report(tmp_path / "run")
     assert png.exists() and png.stat().st_size > 10_000
 
 
-def test_harness_only_mode_never_touches_weights(tmp_path):
+def test_harness_only_mode_keeps_only_edits_that_beat_dev(tmp_path):
     ledger = run(RunConfig(levers="harness", generations=2, **SMALL), tmp_path / "run")
     assert all(e["decision"]["lever"] == "harness" and e["checkpoint"] is None for e in ledger)
-    assert ledger[1]["harness_version"] != ledger[0]["harness_version"]  # the patch was applied
+    first = ledger[0]
+    assert first["candidates"] and first["accepted_patch"] == first["candidates"][0]["patch"]
+    assert first["comparison"]["better"] and first["next_harness"] != first["harness_version"]
+    for entry in ledger:
+        for candidate in entry["candidates"]:
+            kept = candidate["version"] == entry["next_harness"]
+            assert kept == (candidate["comparison"]["better"] and entry["accepted_patch"] == candidate["patch"])
+    # Rolled-back candidates stay in the store, with their parent.
+    from siajax.harness import HarnessStore
+
+    store = HarnessStore(tmp_path / "run" / "harness")
+    rejected = [c for e in ledger for c in e["candidates"] if c["version"] != e["next_harness"]]
+    for candidate in rejected:
+        assert store.history(candidate["version"])[-1]["reason"].startswith("candidate")
+
+
+def test_siajax_eval_rescores_a_saved_generation(tmp_path):
+    from siajax.loop import evaluate_saved
+
+    ledger = run(RunConfig(levers="harness", generations=1, **SMALL), tmp_path / "run")
+    again = evaluate_saved(tmp_path / "run", 0, "test")
+    assert again["score"] == ledger[0]["after"]["test"]["score"] and again["items"] == 32
+    assert evaluate_saved(tmp_path / "run", split="dev")["score"] == ledger[0]["after"]["dev"]["score"]
 
 
 def _cli(*args):
@@ -66,8 +105,8 @@ def _kill_when(process, path: Path, timeout: float = 240.0) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("levers,generations,marker", [
-    ("both", 3, "gen_001/harness.json"),   # killed during gen 1's rollouts
-    ("weights", 2, "gen_001/scores.json"),  # killed during gen 1's training
+    ("both", 3, "gen_001/harness.json"),   # killed during gen 1's candidate evaluations
+    ("weights", 2, "gen_001/decision.json"),  # killed during gen 1's training
 ], ids=["during-rollouts", "during-training"])
 def test_sigkilled_run_resumes_to_the_same_ledger(tmp_path, levers, generations, marker):
     config = RunConfig(levers=levers, generations=generations, **SMALL)
@@ -96,7 +135,7 @@ def test_trimul_task_runs_in_the_loop_on_cpu(tmp_path):
     assert len(ledger) == 2
     first = ledger[0]
     assert first["decision"]["lever"] == "harness"  # the tiny model writes no code block: a parse failure
-    assert first["failure_rates"].get("parse_error", 0) > 0.5
+    assert first["before"]["dev"]["failure_rates"].get("parse_error", 0) > 0.5
 
 
 def test_rna_denoise_task_runs_in_the_loop_on_cpu(tmp_path):
@@ -127,8 +166,9 @@ def test_sharded_run_resumes_on_another_mesh(tmp_path):
                          for pol in policies)
     for path, value in resharded.items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(single[path]))
-    assert resharded["lora/layers/0/attn/q_proj/lora_a"].sharding.spec[0] == "fsdp"
-    assert int(policies[0].state.step) == SMALL["updates_per_generation"]
+    assert resharded["lora/layers/attn/q_proj/lora_a"].sharding.spec[1] == "fsdp"
+    steps = sum(u["optimizer_steps"] for u in ledger[0]["train"]["updates"])
+    assert int(policies[0].state.step) == steps
 
     config_path = tmp_path / "run" / "config.json"
     config_path.write_text(config_path.read_text().replace('"generations": 1', '"generations": 2'))

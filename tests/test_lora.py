@@ -106,5 +106,6 @@ def test_value_head_is_a_linear_map_of_the_hidden_state(hf_checkpoint, tokens):
     hidden = model(tokens).hidden
     values = head(hidden)
     assert values.shape == tokens.shape
-    expected = np.asarray(hidden, np.float64) @ np.linspace(-1, 1, model.config.hidden_size) + 0.5
+    width = model.config.hidden_size  # the 1/E readout keeps an Adam step's effect on V width-free
+    expected = np.asarray(hidden, np.float64) @ np.linspace(-1, 1, width) / width + 0.5
     np.testing.assert_allclose(np.asarray(values), expected, atol=1e-5)

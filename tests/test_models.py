@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import left_padded_batch
+from conftest import BASE, left_padded_batch
 from siajax.models import (
     BUNDLED_TINY_MODEL, config_from_hf, from_pretrained, iter_checkpoint_tensors, load_weights,
     read_hf_config, to_hf_tensors,
@@ -106,10 +106,24 @@ def test_from_pretrained_loads_bundled_model_and_tokenizer():
 
 def test_name_map_covers_every_family_tensor_and_rejects_strangers():
     assert hf_name_to_path("model.layers.3.self_attn.q_norm.weight") == (
-        (("layers", 3, "attn", "q_norm", "scale"), False)
+        (("layers", "attn", "q_norm", "scale"), 3, False)
     )
-    assert hf_name_to_path("model.layers.0.mlp.down_proj.weight")[1] is True
+    assert hf_name_to_path("model.norm.weight") == (("final_norm", "scale"), None, False)
+    assert hf_name_to_path("model.layers.0.mlp.down_proj.weight").transpose is True
     assert hf_name_to_path("model.layers.0.block_sparse_moe.gate.weight") is None
+
+
+def test_layers_are_stacked_and_the_export_round_trips(hf_checkpoint):
+    """Every block weight carries a leading layer axis; exporting gives back each layer's HF tensor."""
+    torch_model, directory = hf_checkpoint("qwen3", seed=5, num_hidden_layers=3)
+    model = _load(directory)
+    kernel = model.layers.attn.q_proj.kernel[...]
+    assert kernel.shape == (3, BASE["hidden_size"], BASE["num_attention_heads"] * BASE["head_dim"])
+    exported = to_hf_tensors(model)
+    reference = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    assert set(exported) == set(reference)
+    for name, value in exported.items():
+        np.testing.assert_array_equal(value, reference[name], err_msg=name)
 
 
 def test_unsupported_or_broken_configs_fail_with_a_clear_message(tmp_path):

@@ -133,7 +133,7 @@ def test_entropic_puts_all_weight_on_the_best_sample_as_beta_grows():
     weights = np.asarray(entropic_weights(rewards, 500.0))
     np.testing.assert_allclose(weights, np.asarray(jax.nn.one_hot(jnp.argmax(rewards, 1), 6)), atol=1e-4)
     np.testing.assert_allclose(np.asarray(effective_sample_size(jnp.asarray(weights))), 1.0, atol=1e-3)
-    advantages = np.asarray(entropic_advantages(rewards, 500.0, form="loo"))
+    advantages = np.asarray(entropic_advantages(rewards, 500.0, form="loo", max_advantage=1e6))
     best = np.argmax(np.asarray(rewards), 1)
     assert (advantages[np.arange(4), best] > 1e3).all()
     others = np.ones_like(advantages, bool)
@@ -147,3 +147,51 @@ def test_rare_success_dominates_entropic_but_not_grpo():
     entropic = np.asarray(entropic_advantages(rewards))[0]
     grpo = np.asarray(group_relative(rewards))[0]
     assert entropic[3] / abs(entropic[0]) > 1.5 * grpo[3] / abs(grpo[0])
+
+
+def entropic_loo_reference_logspace(rewards, beta):
+    """Float64 leave-one-out A_i = exp(beta r_i) / mean_{j != i} exp(beta r_j) - 1, in log space."""
+    rewards = np.asarray(rewards, np.float64)
+    out = np.zeros_like(rewards)
+    g = rewards.shape[1]
+    for n, row in enumerate(rewards):
+        b = beta[n] if np.ndim(beta) else beta
+        for i in range(g):
+            others = np.delete(b * row, i)
+            log_mean = np.logaddexp.reduce(others) - np.log(g - 1)
+            out[n, i] = np.expm1(b * row[i] - log_mean)
+    return out
+
+
+@pytest.mark.parametrize("rewards", [
+    [[0.0, 0.0, 1.0]],                      # G = 3, one success
+    [[0.0] * 7 + [1.0]],                    # one success among zeros
+    [[0.3, 0.3, 0.3, 0.3]],                 # equal rewards
+    [[0.0, 1e4, 2e4, 5e3, -3e3]],           # huge reward scale
+    [[1e-6, 0.0, 2e-6, 0.0], [5.0, 1.0, 1.0, 1.0]],
+])
+def test_entropic_loo_is_stable_and_matches_a_float64_reference(rewards):
+    rewards = np.asarray(rewards, np.float64)
+    beta = np.asarray(adaptive_entropic_beta(jnp.float32(rewards)), np.float64)
+    ours = np.asarray(entropic_advantages(jnp.float32(rewards), form="loo", max_advantage=1e9))
+    assert np.isfinite(ours).all() and (ours >= -1 - 1e-6).all()
+    expected = entropic_loo_reference_logspace(rewards.astype(np.float32).astype(np.float64), beta)
+    np.testing.assert_allclose(ours, expected, rtol=1e-3, atol=1e-4)
+    capped = np.asarray(entropic_advantages(jnp.float32(rewards), form="loo", max_advantage=5.0))
+    assert capped.max() <= 5.0
+
+
+def test_entropic_loo_with_two_samples_is_refused_and_rs_needs_a_nonzero_beta():
+    with pytest.raises(ValueError, match="at least 3 samples"):
+        entropic_advantages(jnp.asarray([[0.0, 1.0]]))
+    with pytest.raises(ValueError, match="beta != 0"):
+        entropic_advantages(jnp.asarray([[0.0, 1.0, 0.0]]), 0.0, form="rs")
+    from siajax.rl import EntropicConfig
+    with pytest.raises(ValueError, match="beta != 0"):
+        EntropicConfig(form="rs", beta=0.0)
+    with pytest.raises(ValueError, match="beta != 0"):
+        EntropicConfig(form="rs")
+    # G = 2, rewards [0, 1]: the old sum-minus-self form gave [-1, 1e12]; RS stays bounded.
+    rs = np.asarray(entropic_advantages(jnp.asarray([[0.0, 1.0]]), 2.0, form="rs"))
+    tilted = np.exp(2.0 * np.array([0.0, 1.0]))
+    np.testing.assert_allclose(rs[0], (tilted / tilted.mean() - 1) / 2.0, rtol=1e-5)

@@ -75,7 +75,8 @@ def test_ppo_loss_matches_numpy():
     c = random_case(2)
     cfg = PPOConfig(value_clip=0.3, value_coef=0.7, entropy_coef=0.02)
     loss, metrics = jax.jit(ppo_gae_loss, static_argnums=2)(*as_inputs(c), cfg)
-    clipped_v = c["old_values"] + np.clip(c["values"] - c["old_values"], -0.3, 0.3)
+    bound = 0.3 * c["returns"][c["mask"] > 0].std()  # relative to the returns' scale
+    clipped_v = c["old_values"] + np.clip(c["values"] - c["old_values"], -bound, bound)
     value = 0.5 * np_aggregate(np.maximum((c["values"] - c["returns"]) ** 2, (clipped_v - c["returns"]) ** 2),
                                c["mask"], "token-mean")
     expected = (np_policy_loss(c["logp"], c["old"], c["adv"], c["mask"], cfg) + 0.7 * value
@@ -85,6 +86,21 @@ def test_ppo_loss_matches_numpy():
     residual = (c["returns"] - c["values"])[m]
     np.testing.assert_allclose(float(metrics["explained_variance"]), 1 - residual.var() / c["returns"][m].var(),
                                rtol=1e-4)
+    ratio = np.exp(c["logp"] - c["old"])
+    np.testing.assert_allclose(float(metrics["approx_kl"]), ((ratio - 1) - np.log(ratio))[m].mean(), rtol=1e-5)
+    unclipped, _ = jax.jit(ppo_gae_loss, static_argnums=2)(*as_inputs(c), dataclasses.replace(cfg, value_clip=None))
+    value_free = 0.5 * np_aggregate((c["values"] - c["returns"]) ** 2, c["mask"], "token-mean")
+    np.testing.assert_allclose(float(unclipped) - float(loss), 0.7 * (value_free - value), rtol=1e-4)
+
+
+def test_value_clip_scales_with_the_returns():
+    """Multiplying returns and values by 100 multiplies the value loss by 100^2: the clip is relative."""
+    c = random_case(6)
+    cfg = PPOConfig(value_clip=0.2, value_coef=1.0, clip_low=1e9, clip_high=1e9)
+    scaled = {**c, **{k: c[k] * 100 for k in ("values", "old_values", "returns")}}
+    small = ppo_gae_loss(*as_inputs(c), cfg)[1]["value_loss"]
+    large = ppo_gae_loss(*as_inputs(scaled), cfg)[1]["value_loss"]
+    np.testing.assert_allclose(float(large), 1e4 * float(small), rtol=1e-4)
 
 
 def test_entropic_loss_is_the_surrogate_on_its_advantages():
@@ -144,7 +160,9 @@ def tiny_policy_batch(seed=0, with_value=False):
 @pytest.mark.parametrize("name", ["ppo", "grpo", "entropic"])
 def test_loss_gradients_match_finite_differences_on_a_tiny_model(name):
     objective, cfg = {
-        "ppo": (ppo_gae_loss, PPOConfig(entropy_coef=0.01, kl_coef=0.05)),
+        # The value loss reads stop-gradient hidden states: its path into LoRA is cut on purpose,
+        # so finite differences over LoRA see the policy terms only (value_coef 0 here).
+        "ppo": (ppo_gae_loss, PPOConfig(entropy_coef=0.01, kl_coef=0.05, value_coef=0.0)),
         "grpo": (grpo_loss, GRPOConfig(kl_coef=0.05, entropy_coef=0.01)),
         "entropic": (entropic_loss, EntropicConfig()),
     }[name]
@@ -173,6 +191,15 @@ def test_loss_gradients_match_finite_differences_on_a_tiny_model(name):
             numeric = (4 * central_difference(1e-3) - central_difference(2e-3)) / 3
         analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
         np.testing.assert_allclose(float(analytic), float(numeric), rtol=2e-2 if index == 0 else 0.0, atol=3e-4)
+
+
+def test_value_loss_trains_the_value_head_and_never_the_lora_trunk():
+    parts, params, frozen, batch = tiny_policy_batch(with_value=True)
+    value_only = PPOConfig(clip_low=1e9, clip_high=1e9, value_coef=1.0)
+    loss_fn = make_policy_loss(parts, lambda p, b, c: (ppo_gae_loss(p, b, c)[1]["value_loss"], {}), value_only)
+    grads = jax.grad(lambda p: loss_fn(p, frozen, batch, None)[0])(params)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads["lora"]))
+    assert float(jnp.abs(grads["value_head"]["kernel"][...]).max()) > 0
 
 
 def test_custom_loss_plugs_into_the_train_step():

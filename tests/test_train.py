@@ -7,19 +7,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from functools import partial
+
+import pytest
+
 from siajax.rl import GRPOConfig, grpo_loss
 from siajax.train import (
     init_train_state, make_policy_loss, make_train_step, restore_pytree, save_pytree, score_responses,
+    with_full_batch_normaliser,
 )
 from test_rl_losses import tiny_policy_batch
 
 CFG = GRPOConfig(kl_coef=0.05)
 
 
-def _setup(micro_batches=1):
+def _setup(micro_batches=1, cfg=CFG, optimizer=None):
     parts, params, frozen, batch = tiny_policy_batch(seed=2)
-    optimizer = optax.adamw(1e-2)
-    step = make_train_step(make_policy_loss(parts, grpo_loss, CFG), optimizer, micro_batches=micro_batches)
+    optimizer = optimizer or optax.adamw(1e-2)
+    step = make_train_step(make_policy_loss(parts, grpo_loss, cfg), optimizer, micro_batches=micro_batches,
+                           prepare_batch=partial(with_full_batch_normaliser, aggregation=cfg.aggregation))
     return step, init_train_state(params, optimizer, seed=0), frozen, batch
 
 
@@ -42,13 +48,18 @@ def test_restored_state_continues_bitwise_identically(tmp_path):
     assert int(restored.step) == 5
 
 
-def test_micro_batches_average_to_the_full_batch_gradient_step():
-    # seq-mean-token-mean over equal-size micro-batches equals the full-batch mean.
-    step_full, state_full, frozen, batch = _setup()
-    step_micro, state_micro, _, _ = _setup(micro_batches=2)
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_micro_batched_loss_and_grads_equal_the_full_batch(aggregation):
+    """Rows with 6, 3, 1 and 5 response tokens: per-chunk means would weight tokens unequally;
+    sums over the full batch's denominators make the micro-batches add up exactly."""
+    cfg = GRPOConfig(kl_coef=0.05, aggregation=aggregation)
+    sgd = optax.sgd(0.5)  # plain SGD: the update is the gradient itself
+    step_full, state_full, frozen, batch = _setup(cfg=cfg, optimizer=sgd)
+    step_micro, state_micro, _, _ = _setup(micro_batches=2, cfg=cfg, optimizer=sgd)
     state_full, m_full = step_full(state_full, frozen, batch)
     state_micro, m_micro = step_micro(state_micro, frozen, batch)
     np.testing.assert_allclose(float(m_full["loss"]), float(m_micro["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m_full["grad_norm"]), float(m_micro["grad_norm"]), rtol=1e-5)
     for a, b in zip(_leaves(state_full.params), _leaves(state_micro.params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -73,3 +84,13 @@ def test_reference_logprobs_ignore_the_adapters_and_training_moves_the_policy():
     adapted = score_responses(parts, params, frozen, batch.tokens, batch.attention_mask, 6)
     np.testing.assert_allclose(np.asarray(reference.logprobs), np.asarray(base.logprobs), atol=1e-6)
     assert np.abs(np.asarray(adapted.logprobs - reference.logprobs)).max() > 1e-3
+
+
+def test_value_head_and_adapter_gradients_are_clipped_apart():
+    """A huge critic gradient must not shrink the policy's (one shared global-norm clip would)."""
+    from siajax.train.learner import clip_each_part_by_global_norm
+
+    grads = {"lora": {"a": jnp.full((4,), 0.1)}, "value_head": {"w": jnp.full((4,), 1e3)}}
+    clipped, _ = clip_each_part_by_global_norm(1.0).update(grads, optax.EmptyState())
+    np.testing.assert_allclose(np.asarray(clipped["lora"]["a"]), 0.1)  # norm 0.2 < 1: untouched
+    np.testing.assert_allclose(float(jnp.linalg.norm(clipped["value_head"]["w"])), 1.0, rtol=1e-6)

@@ -15,7 +15,9 @@ import jax
 import numpy as np
 
 from siajax.harness import SamplingParams
-from siajax.sampling import generate, label_automaton
+from siajax.harness.constrained import label_automaton
+from siajax.models.tokenizer import DecodingIds, decoding_ids
+from siajax.sampling import bucket_length, concatenate_results, generate, row_bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +32,9 @@ class LocalPolicyBackend:
     """Samples from a siajax Transformer (with whatever LoRA it carries) via the jitted sampler
     (SPMD over ``mesh`` when given)."""
 
-    def __init__(self, model, tokenizer, mesh=None):
+    def __init__(self, model, tokenizer, mesh=None, decoding: DecodingIds | None = None):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+        self.decoding = decoding_ids(tokenizer) if decoding is None else decoding
         self._automata = {}
 
     def automaton(self, parser):
@@ -41,7 +44,7 @@ class LocalPolicyBackend:
             encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
             self._automata[key] = label_automaton(
                 encode, parser.labels, prefix=parser.answer_prefix, separator=parser.label_separator or None,
-                terminator=parser.answer_suffix, stop_token_id=self.tokenizer.eos_token_id)
+                terminator=parser.answer_suffix, stop_token_id=self.decoding.stop_token_ids[0])
         return self._automata[key]
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
@@ -49,21 +52,29 @@ class LocalPolicyBackend:
 
     def sample(self, conversations: list[list[dict]], sampling: SamplingParams, key: jax.Array, parser=None):
         """-> (completions per conversation, GenerationResult with rows grouped by conversation).
-        A ``parser`` with ``constrained=True`` limits decoding to its label language."""
+        A ``parser`` with ``constrained=True`` limits decoding to its label language.
+
+        Rows are sorted by prompt length and sampled in calls whose padded size fits
+        ``max_call_tokens`` and whose prefill attention fits ``max_call_scores``
+        (long prompts in small calls, short ones in large), then put back in order.
+        """
         prompts = [self.prompt_ids(c) for c in conversations for _ in range(sampling.samples_per_prompt)]
-        result = generate(
-            self.model, prompts, key=key, max_new_tokens=sampling.max_new_tokens,
-            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-            stop_token_ids=[self.tokenizer.eos_token_id], pad_token_id=self.tokenizer.pad_token_id,
-            constraint=self.automaton(parser) if parser is not None and parser.constrained else None,
-            mesh=self.mesh,
-        )
+        constraint = self.automaton(parser) if parser is not None and parser.constrained else None
+        parts, order = [], sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for index, rows in enumerate(self._calls([len(prompts[i]) for i in order], sampling.max_new_tokens)):
+            chunk = [prompts[order[i]] for i in rows]
+            parts.append(generate(
+                self.model, chunk, key=jax.random.fold_in(key, index), max_new_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                stop_token_ids=self.decoding.stop_token_ids, pad_token_id=self.decoding.pad_token_id,
+                constraint=constraint, mesh=self.mesh))
+        result = concatenate_results(parts, self.decoding.pad_token_id, np.argsort(order))
         tokens, logprobs, lengths = (np.asarray(a) for a in (result.tokens, result.logprobs, result.lengths))
         flat = []
         for row in range(len(prompts)):
             n = int(lengths[row])
             ids = [int(t) for t in tokens[row, :n]]
-            stopped = bool(ids) and ids[-1] == self.tokenizer.eos_token_id
+            stopped = bool(ids) and ids[-1] in self.decoding.stop_token_ids
             flat.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True), tuple(ids),
                                    tuple(float(x) for x in logprobs[row, :n]), "stop" if stopped else "length"))
         k = sampling.samples_per_prompt
@@ -71,6 +82,25 @@ class LocalPolicyBackend:
 
     def complete(self, conversations, sampling: SamplingParams, key: jax.Array) -> list[list[Completion]]:
         return self.sample(conversations, sampling, key)[0]
+
+    max_call_tokens: int = 1 << 15  # rows x padded length per sampler call
+    max_call_scores: int = 1 << 29  # rows x heads x prompt x cache entries of the prefill attention
+    max_call_rows: int = 256
+
+    def _calls(self, sorted_lengths: list[int], new_tokens: int) -> list[list[int]]:
+        """Consecutive row ranges (over length-sorted prompts) that fit one sampler call each."""
+        heads, calls, start = self.model.config.num_heads, [], 0
+        while start < len(sorted_lengths):
+            end = start + 1
+            while end < len(sorted_lengths):
+                rows, padded = row_bucket(end + 1 - start), bucket_length(sorted_lengths[end])
+                if (rows > self.max_call_rows or rows * (padded + new_tokens) > self.max_call_tokens
+                        or rows * heads * padded * (padded + new_tokens) > self.max_call_scores):
+                    break
+                end += 1
+            calls.append(list(range(start, end)))
+            start = end
+        return calls
 
 
 class OpenAIBackend:

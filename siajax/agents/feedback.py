@@ -1,9 +1,11 @@
-"""Feedback-Agent: trajectory summary + history -> a validated decision for the next generation.
+"""Feedback-Agent: dev results + history -> a validated decision for the next generation.
 
 Decision: {"lever": "harness" | "weights", "recipe": "ppo_gae" | "entropic" |
-"grpo" | None, "patch": [RFC 6902 ops] | None, "rationale": str}. The built-in
-heuristic controller encodes the paper's rule; an LLM backend may decide
-instead, with one repair round for a bad reply and the heuristic as fallback.
+"grpo" | None, "candidates": [harness patches to try] | None, "rationale": str}.
+The built-in heuristic evaluates :class:`FeedbackRules` (frozen data, saved
+with the run); an LLM backend may decide instead, seeing the whole history,
+with one repair round for a bad reply and the heuristic as the logged fallback.
+Either way the loop judges a lever by a paired test on dev, not by trust.
 """
 
 from __future__ import annotations
@@ -12,29 +14,67 @@ import collections
 import dataclasses
 import json
 
+from siajax.agents.harness_edits import EDIT_KINDS, FIXABLE_FAILURES, Candidate, candidate_edits
 from siajax.agents.task_agent import final_records
 from siajax.harness import Harness, HarnessError, SamplingParams, patch_harness, to_json
 
 LEVERS = ("harness", "weights")
 RECIPE_NAMES = ("ppo_gae", "entropic", "grpo")
-HARNESS_FIXABLE = ("parse_error", "invalid_label")
-PLATEAU_EPS = 0.01
+GROUP_MINIMUM = {"ppo_gae": 1, "grpo": 2, "entropic": 3}
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackRules:
+    """The rule that steers a run, as data (written into config.json beside the results).
+
+    Significance: a lever "improved" dev when the paired bootstrap's one-sided
+    lower bound (level 1 - alpha) on the mean per-item gain is above 0; a lever
+    has "plateaued" when its last ``plateau_window`` generations did not improve.
+    """
+
+    alpha: float = 0.1
+    bootstrap_resamples: int = 2000
+    min_fixable_failures: float = 0.3  # harness-fixable failure share on dev that calls the harness lever
+    plateau_window: int = 2
+    edit_order: tuple[str, ...] = EDIT_KINDS
+    few_shot_k: tuple[int, ...] = (3, 1)
+    few_shot_seed: int = 0
+    vote_counts: tuple[int, ...] = (5,)
+    temperatures: tuple[float, ...] = (0.3, 1.0)
+    rare_success_rate: float = 0.1  # below it the weight lever uses entropic weighting
+    recipe_by_reward: tuple[tuple[str, str], ...] = (("binary", "grpo"), ("scalar", "ppo_gae"))
+    rollback_worse_weights: bool = True  # restore the previous weights when dev got worse beyond noise
+
+    def __post_init__(self):
+        unknown = set(self.edit_order) - set(EDIT_KINDS)
+        if unknown:
+            raise ValueError(f"unknown harness edits {sorted(unknown)} in edit_order; choose from {EDIT_KINDS}")
+        if not 0 < self.alpha < 0.5:
+            raise ValueError(f"alpha must be in (0, 0.5), got {self.alpha}")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FeedbackRules:
+        tuples = {f.name for f in dataclasses.fields(cls) if str(f.type).startswith("tuple")}
+        return cls(**{k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if k in tuples else v)
+                      for k, v in data.items()})
 
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
     lever: str
     recipe: str | None = None
-    patch: list | None = None
+    candidates: tuple[Candidate, ...] = ()
     rationale: str = ""
     source: str = "heuristic"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"lever": self.lever, "recipe": self.recipe, "candidates": [c.to_dict() for c in self.candidates],
+                "rationale": self.rationale, "source": self.source}
 
 
 def summarize(records: list[dict], examples_per_kind: int = 2, chars: int = 160) -> dict:
-    """What a decision needs: score, failure mix, reward shape, a few examples by outcome."""
+    """What a decision needs from a set of samples: score, failure mix, reward shape, a few
+    examples by outcome (chosen by outcome, not by file order)."""
     final = final_records(records)
     n = max(len(final), 1)
     failures = collections.Counter(r["failure"] for r in final if r["failure"])
@@ -52,7 +92,86 @@ def summarize(records: list[dict], examples_per_kind: int = 2, chars: int = 160)
     }
 
 
-def validate_decision(data, levers: tuple[str, ...], harness: Harness) -> Decision:
+def fixable_share(summary: dict) -> float:
+    return sum(summary["failure_rates"].get(k, 0.0) for k in FIXABLE_FAILURES)
+
+
+def choose_recipe(summary: dict, task, rules: FeedbackRules) -> tuple[str, str]:
+    """The paper's rule, read from the task's declared reward kind: rare successes -> entropic;
+    otherwise the task's preferred recipe, else the one its reward kind calls for."""
+    if summary["success_rate"] < rules.rare_success_rate:
+        return "entropic", f"success rate {summary['success_rate']:.0%} on dev: up-weight the rare successes"
+    preferred = task.spec.get("harness_hints", {}).get("preferred_recipe")
+    if preferred in RECIPE_NAMES:
+        return preferred, f"the task's expected recipe ({preferred})"
+    recipe = dict(rules.recipe_by_reward).get(task.reward_kind, "ppo_gae")
+    why = {"grpo": "pass/fail rewards compare within a group; no value network needed",
+           "ppo_gae": "clean scalar outcome rewards: PPO with a learned baseline (GAE)",
+           "entropic": "rewards call for entropic weighting"}[recipe]
+    return recipe, f"{task.reward_kind} rewards: {why}"
+
+
+def weights_problem(recipe: str, harness: Harness, group_size: int) -> str | None:
+    """Why a weights decision cannot run as configured (None when it can)."""
+    if recipe not in RECIPE_NAMES:
+        return f"a weights decision needs recipe in {list(RECIPE_NAMES)}, got {recipe!r}"
+    if group_size < GROUP_MINIMUM[recipe]:
+        return (f"{recipe} needs at least {GROUP_MINIMUM[recipe]} samples per prompt, the run has {group_size}; "
+                "raise samples_per_prompt")
+    if harness.sampling.temperature <= 0:
+        return "the weight lever samples at the harness temperature, which is 0 (greedy); set temperature > 0"
+    return None
+
+
+def harness_problem(harness: Harness, patch: list, item_fields: set[str]) -> str | None:
+    """Why a patch cannot apply (None when it can): schema, values, template slots the items lack."""
+    try:
+        patched = patch_harness(harness, patch)
+    except HarnessError as err:
+        return str(err)
+    missing = set(patched.slots) - item_fields
+    if missing:
+        return f"template slots {sorted(missing)} are not fields of the task's items ({sorted(item_fields)})"
+    return None
+
+
+def improved(entry: dict) -> bool:
+    return bool((entry.get("comparison") or {}).get("better"))
+
+
+def plateaued(history: list[dict], lever: str, rules: FeedbackRules) -> bool:
+    recent = [h for h in history if h["decision"]["lever"] == lever][-rules.plateau_window:]
+    return len(recent) == rules.plateau_window and not any(improved(h) for h in recent)
+
+
+def heuristic_decision(summary: dict, history: list[dict], harness: Harness, task, levers: tuple[str, ...],
+                       rules: FeedbackRules, *, group_size: int, tried: set[str] = frozenset(),
+                       forced_recipe: str | None = None) -> Decision:
+    """Harness-fixable failures -> search harness edits; otherwise weights with the rule's recipe.
+    A lever whose last ``plateau_window`` generations brought no significant dev gain yields to
+    the other while the other can still move."""
+    candidates = tuple(candidate_edits(harness, task, rules, tried)) if "harness" in levers else ()
+    recipe, why = (forced_recipe, "recipe set by the run") if forced_recipe else choose_recipe(summary, task, rules)
+    problem = weights_problem(recipe, harness, group_size) if "weights" in levers else "weights lever off"
+    harness_stuck, weights_stuck = plateaued(history, "harness", rules), plateaued(history, "weights", rules)
+    fixable = fixable_share(summary)
+    search = Decision("harness", None, candidates, "search the harness edit library on dev")
+    if candidates and problem is None and fixable >= rules.min_fixable_failures and not harness_stuck:
+        return dataclasses.replace(search, rationale=f"{fixable:.0%} of dev samples fail in a harness-fixable way")
+    if problem is None:
+        if candidates and weights_stuck and not harness_stuck:
+            return dataclasses.replace(search, rationale="the weights plateaued on dev; search harness edits")
+        if harness_stuck and candidates:
+            why = f"the harness plateaued on dev; {why}"
+        return Decision("weights", recipe, (), why)
+    if candidates:
+        return search
+    return Decision("harness", None, (), "no untried harness edit left" + (f"; weights blocked: {problem}"
+                                                                             if "weights" in levers else ""))
+
+
+def validate_decision(data, levers: tuple[str, ...], harness: Harness, *, group_size: int,
+                      item_fields: set[str]) -> Decision:
     """Checks an (LLM-written) decision object; raises ValueError naming the problem."""
     if not isinstance(data, dict):
         raise ValueError("the decision must be a JSON object")
@@ -60,101 +179,45 @@ def validate_decision(data, levers: tuple[str, ...], harness: Harness) -> Decisi
     if lever not in levers:
         raise ValueError(f"lever must be one of {list(levers)}, got {lever!r}")
     recipe, patch = data.get("recipe"), data.get("patch")
-    if lever == "weights" and recipe not in RECIPE_NAMES:
-        raise ValueError(f"a weights decision needs recipe in {list(RECIPE_NAMES)}, got {recipe!r}")
-    if lever == "harness":
-        if not isinstance(patch, list):
-            raise ValueError("a harness decision needs 'patch': a list of JSON Patch operations")
-        try:
-            patch_harness(harness, patch)
-        except HarnessError as err:
-            raise ValueError(str(err)) from None
-    return Decision(lever, recipe if lever == "weights" else None, patch if lever == "harness" else None,
-                    str(data.get("rationale", "")), data.get("source", "llm"))
-
-
-def harness_edits(summary: dict, harness: Harness, hints: dict, min_fixable: float = 0.3) -> list[tuple[list, str]]:
-    """The library of harness edits for the failures seen (when at least ``min_fixable`` of
-    samples fail in a harness-fixable way), best first."""
-    edits = []
-    fixable = sum(summary["failure_rates"].get(k, 0.0) for k in HARNESS_FIXABLE)
-    if fixable >= min_fixable and fixable > 0:
-        if harness.parser.labels and not harness.parser.constrained:
-            edits.append(([{"op": "replace", "path": "/parser/constrained", "value": True}],
-                          f"{fixable:.0%} of samples name no valid label; decode only within the label set"))
-        lenient = hints.get("lenient_answer_pattern")
-        if harness.parser.kind == "regex" and lenient and harness.parser.pattern != lenient:
-            edits.append(([{"op": "replace", "path": "/parser/pattern", "value": lenient}],
-                          f"{fixable:.0%} of samples fail to parse; accept the answer anywhere in the reply"))
-        instruction = hints.get("format_instruction")
-        if instruction and instruction not in harness.system_prompt:
-            edits.append(([{"op": "replace", "path": "/system_prompt",
-                            "value": (harness.system_prompt + " " + instruction).strip()}],
-                          "state the answer format in the system prompt"))
-        if harness.retry.max_attempts < 2:
-            edits.append(([{"op": "replace", "path": "/retry/max_attempts", "value": 2}],
-                          "retry samples that fail to parse once"))
-    return edits
-
-
-def choose_recipe(summary: dict, hints: dict | None = None) -> tuple[str, str]:
-    """The paper's rule for the weight lever: the reward signal and failure mode pick the recipe.
-    A task may name its expected recipe (``preferred_recipe``); rare successes still go entropic."""
-    if summary["success_rate"] < 0.1:
-        return "entropic", f"success rate {summary['success_rate']:.0%}: up-weight the rare successes"
-    preferred = (hints or {}).get("preferred_recipe")
-    if preferred in RECIPE_NAMES:
-        return preferred, f"the task's expected recipe ({preferred})"
-    if summary["binary_rewards"]:
-        return "grpo", "pass/fail rewards compare within a group; no value network needed"
-    return "ppo_gae", "clean scalar outcome rewards: PPO with a learned baseline (GAE)"
-
-
-def _plateaued(history: list[dict], lever: str) -> bool:
-    recent = [h for h in history if h["decision"]["lever"] == lever][-2:]
-    if len(recent) < 2:
-        return False
-    return recent[-1]["score"] - recent[0]["score"] <= PLATEAU_EPS
-
-
-def heuristic_decision(summary: dict, history: list[dict], harness: Harness, hints: dict,
-                       levers: tuple[str, ...]) -> Decision:
-    """Harness-fixable failures -> a harness edit; otherwise weights with the rule's recipe;
-    a lever that stopped paying for two generations yields to the other."""
-    edits = harness_edits(summary, harness, hints) if "harness" in levers else []
-    fixable = sum(summary["failure_rates"].get(k, 0.0) for k in HARNESS_FIXABLE)
-    if edits and (fixable >= 0.3 or "weights" not in levers) and not _plateaued(history, "harness"):
-        patch, why = edits[0]
-        return Decision("harness", None, patch, why)
-    if "weights" in levers:
-        recipe, why = choose_recipe(summary, hints)
-        fallback_edits = harness_edits(summary, harness, hints, min_fixable=0.05) if "harness" in levers else []
-        if _plateaued(history, "weights") and fallback_edits:
-            patch, edit_why = fallback_edits[0]
-            return Decision("harness", None, patch, f"weights plateaued; {edit_why}")
-        return Decision("weights", recipe, None, why)
-    if edits:
-        patch, why = edits[0]
-        return Decision("harness", None, patch, why)
-    return Decision("harness", None, [], "no harness edit left in the library; keep the harness")
+    if lever == "weights":
+        problem = weights_problem(recipe, harness, group_size)
+        if problem:
+            raise ValueError(problem)
+        return Decision("weights", recipe, (), str(data.get("rationale", "")), data.get("source", "llm"))
+    if not isinstance(patch, list) or not patch:
+        raise ValueError("a harness decision needs 'patch': a non-empty list of JSON Patch operations")
+    problem = harness_problem(harness, patch, item_fields)
+    if problem:
+        raise ValueError(problem)
+    rationale = str(data.get("rationale", ""))
+    return Decision("harness", None, (Candidate("llm", patch, rationale),), rationale, data.get("source", "llm"))
 
 
 FEEDBACK_PROMPT = """You improve an AI agent. Each generation you pick one lever:
 "harness" (edit the prompt/parser/sampling with an RFC 6902 JSON Patch against the harness JSON) or
 "weights" (train the policy with recipe "ppo_gae" for clean scalar rewards, "entropic" when successes are
 rare, "grpo" for pass/fail rewards compared within a group). Allowed levers: {levers}.
+Every change is scored on held-out dev items; a harness patch that does not beat the current harness
+beyond noise is rolled back. Template slots must be fields of the task's items: {fields}.
 
 Current harness:
 {harness}
 
-This generation's trajectory summary:
+Dev results of the current harness and weights:
 {summary}
 
-Score history (oldest first):
+History (oldest first: lever, recipe, patch, dev score before -> after, significant?, rolled back?):
 {history}
 
 Reply with one JSON object only:
 {{"lever": ..., "recipe": ... or null, "patch": [...] or null, "rationale": "..."}}"""
+
+
+def history_for_prompt(history: list[dict]) -> list[dict]:
+    return [{"generation": h["generation"], "lever": h["decision"]["lever"], "recipe": h["decision"]["recipe"],
+             "patch": h.get("accepted_patch"), "tried": [c["patch"] for c in h["decision"].get("candidates", [])],
+             "dev_before": h["before"]["dev"]["score"], "dev_after": h["after"]["dev"]["score"],
+             "significant": improved(h), "rolled_back": h.get("rolled_back", False)} for h in history]
 
 
 def first_json_object(text: str):
@@ -168,23 +231,29 @@ def first_json_object(text: str):
     raise ValueError("no JSON object in the reply")
 
 
-def llm_decision(backend, summary: dict, history: list[dict], harness: Harness, hints: dict,
-                 levers: tuple[str, ...], key, repairs: int = 1) -> Decision:
+def llm_decision(backend, summary: dict, history: list[dict], harness: Harness, task, levers: tuple[str, ...],
+                 rules: FeedbackRules, key, *, group_size: int, tried: set[str] = frozenset(),
+                 forced_recipe: str | None = None, repairs: int = 1) -> Decision:
     """Asks an LLM; a bad reply gets ``repairs`` corrections, then the heuristic decides (logged)."""
+    fields = set(task.items("train")[0])
     sampling = SamplingParams(temperature=0.2, top_p=1.0, samples_per_prompt=1, max_new_tokens=512)
     messages = [{"role": "user", "content": FEEDBACK_PROMPT.format(
-        levers=list(levers), harness=to_json(harness), summary=json.dumps(summary, ensure_ascii=False),
-        history=json.dumps([{"generation": h["generation"], "score": h["score"], "lever": h["decision"]["lever"]}
-                            for h in history]))}]
+        levers=list(levers), fields=sorted(fields), harness=to_json(harness),
+        summary=json.dumps(summary, ensure_ascii=False), history=json.dumps(history_for_prompt(history)))}]
     problems = []
     for _ in range(repairs + 1):
         reply = backend.complete([messages], sampling, key)[0][0].text
         try:
-            return validate_decision({**first_json_object(reply), "source": "llm"}, levers, harness)
+            decision = validate_decision({**first_json_object(reply), "source": "llm"}, levers, harness,
+                                         group_size=group_size, item_fields=fields)
+            if decision.lever == "weights" and forced_recipe:
+                decision = dataclasses.replace(decision, recipe=forced_recipe)
+            return decision
         except ValueError as err:
             problems.append(str(err))
             messages += [{"role": "assistant", "content": reply},
                          {"role": "user", "content": f"That reply is invalid: {err}. Reply with the JSON object only."}]
-    fallback = heuristic_decision(summary, history, harness, hints, levers)
+    fallback = heuristic_decision(summary, history, harness, task, levers, rules, group_size=group_size, tried=tried,
+                                  forced_recipe=forced_recipe)
     return dataclasses.replace(fallback, source="fallback",
                                rationale=f"LLM reply invalid ({'; '.join(problems)}); heuristic: {fallback.rationale}")

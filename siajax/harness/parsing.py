@@ -11,7 +11,8 @@ from siajax.harness.schema import AnswerParser
 def parse_answer(parser: AnswerParser, text: str):
     """-> the parsed answer, or None when the text holds none (a ``parse_error``).
 
-    regex: group 1 of the first match (the whole match without groups);
+    regex: group 1 of the first (or, with pick="last", the last) match (the whole
+    match without groups);
     json: the first decodable JSON object; label_set: the labels present as whole
     labels, longest first so a label inside a longer one is not double counted;
     raw: the stripped text (None if empty).
@@ -19,9 +20,10 @@ def parse_answer(parser: AnswerParser, text: str):
     if parser.kind == "raw":
         return text.strip() or None
     if parser.kind == "regex":
-        match = re.search(parser.pattern, text, flags=re.DOTALL)
-        if match is None:
+        matches = list(re.finditer(parser.pattern, text, flags=re.DOTALL))
+        if not matches:
             return None
+        match = matches[0] if parser.pick == "first" else matches[-1]
         return match.group(1) if match.groups() else match.group(0)
     if parser.kind == "json":
         decoder = json.JSONDecoder()

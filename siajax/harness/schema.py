@@ -17,6 +17,7 @@ from typing import Any
 from siajax.harness.jsonpatch import PatchError, apply_patch
 
 PARSER_KINDS = ("raw", "regex", "json", "label_set")
+PICKS = ("first", "last")
 FAILURE_KINDS = ("parse_error", "invalid_label", "wrong_answer", "compile_error", "wrong_result", "timeout",
                  "crash", "oom", "forbidden", "wrong_shape", "negative_or_nan", "tool_error")
 
@@ -50,11 +51,14 @@ class RetryPolicy:
 class AnswerParser:
     """How an answer is read from a sample.
 
-    kind="regex": first match of ``pattern`` (group 1 if present); "json": the
-    first JSON object in the text; "label_set": the labels found (whole-label
-    match, longest first); "raw": the stripped text. ``constrained`` asks the
-    sampler to decode only ``answer_prefix label (label_separator label)*
-    answer_suffix`` with labels from ``labels`` (a trie over their tokens).
+    kind="regex": the ``pick``-th ("first" or "last") match of ``pattern``
+    (group 1 if present); "json": the first JSON object in the text;
+    "label_set": the labels found (whole-label match, longest first); "raw":
+    the stripped text. ``constrained`` asks the sampler to decode only
+    ``answer_prefix label (label_separator label)* answer_suffix`` with labels
+    from ``labels`` (a trie over their tokens). ``format_hint`` shows what a
+    well-formed answer looks like (e.g. "Answer: 42"); a format instruction is
+    written from it.
     """
 
     kind: str = "raw"
@@ -64,15 +68,21 @@ class AnswerParser:
     answer_prefix: str = ""
     label_separator: str = ""
     answer_suffix: str = ""
+    pick: str = "first"
+    format_hint: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+    """Decoding. ``samples_per_prompt``: the group size of the weight lever's rollouts;
+    ``votes``: samples per item at evaluation, answered by majority (self-consistency)."""
+
     temperature: float = 0.7
     top_p: float = 0.95
     top_k: int = 0
     samples_per_prompt: int = 4
     max_new_tokens: int = 64
+    votes: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +180,13 @@ def validate(harness: Harness) -> Harness:
         problems.append(f"sampling.temperature {s.temperature} not in [0, 5]")
     if not 0.0 < s.top_p <= 1.0:
         problems.append(f"sampling.top_p {s.top_p} not in (0, 1]")
-    if s.top_k < 0 or s.samples_per_prompt < 1 or s.max_new_tokens < 1:
-        problems.append("sampling.top_k >= 0, samples_per_prompt >= 1 and max_new_tokens >= 1 are required")
+    if s.top_k < 0 or s.samples_per_prompt < 1 or s.max_new_tokens < 1 or s.votes < 1:
+        problems.append("sampling.top_k >= 0, samples_per_prompt >= 1, max_new_tokens >= 1 and votes >= 1 "
+                        "are required")
+    if s.votes > 1 and s.temperature <= 0:
+        problems.append("sampling.votes > 1 needs temperature > 0 (greedy samples all agree)")
+    if p.pick not in PICKS:
+        problems.append(f"parser.pick {p.pick!r} not in {PICKS}")
     if p.kind not in PARSER_KINDS:
         problems.append(f"parser.kind {p.kind!r} not in {PARSER_KINDS}")
     if p.kind == "regex":

@@ -15,6 +15,8 @@ import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+REMAT_CHOICES = ("none", "dots", "full")
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,8 @@ class ModelConfig:
     qk_norm: bool = False
     model_type: str = "llama"
     dtype: str = "float32"
+    remat: str = "none"  # per-block rematerialisation in the backward pass: none | dots | full
+    attention: str = "auto"  # auto: cuDNN flash attention on GPU for bf16/fp16, XLA elsewhere
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -62,6 +66,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.remat not in REMAT_CHOICES:
+            raise ValueError(f"remat {self.remat!r} unknown; use one of {REMAT_CHOICES}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention {self.attention!r} unknown; use one of {ATTENTION_CHOICES}")
         if self.rope.kind not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope type {self.rope.kind!r} unsupported; use one of {SUPPORTED_ROPE_TYPES}")
 

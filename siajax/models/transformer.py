@@ -1,9 +1,12 @@
 """Decoder-only transformer (Llama / Qwen2 / Qwen3) in Flax NNX.
 
 One file, read top to bottom: linear layer with an optional LoRA adapter,
-RMSNorm, rotary embedding, grouped-query attention with a preallocated KV
-cache, SwiGLU MLP, the block, the model. Shapes use B batch, T query length,
-S key length (cache slots), H heads, K kv heads, G = H/K, D head dim.
+RMSNorm, rotary embedding, grouped-query attention over a preallocated KV
+cache, SwiGLU MLP, the block, the model. The model's blocks are ONE stacked
+:class:`Block` whose every weight carries a leading layer axis [L, ...], run
+with ``lax.scan``: a 30-layer model compiles one layer's program, not thirty.
+Shapes use B batch, T query length, S key length (cache slots), H heads,
+K kv heads, G = H/K, D head dim, E model width, V vocabulary.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ from flax import nnx
 from siajax.models.config import ModelConfig, rope_inverse_frequencies
 from siajax.parallel.mesh import constrain_batch, gather_fsdp_for_lookup
 
-_MASKED = jnp.finfo(jnp.float32).min
+# Per-block rematerialisation: what the backward pass may keep instead of recomputing.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each block's input
+}
+HEAD_MODES = ("all", "last", "none")
 
 
 class KVCache(NamedTuple):
@@ -44,8 +53,8 @@ class KVCache(NamedTuple):
 
 
 class ModelOutput(NamedTuple):
-    logits: jax.Array  # [B, T, V] float32
-    hidden: jax.Array  # [B, T, E] final-normed hidden state (value-head input)
+    logits: jax.Array | None  # [B, T, V] (head="all"), [B, 1, V] (head="last") float32, or None (head="none")
+    hidden: jax.Array  # [B, T, E] final-normed hidden state (LM-head and value-head input)
     cache: KVCache | None
 
 
@@ -105,9 +114,18 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return rotated.astype(x.dtype)
 
 
+def _attention_implementation(config: ModelConfig, dtype) -> str:
+    """cuDNN flash attention on GPUs for 16-bit activations; XLA's fused softmax elsewhere."""
+    if config.attention != "auto":
+        return config.attention
+    on_gpu = jax.default_backend() == "gpu"
+    return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         e, d, dt = config.hidden_size, config.head_dim, config.jnp_dtype
+        self.config = config
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
         self.q_proj = Linear(e, config.num_heads * d, use_bias=config.qkv_bias, dtype=dt, rngs=rngs)
         self.k_proj = Linear(e, config.num_kv_heads * d, use_bias=config.qkv_bias, dtype=dt, rngs=rngs)
@@ -130,15 +148,21 @@ class Attention(nnx.Module):
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def attend(self, q, k, v, mask, *, lora, key):
-        """q: [B, T, H, D]; k, v: [B, S, K, D]; mask: [B, T, S] bool -> [B, T, E]."""
+        """q: [B, T, H, D]; k, v: [B, S, K, D]; mask: [B, T, S] bool -> [B, T, E].
+
+        ``jax.nn.dot_product_attention`` handles the groups (H = G·K) without
+        repeating keys; softmax runs in float32 whatever the activations' dtype.
+        """
         b, t = q.shape[:2]
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = jnp.where(mask[:, None, None, :, :], scores * self.head_dim**-0.5, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * self.head_dim)
-        return self.o_proj(out, lora=lora, dropout_key=key)
+        implementation = _attention_implementation(self.config, q.dtype)
+        try:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+        except (ValueError, NotImplementedError, RuntimeError):
+            if self.config.attention == "cudnn":
+                raise
+            # cuDNN refuses some shapes at trace time; XLA runs them all.
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), lora=lora, dropout_key=key)
 
 
 class MLP(nnx.Module):
@@ -165,15 +189,18 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x, positions, mask, inv_freq, kv, *, lora, key):
-        """kv: None (keys are this chunk) or (keys, values, layer, write_index) of the stacked cache."""
+        """kv: None (keys are this chunk), or (cache keys, cache values, layer, write index, span):
+        this chunk is written into the stacked cache, and attention reads the first ``span`` slots."""
         keys = list(jax.random.split(key, 7)) if key is not None else [None] * 7
         q, k, v = self.attn.project(self.input_norm(x), positions, inv_freq, lora=lora, keys=keys[:3])
         if kv is not None:
-            cache_k, cache_v, layer, write_index = kv
+            cache_k, cache_v, layer, write_index, span = kv
             # Write only this chunk into the stacked cache so XLA updates it in place.
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None], (layer, 0, write_index, 0, 0))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None], (layer, 0, write_index, 0, 0))
-            k, v = cache_k[layer], cache_v[layer]
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (layer, 0, write_index, 0, 0))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, write_index, 0, 0))
+            window = (1, *cache_k.shape[1:2], span, *cache_k.shape[3:])
+            k = jax.lax.dynamic_slice(cache_k, (layer, 0, 0, 0, 0), window)[0]
+            v = jax.lax.dynamic_slice(cache_v, (layer, 0, 0, 0, 0), window)[0]
             kv = (cache_k, cache_v)
         x = x + self.attn.attend(q, k, v, mask, lora=lora, key=keys[3])
         x = x + self.mlp(self.post_attn_norm(x), lora=lora, keys=keys[4:])
@@ -191,6 +218,17 @@ def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Arr
     return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0) + offset
 
 
+def stacked_blocks(config: ModelConfig, rngs: nnx.Rngs) -> Block:
+    """One Block whose every variable has a leading [L] axis, each layer initialised apart."""
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=config.num_layers)
+    def create(layer_rngs: nnx.Rngs) -> Block:
+        return Block(config, rngs=layer_rngs)
+
+    return create(rngs)
+
+
 class Transformer(nnx.Module):
     """The policy trunk plus LM head. ``__call__`` is pure given its inputs."""
 
@@ -198,12 +236,42 @@ class Transformer(nnx.Module):
         self.config = config
         dt = config.jnp_dtype
         self.embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (config.vocab_size, config.hidden_size), dt))
-        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = stacked_blocks(config, rngs)
         self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, dtype=dt)
         if config.tie_word_embeddings:
             self.lm_head = nnx.data(None)
         else:
             self.lm_head = Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dt, rngs=rngs)
+
+    def head_weight(self) -> jax.Array:
+        """The LM head as an [E, V] matrix (the embedding's transpose when tied)."""
+        return self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., E] -> float32 logits [..., V], accumulated in float32 whatever the dtype."""
+        return jnp.einsum("...e,ev->...v", hidden, self.head_weight(), preferred_element_type=jnp.float32)
+
+    def _run_blocks(self, x, positions, mask, inv_freq, cache, write_index, span, *, lora, dropout_key):
+        """Scans the stacked block over the layer axis; the cache rides in the carry and is
+        updated in place one layer slice at a time."""
+        graphdef, stacked = nnx.split(self.layers)
+        layers = self.config.num_layers
+        keys = jax.random.split(dropout_key, layers) if dropout_key is not None else None
+
+        def body(carry, per_layer):
+            x, cache_kv = carry
+            params, index, key = per_layer
+            block = nnx.merge(graphdef, params)
+            kv = None if cache_kv is None else (*cache_kv, index, write_index, span)
+            x, cache_kv = block(x, positions, mask, inv_freq, kv, lora=lora, key=key)
+            return (constrain_batch(x), cache_kv), None
+
+        policy = REMAT_POLICIES[self.config.remat]
+        if self.config.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        cache_kv = None if cache is None else (cache.keys, cache.values)
+        (x, cache_kv), _ = jax.lax.scan(body, (x, cache_kv), (stacked, jnp.arange(layers), keys))
+        return x, cache_kv
 
     def __call__(
         self,
@@ -212,16 +280,24 @@ class Transformer(nnx.Module):
         attention_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
+        kv_span: int | None = None,
         lora: bool = True,
         dropout_key: jax.Array | None = None,
+        head: str = "all",
     ) -> ModelOutput:
         """Runs tokens [B, T] through the model.
 
         attention_mask [B, T] marks real tokens (0 = padding). Without a cache the
         keys are these T tokens; with one, they are written at ``cache.index`` and
-        attention spans every valid slot up to each query. ``lora=False`` gives the
-        frozen base (reference) policy without a second copy of the weights.
+        attention spans the valid slots among the first ``kv_span`` (static;
+        default: the whole cache) up to each query. ``head`` picks where the LM
+        head runs: every position ("all"), the last one ("last", prefill and
+        decode) or nowhere ("none": training reads ``hidden`` and applies the
+        head in vocabulary chunks). ``lora=False`` gives the frozen base
+        (reference) policy without a second copy of the weights.
         """
+        if head not in HEAD_MODES:
+            raise ValueError(f"head must be one of {HEAD_MODES}, got {head!r}")
         b, t = tokens.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
@@ -231,40 +307,37 @@ class Transformer(nnx.Module):
         inv_freq = jnp.asarray(rope_inverse_frequencies(self.config.head_dim, self.config.rope), jnp.float32)
 
         if cache is None:
-            write_index = jnp.zeros((), jnp.int32)
+            write_index, span = jnp.zeros((), jnp.int32), None
             key_valid = attention_mask
         else:
             write_index = cache.index
+            span = cache.valid.shape[1] if kv_span is None else kv_span
             key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, write_index))
-        mask = causal_mask(write_index + jnp.arange(t), key_valid)
+        visible = key_valid if span is None else key_valid[:, :span]
+        mask = causal_mask(write_index + jnp.arange(t), visible)
 
         x = constrain_batch(gather_fsdp_for_lookup(self.embed[...])[tokens])
-        layer_keys = jax.random.split(dropout_key, len(self.layers)) if dropout_key is not None else None
-        cache_kv = None if cache is None else (cache.keys, cache.values)
-        for i, layer in enumerate(self.layers):
-            kv = None if cache_kv is None else (*cache_kv, i, write_index)
-            x, cache_kv = layer(
-                x, positions, mask, inv_freq, kv,
-                lora=lora, key=None if layer_keys is None else layer_keys[i],
-            )
-            x = constrain_batch(x)
+        x, cache_kv = self._run_blocks(x, positions, mask, inv_freq, cache, write_index, span, lora=lora,
+                                       dropout_key=dropout_key)
         hidden = self.final_norm(x)
-        if self.lm_head is None:
-            logits = hidden @ self.embed[...].T
-        else:
-            logits = self.lm_head(hidden, lora=lora)
+        logits = {"all": lambda: self.logits(hidden), "last": lambda: self.logits(hidden[:, -1:]),
+                  "none": lambda: None}[head]()
         new_cache = None
         if cache is not None:
             new_cache = KVCache(cache_kv[0], cache_kv[1], key_valid, write_index + t)
-        return ModelOutput(logits.astype(jnp.float32), hidden, new_cache)
+        return ModelOutput(logits, hidden, new_cache)
 
 
 class ValueHead(nnx.Module):
-    """Scalar state value V(h) = h·w + b on the trunk's final hidden state (PPO critic)."""
+    """Scalar state value V(h) = (h·w) / E + b on the trunk's final hidden state (PPO critic).
+
+    The 1/E readout (muP's) makes an Adam step move V by O(lr) at any width E;
+    with h·w an Adam step of lr on every w_i moves V by about lr·E.
+    """
 
     def __init__(self, hidden_size: int, *, rngs: nnx.Rngs):
         self.kernel = nnx.Param(jnp.zeros((hidden_size,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((), jnp.float32))
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
-        return hidden.astype(jnp.float32) @ self.kernel[...] + self.bias[...]
+        return hidden.astype(jnp.float32) @ self.kernel[...] / self.kernel.shape[0] + self.bias[...]

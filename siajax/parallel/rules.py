@@ -1,8 +1,9 @@
 """Where every array lives: one table of PartitionSpec rules keyed by pytree path.
 
 A path is the array's place in its tree joined by "/", e.g.
-``layers/3/attn/q_proj/kernel`` (frozen base), ``lora/layers/3/attn/q_proj/lora_a``
-(trainable), ``cache/keys`` (KV cache), ``batch/tokens``. The first rule whose
+``layers/attn/q_proj/kernel`` (frozen base), ``lora/layers/attn/q_proj/lora_a``
+(trainable), ``cache/keys`` (KV cache), ``batch/tokens``. Everything under
+``layers/`` is stacked: its leading axis is the layer axis, never split. The first rule whose
 pattern ``re.search``-es the path wins, so overriding a rule means putting a
 new one in front (see ``REPLICATED_LORA_RULES``). Optimizer state needs no
 rule of its own: a moment takes the sharding of the parameter it mirrors.
@@ -31,19 +32,20 @@ _COLUMN = r"(q_proj|k_proj|v_proj|gate_proj|up_proj)"  # output dim split over t
 _ROW = r"(o_proj|down_proj)"  # input dim split over tensor
 
 PARTITION_RULES: Rules = (
-    # Frozen base weights. Kernels are [in, out]: column-parallel projections
-    # split out over tensor, row-parallel ones split in; fsdp takes the other dim.
+    # Frozen base weights. Kernels are [L, in, out] (L: the stacked layer axis):
+    # column-parallel projections split out over tensor, row-parallel ones split
+    # in; fsdp takes the other dim.
     (r"(^|/)embed$", P("tensor", "fsdp")),  # [V, E]: vocab-parallel (tied LM head too)
     (r"lm_head/kernel$", P("fsdp", "tensor")),  # [E, V]
-    (_COLUMN + r"/kernel$", P("fsdp", "tensor")),
-    (_COLUMN + r"/bias$", P("tensor")),
-    (_ROW + r"/kernel$", P("tensor", "fsdp")),
+    (_COLUMN + r"/kernel$", P(None, "fsdp", "tensor")),
+    (_COLUMN + r"/bias$", P(None, "tensor")),
+    (_ROW + r"/kernel$", P(None, "tensor", "fsdp")),
     (r"norm/scale$", P()),
-    # LoRA adapters: A [in, r] splits like its kernel's input, B [r, out] like its output.
-    (_COLUMN + r"/lora_a$", P("fsdp", None)),
-    (_COLUMN + r"/lora_b$", P(None, "tensor")),
-    (_ROW + r"/lora_a$", P("tensor", None)),
-    (_ROW + r"/lora_b$", P(None, "fsdp")),
+    # LoRA adapters: A [L, in, r] splits like its kernel's input, B [L, r, out] like its output.
+    (_COLUMN + r"/lora_a$", P(None, "fsdp", None)),
+    (_COLUMN + r"/lora_b$", P(None, None, "tensor")),
+    (_ROW + r"/lora_a$", P(None, "tensor", None)),
+    (_ROW + r"/lora_b$", P(None, None, "fsdp")),
     (r"(^|/)value_head/", P()),
     # KV cache: keys/values [L, B, S, K, D] by batch and kv head; valid [B, S] by batch.
     (r"(^|/)cache/(keys|values)$", P(None, BATCH_AXES, None, "tensor", None)),

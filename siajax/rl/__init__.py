@@ -5,16 +5,18 @@ from siajax.rl.advantages import (
     group_relative, masked_mean, whiten,
 )
 from siajax.rl.losses import (
-    EntropicConfig, GRPOConfig, PolicyOutputs, PPOConfig, RLBatch, aggregate, clipped_surrogate,
-    entropic_loss, grpo_loss, kl_estimate, ppo_gae_loss,
+    EntropicConfig, GRPOConfig, PolicyOutputs, PPOConfig, RLBatch, SurrogateConfig, aggregate,
+    aggregation_normaliser, approx_kl_to_old, clipped_policy_loss, clipped_surrogate, entropic_loss, grpo_loss,
+    kl_estimate, ppo_gae_loss,
 )
 from siajax.rl.recipes import (
     entropic_token_advantages, grpo_advantages, ppo_gae_advantages, ppo_token_rewards,
 )
 
 __all__ = [
-    "EntropicConfig", "GRPOConfig", "PPOConfig", "PolicyOutputs", "RLBatch", "adaptive_entropic_beta",
-    "aggregate", "clipped_surrogate", "effective_sample_size", "entropic_advantages", "entropic_loss",
+    "EntropicConfig", "GRPOConfig", "PPOConfig", "PolicyOutputs", "RLBatch", "SurrogateConfig",
+    "adaptive_entropic_beta", "aggregate", "aggregation_normaliser", "approx_kl_to_old", "clipped_policy_loss",
+    "clipped_surrogate", "effective_sample_size", "entropic_advantages", "entropic_loss",
     "entropic_token_advantages", "entropic_weights", "gae", "group_relative", "grpo_advantages", "grpo_loss",
     "kl_estimate", "masked_mean", "ppo_gae_advantages", "ppo_gae_loss", "ppo_token_rewards", "whiten",
 ]

@@ -128,34 +128,40 @@ def adaptive_entropic_beta(
 
 
 def entropic_advantages(
-    rewards: jax.Array, beta: jax.Array | float | None = None, *, form: str = "loo", target_kl: float = LN2
+    rewards: jax.Array, beta: jax.Array | float | None = None, *, form: str = "loo", target_kl: float = LN2,
+    max_advantage: float = 100.0,
 ) -> jax.Array:
     """Entropic advantage weighting: rare high rewards dominate the update.
 
-    form="loo" (TTT-Discover): e_i = exp(beta (r_i - max r)), leave-one-out
-      Z_i = (sum_j e_j - e_i) / (G - 1), A_i = e_i / Z_i - 1. beta=None solves
-      for beta per group so the tilt has KL ``target_kl`` from uniform.
+    form="loo" (TTT-Discover): A_i = exp(beta r_i) / Z_i - 1 with the leave-one-out
+      mean Z_i = mean_{j != i} exp(beta r_j), taken as a logsumexp over the others
+      (no cancellation in sum - e_i). beta=None solves beta per group so the tilt
+      has KL ``target_kl`` from uniform. Needs G >= 3: with G = 2 the ln 2 target
+      is only a supremum and beta runs off to infinity.
     form="rs" (risk-sensitive GRPO): A_i = (exp(beta r_i) / mean_j exp(beta r_j) - 1) / beta
-      with a fixed beta (2 recommended); -> r_i - mean r as beta -> 0.
+      with a fixed beta != 0 (2 recommended); -> r_i - mean r as beta -> 0.
+    Advantages are capped at ``max_advantage`` (both forms are >= -1 / -1/beta).
     rewards: [N, G] -> advantages [N, G].
     """
     chex.assert_rank(rewards, 2)
     rewards = rewards.astype(jnp.float32)
     g = rewards.shape[1]
     if form == "rs":
-        if beta is None:
-            raise ValueError("form='rs' needs a fixed beta (2.0 is the published choice)")
+        if beta is None or (isinstance(beta, (int, float)) and beta == 0):
+            raise ValueError("form='rs' needs a fixed beta != 0 (2.0 is the published choice)")
         log_mean = jax.nn.logsumexp(beta * rewards, axis=1, keepdims=True) - math.log(g)
-        return (jnp.exp(beta * rewards - log_mean) - 1.0) / beta
+        return jnp.minimum(jnp.expm1(beta * rewards - log_mean) / beta, max_advantage)
     if form != "loo":
         raise ValueError(f"unknown entropic form {form!r}; use 'loo' or 'rs'")
-    if g < 2:
-        return jnp.zeros_like(rewards)
+    if g < 3:
+        raise ValueError(f"entropic form 'loo' needs at least 3 samples per prompt, got {g}; raise "
+                         "samples_per_prompt or use form='rs'")
     beta = adaptive_entropic_beta(rewards, target_kl) if beta is None else jnp.asarray(beta, jnp.float32)
     beta = jnp.broadcast_to(beta, rewards.shape[:1])[:, None]
-    e = jnp.exp(beta * (rewards - jnp.max(rewards, axis=1, keepdims=True)))
-    leave_one_out = (jnp.sum(e, axis=1, keepdims=True) - e) / (g - 1)
-    return e / (leave_one_out + 1e-12) - 1.0
+    logits = beta * rewards  # [N, G]
+    others = jnp.where(jnp.eye(g, dtype=bool)[None], -jnp.inf, logits[:, None, :])  # [N, i, j], j != i
+    log_loo_mean = jax.nn.logsumexp(others, axis=2) - math.log(g - 1)
+    return jnp.minimum(jnp.expm1(logits - log_loo_mean), max_advantage)
 
 
 def effective_sample_size(weights: jax.Array) -> jax.Array:

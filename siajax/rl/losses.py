@@ -20,6 +20,7 @@ from siajax.rl.advantages import masked_mean, masked_var
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+ENTROPIC_FORMS = ("loo", "rs")
 
 
 class PolicyOutputs(NamedTuple):
@@ -31,7 +32,12 @@ class PolicyOutputs(NamedTuple):
 
 
 class RLBatch(NamedTuple):
-    """Rollout data a loss needs, each [B, T] (unused fields may be None)."""
+    """Rollout data a loss needs, each [B, T] (unused fields may be None).
+
+    ``normaliser`` [B] holds each row's full-batch denominator (see
+    :func:`aggregation_normaliser`): with it a loss over a micro-batch is that
+    micro-batch's exact share of the full-batch loss, so shares add up.
+    """
 
     mask: jax.Array
     old_logprobs: jax.Array
@@ -39,43 +45,17 @@ class RLBatch(NamedTuple):
     ref_logprobs: jax.Array | None = None
     returns: jax.Array | None = None
     old_values: jax.Array | None = None
+    normaliser: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
-class PPOConfig:
-    """PPO with GAE. ``clip_low``/``clip_high`` give the asymmetric (DAPO) clip."""
+class SurrogateConfig:
+    """The clipped policy-gradient surrogate every recipe shares.
 
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    value_clip: float = 0.2
-    value_coef: float = 0.5
-    entropy_coef: float = 0.0
-    kl_coef: float = 0.0  # extra KL-to-reference term; PPO usually puts KL in the reward
-    kl_estimator: str = "k3"
-    aggregation: str = "token-mean"
-    gamma: float = 1.0
-    lam: float = 0.95
-    reward_kl_coef: float = 0.02  # beta of the per-token -beta*KL reward shaping
-
-
-@dataclasses.dataclass(frozen=True)
-class GRPOConfig:
-    """GRPO; DAPO and Dr. GRPO are settings of it (see README)."""
-
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    kl_coef: float = 0.04
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-    aggregation: str = "seq-mean-token-mean"
-    scale_by_std: bool = True
-    std_ddof: int = 1
-    drop_uniform_groups: bool = False  # DAPO dynamic sampling
-
-
-@dataclasses.dataclass(frozen=True)
-class EntropicConfig:
-    """Entropic advantage weighting; ``beta=None`` solves beta per group (TTT-Discover)."""
+    ``clip_low``/``clip_high`` give the asymmetric (DAPO clip-higher) ratio clip;
+    ``kl_coef`` adds a KL-to-reference penalty with ``kl_estimator``;
+    ``entropy_coef`` an entropy bonus; ``aggregation`` reduces tokens to a scalar.
+    """
 
     clip_low: float = 0.2
     clip_high: float = 0.2
@@ -83,9 +63,64 @@ class EntropicConfig:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     aggregation: str = "token-mean"
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; use one of {AGGREGATIONS}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"unknown KL estimator {self.kl_estimator!r}; use one of {KL_ESTIMATORS}")
+        if self.clip_low < 0 or self.clip_high < 0:
+            raise ValueError("clip_low and clip_high must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig(SurrogateConfig):
+    """PPO with GAE. ``value_clip`` bounds the value update relative to the returns' scale
+    (|V - V_old| <= value_clip · std(returns)); None (default) leaves it unclipped."""
+
+    value_clip: float | None = None
+    value_coef: float = 0.5
+    gamma: float = 1.0
+    lam: float = 0.95
+    reward_kl_coef: float = 0.02  # beta of the per-token -beta*KL reward shaping
+    standardise_rewards: bool = True  # outcomes -> (r - mean) / std over the batch before GAE
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig(SurrogateConfig):
+    """GRPO; DAPO and Dr. GRPO are settings of it (see README)."""
+
+    kl_coef: float = 0.04
+    aggregation: str = "seq-mean-token-mean"
+    scale_by_std: bool = True
+    std_ddof: int = 1
+    drop_uniform_groups: bool = False  # DAPO dynamic sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class EntropicConfig(SurrogateConfig):
+    """Entropic advantage weighting; ``beta=None`` solves beta per group (TTT-Discover).
+
+    form "loo" needs groups of at least 3 samples (with 2, the ln 2 tilt is only a
+    supremum and beta runs off to infinity); form "rs" needs a fixed beta != 0.
+    Advantages are capped at ``max_advantage`` (they are >= -1 by construction).
+    """
+
     form: str = "loo"
     beta: float | None = None
     target_kl: float = 0.6931471805599453
+    max_advantage: float = 100.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.form not in ENTROPIC_FORMS:
+            raise ValueError(f"unknown entropic form {self.form!r}; use one of {ENTROPIC_FORMS}")
+        if self.form == "rs" and (self.beta is None or self.beta == 0):
+            raise ValueError("entropic form 'rs' needs a fixed beta != 0 (2.0 is the published choice)")
+        if self.beta is not None and self.form == "loo" and self.beta <= 0:
+            raise ValueError(f"entropic form 'loo' needs beta > 0 or None (solved per group), got {self.beta}")
+        if self.max_advantage <= 0:
+            raise ValueError("max_advantage must be > 0")
 
 
 def kl_estimate(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k3") -> jax.Array:
@@ -104,17 +139,33 @@ def kl_estimate(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "
     raise ValueError(f"unknown KL estimator {estimator!r}; use one of {KL_ESTIMATORS}")
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
-    """Reduces [B, T] per-token losses to a scalar, as the field names the modes."""
-    mask = mask.astype(per_token.dtype)
+def aggregation_normaliser(mask: jax.Array, mode: str) -> jax.Array:
+    """[B] per-row denominators of ``mode`` over this (full) batch.
+
+    token-mean: the batch's token count; seq-mean-token-mean: B times the
+    row's token count; seq-mean-token-sum-norm (Dr. GRPO): B times T.
+    """
+    mask = mask.astype(jnp.float32)
+    rows = jnp.float32(mask.shape[0])
     if mode == "token-mean":
-        return jnp.sum(per_token * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+        return jnp.broadcast_to(jnp.maximum(jnp.sum(mask), 1.0), mask.shape[:1])
     if mode == "seq-mean-token-mean":
-        per_seq = jnp.sum(per_token * mask, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
-        return jnp.mean(per_seq)
-    if mode == "seq-mean-token-sum-norm":  # Dr. GRPO: constant normaliser (T), no length bias
-        return jnp.sum(per_token * mask) / (mask.shape[0] * mask.shape[1])
+        return rows * jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    if mode == "seq-mean-token-sum-norm":
+        return jnp.full(mask.shape[:1], rows * mask.shape[1])
     raise ValueError(f"unknown aggregation {mode!r}; use one of {AGGREGATIONS}")
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, normaliser: jax.Array | None = None) -> jax.Array:
+    """Reduces [B, T] per-token losses to a scalar, as the mode names it.
+
+    Every mode is sum_b sum_t x·m / n_b with n_b from :func:`aggregation_normaliser`;
+    pass ``normaliser`` computed over the full batch to get a micro-batch's share.
+    """
+    if normaliser is None:
+        normaliser = aggregation_normaliser(mask, mode)
+    per_row = jnp.sum(per_token * mask.astype(per_token.dtype), axis=1)
+    return jnp.sum(per_row / normaliser)
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high):
@@ -125,18 +176,32 @@ def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high):
     return jnp.maximum(unclipped, clipped), (clipped > unclipped).astype(jnp.float32), ratio
 
 
-def _policy_terms(policy: PolicyOutputs, batch: RLBatch, cfg):
-    """Surrogate + optional KL-to-reference and entropy terms shared by every recipe."""
+def approx_kl_to_old(logprobs: jax.Array, old_logprobs: jax.Array) -> jax.Array:
+    """Per-token (r - 1) - log r with r = pi / pi_old: the standard PPO approx-KL monitor."""
+    log_ratio = logprobs - old_logprobs
+    return jnp.expm1(log_ratio) - log_ratio
+
+
+def clipped_policy_loss(policy: PolicyOutputs, batch: RLBatch, cfg: SurrogateConfig):
+    """The shared loss body: clipped surrogate + optional KL-to-reference and entropy terms.
+
+    GRPO and entropic weighting are this loss; they differ only in how the
+    advantages in ``batch`` were made (see ``siajax.rl.recipes``).
+    """
     chex.assert_equal_shape([policy.logprobs, batch.old_logprobs, batch.advantages, batch.mask])
     mask = batch.mask
+
+    def reduce(x):
+        return aggregate(x, mask, cfg.aggregation, batch.normaliser)
+
     pg, clipped, ratio = clipped_surrogate(
         policy.logprobs, batch.old_logprobs, batch.advantages, cfg.clip_low, cfg.clip_high
     )
-    loss = aggregate(pg, mask, cfg.aggregation)
+    loss = reduce(pg)
     metrics = {
         "pg_loss": loss,
         "clip_fraction": masked_mean(clipped, mask),
-        "approx_kl_old": masked_mean(kl_estimate(policy.logprobs, batch.old_logprobs, "k3"), mask),
+        "approx_kl": masked_mean(approx_kl_to_old(policy.logprobs, batch.old_logprobs), mask),
         "ratio_mean": masked_mean(ratio, mask),
         "entropy": masked_mean(policy.entropy, mask),
         "advantage_mean": masked_mean(batch.advantages, mask),
@@ -144,34 +209,30 @@ def _policy_terms(policy: PolicyOutputs, batch: RLBatch, cfg):
     if cfg.kl_coef:
         if batch.ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs batch.ref_logprobs (reference-policy log-probs)")
-        kl = aggregate(kl_estimate(policy.logprobs, batch.ref_logprobs, cfg.kl_estimator), mask, cfg.aggregation)
+        kl = reduce(kl_estimate(policy.logprobs, batch.ref_logprobs, cfg.kl_estimator))
         loss = loss + cfg.kl_coef * kl
         metrics["kl_ref"] = kl
     if cfg.entropy_coef:
-        loss = loss - cfg.entropy_coef * aggregate(policy.entropy, mask, cfg.aggregation)
-    return loss, metrics
-
-
-def grpo_loss(policy: PolicyOutputs, batch: RLBatch, cfg: GRPOConfig):
-    """GRPO: clipped surrogate on group-relative advantages + k3 KL to the reference."""
-    loss, metrics = _policy_terms(policy, batch, cfg)
+        loss = loss - cfg.entropy_coef * reduce(policy.entropy)
     return loss, {**metrics, "loss": loss}
 
 
-def entropic_loss(policy: PolicyOutputs, batch: RLBatch, cfg: EntropicConfig):
-    """The clipped surrogate on entropic advantages (advantages made by the recipe)."""
-    loss, metrics = _policy_terms(policy, batch, cfg)
-    return loss, {**metrics, "loss": loss}
+# GRPO and entropic weighting share the loss body; the names say which recipe a config belongs to.
+grpo_loss = clipped_policy_loss
+entropic_loss = clipped_policy_loss
 
 
 def ppo_gae_loss(policy: PolicyOutputs, batch: RLBatch, cfg: PPOConfig):
-    """PPO: clipped surrogate + c_v · clipped value loss - c_e · entropy."""
+    """PPO: clipped surrogate + c_v · value loss (optionally clipped) - c_e · entropy."""
     if policy.values is None or batch.returns is None or batch.old_values is None:
         raise ValueError("ppo_gae_loss needs policy.values, batch.returns and batch.old_values")
-    loss, metrics = _policy_terms(policy, batch, cfg)
-    values_clipped = batch.old_values + jnp.clip(policy.values - batch.old_values, -cfg.value_clip, cfg.value_clip)
-    value_err = jnp.maximum(jnp.square(policy.values - batch.returns), jnp.square(values_clipped - batch.returns))
-    value_loss = 0.5 * aggregate(value_err, batch.mask, cfg.aggregation)
+    loss, metrics = clipped_policy_loss(policy, batch, cfg)
+    value_err = jnp.square(policy.values - batch.returns)
+    if cfg.value_clip is not None:
+        bound = cfg.value_clip * jnp.sqrt(jnp.maximum(masked_var(batch.returns, batch.mask), 1e-8))
+        values_clipped = batch.old_values + jnp.clip(policy.values - batch.old_values, -bound, bound)
+        value_err = jnp.maximum(value_err, jnp.square(values_clipped - batch.returns))
+    value_loss = 0.5 * aggregate(value_err, batch.mask, cfg.aggregation, batch.normaliser)
     loss = loss + cfg.value_coef * value_loss
     residual_var = masked_var(batch.returns - policy.values, batch.mask)
     explained = 1.0 - residual_var / jnp.maximum(masked_var(batch.returns, batch.mask), 1e-8)

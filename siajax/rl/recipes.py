@@ -31,9 +31,17 @@ def ppo_token_rewards(outcome, old_logprobs, ref_logprobs, mask, kl_coef: float)
     return (final - kl_coef * (old_logprobs - ref_logprobs)) * mask
 
 
+def standardise_outcomes(outcome: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """(r - mean) / (std + eps) over the batch: the critic's targets stay O(1) whatever the task's
+    reward scale (an Adam step moves a value by O(lr), so raw rewards of 0.01 or 1e3 both fail)."""
+    return (outcome - jnp.mean(outcome)) / (jnp.std(outcome) + eps)
+
+
 def ppo_gae_advantages(outcome, old_values, old_logprobs, ref_logprobs, mask, cfg: PPOConfig):
-    """GAE on KL-shaped token rewards; advantages whitened over the mask."""
-    rewards = ppo_token_rewards(outcome, old_logprobs, ref_logprobs, mask, cfg.reward_kl_coef)
+    """GAE on KL-shaped token rewards (outcomes standardised over the batch first when
+    ``cfg.standardise_rewards``); advantages whitened over the mask."""
+    scaled = standardise_outcomes(outcome) if cfg.standardise_rewards else outcome
+    rewards = ppo_token_rewards(scaled, old_logprobs, ref_logprobs, mask, cfg.reward_kl_coef)
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
     return {"advantages": whiten(advantages, mask), "returns": returns}, {
         "reward_mean": jnp.mean(outcome), "return_mean": masked_mean(returns, mask),
@@ -62,7 +70,7 @@ def entropic_token_advantages(rewards: jax.Array, mask: jax.Array, cfg: Entropic
     beta = adaptive_entropic_beta(rewards, cfg.target_kl) if cfg.beta is None else jnp.full(
         rewards.shape[:1], cfg.beta, jnp.float32)
     advantages = entropic_advantages(rewards, beta if cfg.form == "loo" else cfg.beta, form=cfg.form,
-                                     target_kl=cfg.target_kl)
+                                     target_kl=cfg.target_kl, max_advantage=cfg.max_advantage)
     ess = effective_sample_size(entropic_weights(rewards, beta))
     return {"advantages": _per_token(advantages.reshape(-1), mask)}, {
         "reward_mean": jnp.mean(rewards), "beta_mean": jnp.mean(beta), "weight_ess": jnp.mean(ess),

@@ -2,12 +2,13 @@
 
 from siajax.train.checkpoint import restore_pytree, save_pytree
 from siajax.train.policy import (
-    PolicyParts, TrainBatch, entropy_from_logits, evaluate_responses, make_policy_loss, score_responses,
-    split_policy,
+    PolicyParts, TrainBatch, evaluate_responses, make_policy_loss, score_responses,
+    split_policy, with_full_batch_normaliser,
 )
 from siajax.train.state import TrainState, init_train_state, make_train_step
 
 __all__ = [
-    "PolicyParts", "TrainBatch", "TrainState", "entropy_from_logits", "evaluate_responses", "init_train_state",
+    "PolicyParts", "TrainBatch", "TrainState", "evaluate_responses", "init_train_state",
     "make_policy_loss", "make_train_step", "restore_pytree", "save_pytree", "score_responses", "split_policy",
+    "with_full_batch_normaliser",
 ]

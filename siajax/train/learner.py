@@ -8,6 +8,7 @@ This is the weight lever's imperative shell. ``Learner`` holds the static parts
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -21,10 +22,14 @@ from siajax.rl import (
     EntropicConfig, GRPOConfig, PPOConfig, RLBatch, entropic_loss, entropic_token_advantages,
     grpo_advantages, grpo_loss, ppo_gae_advantages, ppo_gae_loss,
 )
-from siajax.parallel import PARTITION_RULES, StepShardings, mesh_context, shard_tree, step_shardings
+from siajax.parallel import (
+    PARTITION_RULES, StepShardings, batch_shard_count, mesh_context, shard_tree, step_shardings,
+)
 from siajax.parallel.distributed import global_mean, host_rows, to_global, to_host_local
 from siajax.sampling import GenerationResult, generate
-from siajax.train.policy import PolicyParts, TrainBatch, make_policy_loss, score_responses, split_policy
+from siajax.train.policy import (
+    PolicyParts, TrainBatch, make_policy_loss, score_responses, split_policy, with_full_batch_normaliser,
+)
 from siajax.train.state import TrainState, init_train_state, make_train_step
 
 RECIPES: dict[str, tuple[Callable, type]] = {
@@ -51,6 +56,52 @@ def _advantages(recipe: str, cfg, rewards, old, ref, mask, group_size: int):
 
 
 @dataclasses.dataclass(frozen=True)
+class UpdateSchedule:
+    """How one update consumes its batch: ``epochs`` passes, each over ``minibatches``
+    shuffled minibatches (one optimiser step each), each step split into
+    ``micro_batches`` for memory (exact: the micro-batches' losses add up).
+
+    More than one optimiser step per batch is what makes the ratio move away
+    from 1, so that PPO's clip (and any recipe's) engages. Adam's momentum
+    carries a policy past the clip on a second pass over the same samples, so
+    the update stops early once a step's approx-KL to the sampling policy
+    exceeds 1.5 x ``target_kl`` (as Spinning Up's PPO does); None never stops.
+    """
+
+    epochs: int = 2
+    minibatches: int = 2
+    micro_batches: int = 1
+    target_kl: float | None = 0.05
+
+    def __post_init__(self):
+        if min(self.epochs, self.minibatches, self.micro_batches) < 1:
+            raise ValueError(f"epochs, minibatches and micro_batches must be >= 1, got {self}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise ValueError(f"target_kl must be > 0 or None, got {self.target_kl}")
+
+    def check_rows(self, rows: int, shards: int = 1) -> int:
+        """Rows per optimiser step; fails clearly when the batch does not split evenly."""
+        step_rows = rows // self.minibatches
+        if rows % self.minibatches or step_rows % self.micro_batches or (step_rows // self.micro_batches) % shards:
+            raise ValueError(f"{rows} rows do not split into {self.minibatches} minibatches x {self.micro_batches} "
+                             f"micro-batches{f' x {shards} batch shards' if shards > 1 else ''}; change "
+                             "samples_per_prompt, items or the schedule")
+        return step_rows
+
+
+# Measured on the bundled model (experiments/rl_learning_curves.py): a second pass over the same
+# samples lets Adam's momentum carry the policy past the clip, so PPO takes more, smaller
+# minibatches; GRPO and entropic use each sample once, over two minibatches (the clip engages
+# on the second).
+DEFAULT_SCHEDULES = {"ppo_gae": UpdateSchedule(epochs=2, minibatches=4), "grpo": UpdateSchedule(epochs=1, minibatches=2),
+                     "entropic": UpdateSchedule(epochs=1, minibatches=2)}
+
+
+def _take_rows(tree, rows: np.ndarray):
+    return jax.tree.map(lambda x: x[rows], tree)
+
+
+@dataclasses.dataclass(frozen=True)
 class Learner:
     """A recipe bound to a policy structure and an optimiser (all static)."""
 
@@ -58,7 +109,7 @@ class Learner:
     recipe: str
     cfg: Any
     train_step: Callable  # jitted (state, frozen, batch) -> (state, metrics)
-    epochs: int = 1
+    schedule: UpdateSchedule = UpdateSchedule()
     shardings: StepShardings | None = None
 
     @property
@@ -70,16 +121,31 @@ class Learner:
         return nnx.merge(self.parts.graphdef, state.params["lora"], frozen)
 
     def make_batch(self, state: TrainState, frozen, samples: GenerationResult, rewards, group_size: int):
-        """Scores samples under the current and reference policy and attaches advantages.
-        ``rewards``: this process's rows (all rows with one process)."""
+        """Scores samples under the current (old) and reference policy at the behaviour distribution
+        (the samples' temperature and allowed sets) and attaches advantages.
+        ``rewards``: this process's rows (all rows with one process).
+
+        Metrics include ``logprob_mismatch``: max |old log-prob - sampler log-prob| over
+        response tokens, which is ~0 when training sees the distribution that sampled.
+        """
+        if samples.truncated:
+            raise ValueError("the weight lever trains on samples drawn with top_p=1 and top_k=0: a top-p/top-k "
+                             "cut depends on the policy's own logits and cannot be recomputed as the policy moves")
+        if float(samples.temperature) <= 0:
+            raise ValueError("the weight lever needs samples drawn at temperature > 0 (greedy samples have no "
+                             "distribution to train)")
         tokens = jnp.concatenate([samples.prompt_tokens, samples.tokens], axis=1)
         attention = jnp.concatenate([samples.prompt_mask, samples.mask], axis=1)
+        temperature = jnp.full(tokens.shape[:1], samples.temperature, jnp.float32)
         n = samples.tokens.shape[1]
         if self.shardings is not None:
-            tokens, attention = shard_tree((tokens, attention), self.mesh, self.shardings.rules, prefix="batch")
+            tokens, attention, temperature = shard_tree((tokens, attention, temperature), self.mesh,
+                                                        self.shardings.rules, prefix="batch")
         with mesh_context(self.mesh):
-            old = score_responses(self.parts, state.params, frozen, tokens, attention, n)
-            ref = score_responses(self.parts, state.params, frozen, tokens, attention, n, lora=False)
+            old = score_responses(self.parts, state.params, frozen, tokens, attention, n, temperature,
+                                  samples.allowed)
+            ref = score_responses(self.parts, state.params, frozen, tokens, attention, n, temperature,
+                                  samples.allowed, lora=False)
         rewards = np.asarray(rewards, np.float32)
         rewards = jnp.asarray(rewards) if self.mesh is None else to_global(rewards, self.mesh, self.shardings.rules)
         extra, metrics = _advantages(self.recipe, self.cfg, rewards, old, ref, samples.mask, group_size)
@@ -87,28 +153,102 @@ class Learner:
             mask=extra.get("mask", samples.mask), old_logprobs=old.logprobs, advantages=extra["advantages"],
             ref_logprobs=ref.logprobs, returns=extra.get("returns"), old_values=old.values,
         )
-        return TrainBatch(tokens, attention, rl), metrics
+        mismatch = jnp.max(jnp.where(samples.mask, jnp.abs(old.logprobs - samples.logprobs), 0.0))
+        return TrainBatch(tokens, attention, rl, temperature, samples.allowed), {**metrics,
+                                                                                 "logprob_mismatch": mismatch}
 
     def update(self, state: TrainState, frozen, samples: GenerationResult, rewards, group_size: int):
-        """-> (new state, metrics). ``epochs`` passes over the same batch (PPO style)."""
+        """-> (new state, metrics): the schedule's epochs x minibatches optimiser steps.
+
+        Rows are reshuffled every epoch (seeded by the state's step count, so a
+        resumed run repeats the order). Step metrics are averaged over steps;
+        ``clip_fraction_last`` is the final step's.
+        """
         batch, metrics = self.make_batch(state, frozen, samples, rewards, group_size)
-        for _ in range(self.epochs):
-            state, step_metrics = self.train_step(state, frozen, batch)
-        return state, {k: float(v) for k, v in {**metrics, **step_metrics}.items()}
+        rows = batch.tokens.shape[0]
+        shards = 1 if self.mesh is None else batch_shard_count(self.mesh)
+        step_rows = self.schedule.check_rows(rows, shards)
+        shuffle = np.random.default_rng(int(jax.device_get(state.step)))
+        steps = []
+        for minibatch in self._minibatches(batch, rows, step_rows, shuffle):
+            state, step_metrics = self.train_step(state, frozen, minibatch)
+            steps.append({k: float(v) for k, v in step_metrics.items()})
+            limit = self.schedule.target_kl
+            if limit is not None and steps[-1].get("approx_kl", 0.0) > 1.5 * limit:
+                break
+        averaged = {k: float(np.mean([m[k] for m in steps])) for k in steps[0]}
+        averaged["skipped"] = float(sum(m["skipped"] for m in steps))
+        averaged["clip_fraction_last"] = steps[-1]["clip_fraction"]
+        averaged["optimizer_steps"] = len(steps)
+        return state, {**{k: float(v) for k, v in metrics.items()}, **averaged}
+
+    def _minibatches(self, batch, rows: int, step_rows: int, shuffle: np.random.Generator):
+        """Epochs of shuffled minibatches (the whole batch, ungathered, when there is one: multi-host safe)."""
+        for _ in range(self.schedule.epochs):
+            if self.schedule.minibatches == 1:
+                yield batch
+                continue
+            order = shuffle.permutation(rows)
+            for start in range(0, rows, step_rows):
+                yield _take_rows(batch, order[start:start + step_rows])
 
 
-def default_optimizer(learning_rate: float = 3e-3) -> optax.GradientTransformation:
-    """Adam behind a global-norm clip of 1: the optimiser every siajax learner uses unless given one."""
-    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(learning_rate))
+def default_learning_rate(config) -> float:
+    """A LoRA learning rate for a model of this depth: 4e-2 / layers, at most 1e-2.
+
+    With fan-in-scaled A and B = 0, one Adam step changes each adapted projection's
+    output by O(lr) relative to it whatever the width, and the changes of 7 projections
+    per layer add up over the depth; 1e-2 is what the 4-layer bundled model learns
+    well with (experiments/rl_learning_curves.py).
+    """
+    return min(1e-2, 4e-2 / config.num_layers)
+
+
+def learning_rate_schedule(learning_rate: float, schedule: str = "constant", *, warmup_steps: int = 0,
+                           total_steps: int | None = None):
+    """Constant, or linear warm-up then cosine decay to 10% over ``total_steps`` (optax)."""
+    if schedule == "cosine":
+        if not total_steps:
+            raise ValueError("a cosine schedule needs total_steps")
+        return optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1),
+                                                  end_value=0.1 * learning_rate)
+    if schedule != "constant":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}; use 'constant' or 'cosine'")
+    if warmup_steps:
+        return optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps),
+                                     optax.constant_schedule(learning_rate)], [warmup_steps])
+    return learning_rate
+
+
+def default_optimizer(learning_rate: float = 1e-2, *, schedule: str = "constant", warmup_steps: int = 0,
+                      total_steps: int | None = None) -> optax.GradientTransformation:
+    """Adam behind a global-norm clip of 1, applied to the policy's adapters and to the value head
+    apart: the critic's gradient can neither swamp nor be swamped by the policy's in one shared clip."""
+    rate = learning_rate_schedule(learning_rate, schedule, warmup_steps=warmup_steps, total_steps=total_steps)
+    return optax.chain(clip_each_part_by_global_norm(1.0), optax.adam(rate))
+
+
+def clip_each_part_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` applied to each top-level entry of a dict of updates apart."""
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def update(updates, state, params=None):
+        return {name: clip.update(part, optax.EmptyState())[0] for name, part in updates.items()}, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def bind_learner(parts: PolicyParts, recipe: str, optimizer: optax.GradientTransformation, *, cfg=None,
-                 epochs: int = 1, shardings: StepShardings | None = None) -> Learner:
-    """The recipe's loss (default config unless given) compiled into a train step for ``parts``
-    (SPMD over ``shardings.mesh`` when given)."""
+                 schedule: UpdateSchedule | None = None, shardings: StepShardings | None = None) -> Learner:
+    """The recipe's loss and update schedule (defaults unless given) compiled into a train step for
+    ``parts`` (SPMD over ``shardings.mesh`` when given)."""
     cfg = recipe_config(recipe) if cfg is None else cfg
-    step = make_train_step(make_policy_loss(parts, RECIPES[recipe][0], cfg), optimizer, shardings=shardings)
-    return Learner(parts, recipe, cfg, step, epochs=epochs, shardings=shardings)
+    schedule = DEFAULT_SCHEDULES[recipe] if schedule is None else schedule
+    step = make_train_step(make_policy_loss(parts, RECIPES[recipe][0], cfg), optimizer,
+                           micro_batches=schedule.micro_batches,
+                           prepare_batch=partial(with_full_batch_normaliser, aggregation=cfg.aggregation),
+                           shardings=shardings)
+    return Learner(parts, recipe, cfg, step, schedule=schedule, shardings=shardings)
 
 
 def place_on_mesh(state: TrainState, frozen, optimizer: optax.GradientTransformation, mesh, rules=PARTITION_RULES):
@@ -118,7 +258,8 @@ def place_on_mesh(state: TrainState, frozen, optimizer: optax.GradientTransforma
 
 
 def make_learner(model: Transformer, recipe: str, *, cfg=None, lora: LoRAConfig = LoRAConfig(),
-                 learning_rate: float = 3e-3, epochs: int = 1, seed: int = 0, mesh=None, rules=PARTITION_RULES):
+                 learning_rate: float = 1e-2, schedule: UpdateSchedule | None = None, seed: int = 0, mesh=None,
+                 rules=PARTITION_RULES):
     """Adds adapters (and a value head for PPO) and returns (learner, state, frozen).
     With a ``mesh``, state and frozen base are sharded by ``rules`` and the step runs SPMD."""
     if not jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
@@ -129,7 +270,7 @@ def make_learner(model: Transformer, recipe: str, *, cfg=None, lora: LoRAConfig 
     state, shardings = init_train_state(params, optimizer, seed), None
     if mesh is not None:
         state, frozen, shardings = place_on_mesh(state, frozen, optimizer, mesh, rules)
-    learner = bind_learner(parts, recipe, optimizer, cfg=cfg, epochs=epochs, shardings=shardings)
+    learner = bind_learner(parts, recipe, optimizer, cfg=cfg, schedule=schedule, shardings=shardings)
     return learner, state, frozen
 
 

@@ -14,17 +14,25 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from siajax.models.token_stats import token_stats
 from siajax.models.transformer import Transformer, ValueHead
-from siajax.rl.losses import PolicyOutputs, RLBatch
-from siajax.sampling import token_logprobs
+from siajax.rl.losses import PolicyOutputs, RLBatch, aggregation_normaliser
 
 
 class TrainBatch(NamedTuple):
-    """tokens / attention_mask: [B, P + N] prompt then response; rl fields: [B, N]."""
+    """What a train step reads: tokens / attention_mask [B, P + N] (prompt then response),
+    the behaviour distribution's settings, and the loss's rollout data (rl fields [B, N]).
+
+    ``temperature`` [B] and ``allowed`` [B, N, F] (a constraint's allowed token ids,
+    -1 unused; None unconstrained) make the training forward compute log-probs of
+    the very distribution that sampled.
+    """
 
     tokens: jax.Array
     attention_mask: jax.Array
     rl: RLBatch
+    temperature: jax.Array | None = None
+    allowed: jax.Array | None = None
 
 
 class PolicyParts(NamedTuple):
@@ -46,44 +54,55 @@ def split_policy(model: Transformer, value_head: ValueHead | None = None):
     return PolicyParts(graphdef, value_graphdef), params, frozen
 
 
-def entropy_from_logits(logits: jax.Array) -> jax.Array:
-    """Entropy of softmax(logits) over the last axis, float32."""
-    logits = logits.astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
-
-
 def evaluate_responses(parts: PolicyParts, params, frozen, tokens, attention_mask, response_len: int, *,
-                       lora: bool = True, dropout_key=None) -> PolicyOutputs:
-    """The policy's log-probs, entropies and values on the last ``response_len`` tokens."""
+                       temperature=1.0, allowed=None, lora: bool = True, dropout_key=None) -> PolicyOutputs:
+    """The policy's log-probs, entropies and values on the last ``response_len`` tokens.
+
+    Log-probs and entropies are of softmax(logits / temperature), restricted to
+    ``allowed`` when given; the LM head runs on response positions only, in
+    vocabulary chunks. The value head reads stop-gradient hidden states, so the
+    critic's loss never moves the shared LoRA trunk.
+    """
     model = nnx.merge(parts.graphdef, params["lora"], frozen)
-    out = model(tokens, attention_mask=attention_mask, lora=lora, dropout_key=dropout_key)
+    out = model(tokens, attention_mask=attention_mask, lora=lora, dropout_key=dropout_key, head="none")
     start = tokens.shape[1] - response_len
-    logits = out.logits[:, start - 1 : -1]  # position t predicts token t + 1
+    hidden = out.hidden[:, start - 1 : -1]  # position t predicts token t + 1
+    stats = token_stats(hidden, model.head_weight(), tokens[:, start:], temperature, allowed=allowed)
     values = None
     if parts.value_graphdef is not None and "value_head" in params:
-        values = nnx.merge(parts.value_graphdef, params["value_head"])(out.hidden[:, start - 1 : -1])
-    return PolicyOutputs(token_logprobs(logits, tokens[:, start:]), entropy_from_logits(logits), values)
+        values = nnx.merge(parts.value_graphdef, params["value_head"])(jax.lax.stop_gradient(hidden))
+    return PolicyOutputs(stats.logprobs, stats.entropy, values)
 
 
 @partial(jax.jit, static_argnames=("parts", "response_len", "lora"))
 def score_responses(parts: PolicyParts, params, frozen, tokens, attention_mask, response_len: int,
-                    lora: bool = True):
+                    temperature=1.0, allowed=None, lora: bool = True):
     """Jitted :func:`evaluate_responses` without dropout: old / reference log-probs, values."""
-    return evaluate_responses(parts, params, frozen, tokens, attention_mask, response_len, lora=lora)
+    return evaluate_responses(parts, params, frozen, tokens, attention_mask, response_len,
+                              temperature=temperature, allowed=allowed, lora=lora)
+
+
+def with_full_batch_normaliser(batch: TrainBatch, aggregation: str) -> TrainBatch:
+    """Fills ``batch.rl.normaliser`` from the whole batch (before any micro-batch split)."""
+    if batch.rl.normaliser is not None:
+        return batch
+    return batch._replace(rl=batch.rl._replace(normaliser=aggregation_normaliser(batch.rl.mask, aggregation)))
 
 
 def make_policy_loss(parts: PolicyParts, objective: Callable, cfg) -> Callable:
     """Wraps ``objective(policy_outputs, rl_batch, cfg)`` into a train-step LossFn.
 
     The frozen base arrives as the step's ``frozen`` argument, so one jitted
-    step serves any base weights of the same shapes.
+    step serves any base weights of the same shapes. Pass
+    ``partial(with_full_batch_normaliser, aggregation=cfg.aggregation)`` as the
+    step's ``prepare_batch`` so micro-batches add up to the full-batch loss.
     """
 
     def loss_fn(params, frozen, batch: TrainBatch, key):
+        temperature = 1.0 if batch.temperature is None else batch.temperature
         policy = evaluate_responses(
-            parts, params, frozen, batch.tokens, batch.attention_mask,
-            batch.rl.mask.shape[1], dropout_key=key,
+            parts, params, frozen, batch.tokens, batch.attention_mask, batch.rl.mask.shape[1],
+            temperature=temperature, allowed=batch.allowed, dropout_key=key,
         )
         return objective(policy, batch.rl, cfg)
 

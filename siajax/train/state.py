@@ -52,12 +52,8 @@ def _split_micro_batches(batch, micro_batches: int):
     return jax.tree.map(split, batch)
 
 
-def _tree_all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-
-
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, micro_batches: int = 1,
-                    shardings: StepShardings | None = None):
+                    prepare_batch: Callable[[Any], Any] | None = None, shardings: StepShardings | None = None):
     """Returns ``train_step(state, frozen, batch) -> (state, metrics)``, jitted, state donated.
 
     With ``shardings`` (see :func:`siajax.parallel.step_shardings`) the step runs
@@ -65,9 +61,15 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     batch is split over ``data`` x ``fsdp`` on the way in, and ``frozen`` is
     expected already placed (``siajax.parallel.shard_tree``).
 
-    With ``micro_batches > 1`` the batch's leading axis is split and gradients
-    are averaged over a ``lax.scan`` (memory of one micro-batch). A non-finite
-    loss or gradient leaves params and optimizer state untouched and reports
+    ``prepare_batch`` runs on the whole batch inside the step, before anything
+    else. With ``micro_batches > 1`` the batch's leading axis is split and a
+    ``lax.scan`` ADDS the micro-batches' losses and gradients (memory of one
+    micro-batch): each micro-batch's loss must be its share of the full-batch
+    loss. Policy losses get that from ``prepare_batch=with_full_batch_normaliser``
+    (sums and counts over the full batch, divided once); metrics are averaged.
+
+    A non-finite loss or gradient norm leaves params and optimizer state
+    untouched (one ``lax.cond`` over the whole update) and reports
     ``metrics["skipped"] = 1``; the caller decides whether to stop.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -85,22 +87,30 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
         first = grad_fn(params, frozen, jax.tree.map(lambda x: x[0], chunks), keys[0])
         rest = jax.tree.map(lambda x: x[1:], (chunks, keys))
-        total, _ = jax.lax.scan(accumulate, first, rest)
-        return jax.tree.map(lambda x: x / micro_batches, total)
+        ((loss, metrics), grads), _ = jax.lax.scan(accumulate, first, rest)
+        return (loss, jax.tree.map(lambda m: m / micro_batches, metrics)), grads
+
+    def apply_update(operands):
+        params, opt_state, grads = operands
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_opt_state
+
+    def keep(operands):
+        params, opt_state, _ = operands
+        return params, opt_state
 
     def train_step(state: TrainState, frozen, batch):
+        if prepare_batch is not None:
+            batch = prepare_batch(batch)
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
         (loss, metrics), grads = gradients(state.params, frozen, batch, step_key)
-        finite = jnp.isfinite(loss) & _tree_all_finite(grads)
-        updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "skipped": (~finite).astype(jnp.int32)}
-        return TrainState(
-            params=keep(new_params, state.params), opt_state=keep(new_opt_state, state.opt_state),
-            step=state.step + finite.astype(jnp.int32), rng=jax.random.key_data(key),
-        ), metrics
+        grad_norm = optax.tree.norm(grads)
+        # The norm is finite iff every gradient entry is: one scalar test, not one per leaf.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.lax.cond(finite, apply_update, keep, (state.params, state.opt_state, grads))
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32)}
+        return TrainState(params=params, opt_state=opt_state, step=state.step + finite.astype(jnp.int32),
+                          rng=jax.random.key_data(key)), metrics
 
     if shardings is None:
         return jax.jit(train_step, donate_argnums=0)

@@ -1,0 +1,143 @@
+"""The paper's comparison: SIA-H (harness lever only) vs SIA-W+H (both levers), same seeds and budgets.
+
+For every seed both arms run the SIA loop from the same start (same model,
+harness v0, dev/test items and decoding keys); per generation the harness
+lever may spend on dev evaluations of candidates what the weight lever spends
+on training rollouts, so the arms differ only in which levers they may pull.
+Writes, under ``--out/<task>/``: each run's directory, ``summary.json``, a
+markdown table (test score per arm: mean and 95% CI over seeds, plus the
+start), ``test_by_generation.png`` (both arms, mean with a band over seeds),
+and appends a row to ``experiments/paper/RESULTS.md``.
+
+    python experiments/paper/compare_levers.py --task digits --seeds 0 1 2 --generations 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from siajax.loop import RunConfig, run
+from siajax.stats import mean_confidence_interval
+
+ARMS = {"SIA-H": "harness", "SIA-W+H": "both"}
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def curve(ledger: list[dict], split: str) -> list[float]:
+    """Score at the start and after every generation."""
+    return [ledger[0]["before"][split]["score"]] + [entry["after"][split]["score"] for entry in ledger]
+
+
+def run_arms(base: RunConfig, seeds, out: Path, log=print) -> dict:
+    """-> {arm: [ledger per seed]}; every run writes its own directory under ``out/runs``."""
+    results = {arm: [] for arm in ARMS}
+    for seed in seeds:
+        for arm, levers in ARMS.items():
+            config = dataclasses.replace(base, levers=levers, seed=seed)
+            start = time.perf_counter()
+            ledger = run(config, out / "runs" / f"{levers}-s{seed}")
+            results[arm].append(ledger)
+            log(f"{arm:8s} seed {seed}: test {curve(ledger, 'test')[0]:.3f} -> {curve(ledger, 'test')[-1]:.3f} "
+                f"({time.perf_counter() - start:.0f}s)")
+    return results
+
+
+def summarise(results: dict) -> dict:
+    summary = {}
+    for arm, ledgers in results.items():
+        finals = [curve(ledger, "test")[-1] for ledger in ledgers]
+        starts = [curve(ledger, "test")[0] for ledger in ledgers]
+        mean, low, high = mean_confidence_interval(finals)
+        summary[arm] = {
+            "test_start": float(np.mean(starts)), "test_final_mean": mean, "test_final_ci95": [low, high],
+            "test_final_per_seed": finals, "dev_final_per_seed": [curve(ledger, "dev")[-1] for ledger in ledgers],
+            "weights_generations": [sum(e["decision"]["lever"] == "weights" for e in ledger) for ledger in ledgers],
+            "samples_spent": [sum(v for e in ledger for k, v in e["spend"].items() if k.endswith("samples"))
+                              for ledger in ledgers],
+        }
+    return summary
+
+
+def table(summary: dict, task: str) -> str:
+    lines = [f"| task | arm | test at start | test after (mean) | 95% CI over seeds | per seed |",
+             "|---|---|---:|---:|---|---|"]
+    for arm, row in summary.items():
+        low, high = row["test_final_ci95"]
+        ci = "n/a (1 seed)" if np.isnan(low) else f"[{low:.3f}, {high:.3f}]"
+        seeds = ", ".join(f"{x:.3f}" for x in row["test_final_per_seed"])
+        lines.append(f"| {task} | {arm} | {row['test_start']:.3f} | {row['test_final_mean']:.3f} | {ci} | {seeds} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path, task: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (arm, ledgers), colour in zip(results.items(), ("tab:blue", "tab:orange")):
+        curves = np.array([curve(ledger, "test") for ledger in ledgers])
+        xs = np.arange(-1, curves.shape[1] - 1)
+        ax.plot(xs, curves.mean(0), color=colour, marker="o", label=f"{arm} (n={len(ledgers)} seeds)")
+        ax.fill_between(xs, curves.min(0), curves.max(0), color=colour, alpha=0.15, lw=0)
+    ax.set_xlabel("generation (-1 = start)")
+    ax.set_ylabel("test score (held out; mean, band = min..max over seeds)")
+    ax.set_title(f"{task}: harness only vs harness + weights, equal budgets")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="digits")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--generations", type=int, default=6)
+    parser.add_argument("--model", default=None, help="default: the run's default model")
+    parser.add_argument("--items-per-generation", type=int, default=None)
+    parser.add_argument("--updates-per-generation", type=int, default=None)
+    parser.add_argument("--dev-items", type=int, default=None)
+    parser.add_argument("--test-items", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("experiments/paper/out"))
+    parser.add_argument("--no-results-row", action="store_true", help="do not append to experiments/paper/RESULTS.md")
+    args = parser.parse_args(argv)
+
+    settings = {"task": args.task, "generations": args.generations}
+    for name in ("model", "items_per_generation", "updates_per_generation", "dev_items", "test_items"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    base = RunConfig(**settings)
+    out = args.out / Path(args.task).name
+    results = run_arms(base, args.seeds, out)
+    summary = summarise(results)
+    rendered = table(summary, Path(args.task).name)
+    (out / "summary.json").write_text(json.dumps({"config": base.to_dict(), "seeds": args.seeds,
+                                                   "summary": summary}, indent=1))
+    (out / "table.md").write_text(rendered + "\n")
+    png = plot(results, out / "test_by_generation.png", Path(args.task).name)
+    print(rendered)
+    print(f"wrote {out}/summary.json, table.md and {png.name}")
+    if not args.no_results_row:
+        with open(RESULTS, "a", encoding="utf-8") as handle:
+            stamp = datetime.date.today().isoformat()
+            model = Path(base.model).name
+            for arm, row in summary.items():
+                low, high = row["test_final_ci95"]
+                handle.write(f"| {stamp} | {Path(args.task).name} | {model} | {arm} | {len(args.seeds)} | "
+                             f"{args.generations} | {row['test_start']:.3f} | {row['test_final_mean']:.3f} | "
+                             f"[{low:.3f}, {high:.3f}] |\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

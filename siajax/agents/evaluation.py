@@ -1,0 +1,77 @@
+"""Scoring a (harness, policy) pair on fixed held-out items with fixed decoding seeds.
+
+Every generation is evaluated on the same dev items (the Feedback-Agent decides
+on these) and test items (reported only) with the same keys, so consecutive
+generations are compared item by item. Per item: ``votes`` samples under the
+harness's decoding, retries as the harness says, then the majority answer
+(self-consistency); ``first_attempt`` keeps the first sample's first try
+(pass@1) apart from that with-retries, with-votes score.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+
+import jax
+
+from siajax.agents.task_agent import final_records, run_items
+from siajax.harness import Harness
+
+
+@dataclasses.dataclass
+class Evaluation:
+    split: str
+    item_ids: list[str]
+    scores: list[float]  # per item: the voted answer's reward, retries included
+    first_attempt: list[float]  # per item: sample 0's first attempt (pass@1)
+    records: list[dict]
+    samples: int  # completions drawn, retries included
+    tokens: int  # tokens generated
+
+    def summary(self) -> dict:
+        n = max(len(self.scores), 1)
+        finals = final_records(self.records)
+        failures = collections.Counter(r["failure"] for r in finals if r["failure"])
+        return {
+            "split": self.split, "items": len(self.scores), "score": sum(self.scores) / n,
+            "pass_at_1": sum(self.first_attempt) / n, "success_rate": sum(s > 0 for s in self.scores) / n,
+            "failure_rates": {k: v / max(len(finals), 1) for k, v in sorted(failures.items())},
+            "samples": self.samples, "tokens": self.tokens,
+        }
+
+
+def _answer_key(answer) -> str | None:
+    if answer is None:
+        return None
+    return json.dumps(answer, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def majority_record(records: list[dict]) -> dict:
+    """The first record whose parsed answer is the most common one (unparsed answers never win
+    unless nothing parsed); ties go to the earliest sample."""
+    keys = [_answer_key(r["answer"]) for r in records]
+    counts = collections.Counter(k for k in keys if k is not None)
+    if not counts:
+        return records[0]
+    best = max(counts.values())
+    winner = next(k for k in keys if k is not None and counts[k] == best)
+    return records[keys.index(winner)]
+
+
+def evaluate(task, harness: Harness, backend, items: list[dict], key: jax.Array, *, split: str) -> Evaluation:
+    """Scores ``items`` under ``harness`` with ``backend``; ``key`` fixes the decoding noise."""
+    voting = dataclasses.replace(harness, sampling=dataclasses.replace(
+        harness.sampling, samples_per_prompt=harness.sampling.votes))
+    rollout = run_items(task, voting, backend, items, key)
+    finals = final_records(rollout.records)
+    scores, first = [], []
+    for item in items:
+        mine = [r for r in finals if r["item"] == item["id"]]
+        scores.append(float(majority_record(sorted(mine, key=lambda r: r["sample"]))["reward"]))
+        first.append(float(next(r["reward"] for r in rollout.records
+                                if r["item"] == item["id"] and r["sample"] == 0 and r["attempt"] == 1)))
+    tokens = sum(len(r["token_ids"]) for r in rollout.records)
+    return Evaluation(split, [item["id"] for item in items], scores, first, rollout.records,
+                      samples=len(rollout.records), tokens=tokens)

@@ -1,0 +1,158 @@
+"""The harness lever's edit library: generic edits any task gets, plus the task's own hints.
+
+Each entry looks at the current harness (and the task) and proposes zero or
+more candidate patches. The loop evaluates candidates on dev and keeps one
+only when it beats the current harness beyond noise, so no entry has to be
+right: the library proposes, the dev set disposes. Entries:
+
+  constrained_decoding  decode only within the parser's label set
+  lenient_parser        accept the answer anywhere (drop regex anchors, take the last match)
+  format_instruction    tell the model the answer format (from the parser's format_hint)
+  few_shot              k worked examples from the train split (needs the task's demonstration())
+  retries               retry samples that fail to parse
+  self_consistency      majority vote over k samples per item
+  temperature           another sampling temperature
+  task_hints            the task's own suggested parser pattern / instruction
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from siajax.harness import Harness, HarnessError, patch_harness, render_messages
+
+EDIT_KINDS = ("constrained_decoding", "lenient_parser", "format_instruction", "few_shot", "retries",
+              "self_consistency", "temperature", "task_hints")
+FIXABLE_FAILURES = ("parse_error", "invalid_label")
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    kind: str
+    patch: list
+    why: str
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _replace(path: str, value) -> dict:
+    return {"op": "replace", "path": path, "value": value}
+
+
+def constrained_decoding(harness: Harness, task, rules):
+    if harness.parser.labels and not harness.parser.constrained:
+        yield Candidate("constrained_decoding", [_replace("/parser/constrained", True)],
+                        "decode only within the label set, so every answer names valid labels")
+
+
+def unanchored(pattern: str) -> str:
+    """A regex with its leading ^ / \\A and trailing $ / \\Z anchors removed."""
+    return re.sub(r"(\\Z|\$)$", "", re.sub(r"^(\^|\\A)", "", pattern))
+
+
+def lenient_parser(harness: Harness, task, rules):
+    parser = harness.parser
+    if parser.kind != "regex" or not parser.pattern:
+        return
+    loose = unanchored(parser.pattern)
+    if loose != parser.pattern or parser.pick != "last":
+        yield Candidate("lenient_parser", [_replace("/parser/pattern", loose), _replace("/parser/pick", "last")],
+                        "accept the answer anywhere in the reply (last match wins)")
+
+
+def format_instruction_text(harness: Harness) -> str | None:
+    parser = harness.parser
+    if parser.format_hint:
+        return f"End your reply with your final answer in exactly this form: {parser.format_hint}"
+    if parser.labels and len(parser.labels) <= 30:
+        return "Answer with one of: " + ", ".join(parser.labels) + "."
+    if parser.kind == "json":
+        return "Reply with one JSON object."
+    return None
+
+
+def format_instruction(harness: Harness, task, rules):
+    text = format_instruction_text(harness)
+    if text and text not in harness.system_prompt:
+        yield Candidate("format_instruction", [_replace("/system_prompt", (harness.system_prompt + " " + text).strip())],
+                        "state the answer format the parser expects")
+
+
+def few_shot(harness: Harness, task, rules):
+    demonstrate = getattr(task.verifier, "demonstration", None)
+    if demonstrate is None:
+        return
+    train = task.items("train")
+    for k in rules.few_shot_k:
+        if k == len(harness.few_shot) or k > len(train):
+            continue
+        picks = np.random.default_rng(rules.few_shot_seed + k).choice(len(train), size=k, replace=False)
+        shots = []
+        for index in sorted(picks):
+            item = train[index]
+            output = demonstrate(item)
+            if output is None:
+                continue
+            prompt = render_messages(dataclasses.replace(harness, system_prompt="", few_shot=()),
+                                     **{s: item[s] for s in harness.slots})[-1]["content"]
+            shots.append({"input": prompt, "output": output})
+        if shots:
+            yield Candidate("few_shot", [_replace("/few_shot", shots)], f"show {len(shots)} solved train example(s)")
+
+
+def retries(harness: Harness, task, rules):
+    if harness.retry.max_attempts < 2:
+        yield Candidate("retries", [_replace("/retry/max_attempts", 2),
+                                    _replace("/retry/retry_on", list(FIXABLE_FAILURES))],
+                        "retry samples whose answer does not parse, once")
+
+
+def self_consistency(harness: Harness, task, rules):
+    for votes in rules.vote_counts:
+        if votes > harness.sampling.votes and harness.sampling.temperature > 0:
+            yield Candidate("self_consistency", [_replace("/sampling/votes", votes)],
+                            f"answer by majority over {votes} samples")
+            return
+
+
+def temperature(harness: Harness, task, rules):
+    for value in rules.temperatures:
+        if abs(value - harness.sampling.temperature) > 1e-9:
+            yield Candidate("temperature", [_replace("/sampling/temperature", value)],
+                            f"sample at temperature {value}")
+
+
+def task_hints(harness: Harness, task, rules):
+    hints = task.spec.get("harness_hints", {})
+    pattern = hints.get("lenient_answer_pattern")
+    if harness.parser.kind == "regex" and pattern and harness.parser.pattern != pattern:
+        yield Candidate("task_hints", [_replace("/parser/pattern", pattern)], "the task's suggested answer pattern")
+    instruction = hints.get("format_instruction")
+    if instruction and instruction not in harness.system_prompt:
+        yield Candidate("task_hints", [_replace("/system_prompt", (harness.system_prompt + " " + instruction).strip())],
+                        "the task's suggested format instruction")
+
+
+LIBRARY = {"constrained_decoding": constrained_decoding, "lenient_parser": lenient_parser,
+           "format_instruction": format_instruction, "few_shot": few_shot, "retries": retries,
+           "self_consistency": self_consistency, "temperature": temperature, "task_hints": task_hints}
+
+
+def candidate_edits(harness: Harness, task, rules, tried: set[str] = frozenset()) -> list[Candidate]:
+    """Valid candidates in ``rules.edit_order``, skipping any whose result was tried before
+    (by harness version) and any that would not validate."""
+    out, seen = [], set(tried)
+    for kind in rules.edit_order:
+        for candidate in LIBRARY[kind](harness, task, rules):
+            try:
+                version = patch_harness(harness, candidate.patch).version
+            except HarnessError:
+                continue
+            if version not in seen and version != harness.version:
+                seen.add(version)
+                out.append(candidate)
+    return out

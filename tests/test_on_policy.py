@@ -1,0 +1,159 @@
+"""The weight lever trains the distribution that sampled: temperature, constraints, no truncation.
+
+The sampler records log-probs of the distribution each token was drawn from; the
+training forward (old, reference and new log-probs) must recompute exactly those
+before any update, at the sampling temperature and under the same allowed sets.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from siajax.harness.constrained import label_automaton
+from siajax.models import BUNDLED_TINY_MODEL, LoRAConfig, add_lora, decoding_ids, from_pretrained
+from siajax.models.token_stats import token_stats
+from siajax.sampling import generate
+from siajax.train.learner import UpdateSchedule, make_learner
+
+LABELS = ["盗窃", "诈骗", "故意伤害", "受贿", "单位受贿"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tokenizer = from_pretrained(BUNDLED_TINY_MODEL)
+    return model, tokenizer
+
+
+def _prompts(tokenizer, n=4):
+    texts = ["Name the charge.", "What is 2 + 2?", "Say something.", "List three numbers."][:n]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)["input_ids"]
+            for t in texts]
+
+
+def _learner(tiny, recipe="grpo", **kwargs):
+    model = nnx.clone(tiny[0])  # adapters are added to a copy
+    learner, state, frozen = make_learner(model, recipe, lora=LoRAConfig(rank=4), **kwargs)
+    # Nonzero adapters, so the current policy differs from the reference.
+    params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape), state.params)
+    return learner, state.replace(params=params), frozen
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_training_forward_reproduces_the_sampler_logprobs(tiny, temperature):
+    _, tokenizer = tiny
+    learner, state, frozen = _learner(tiny)
+    ids = decoding_ids(tokenizer)
+    samples = generate(learner.policy(state, frozen), [p for p in _prompts(tokenizer) for _ in range(4)],
+                       key=jax.random.key(0), max_new_tokens=20, temperature=temperature,
+                       stop_token_ids=ids.stop_token_ids, pad_token_id=ids.pad_token_id)
+    rewards = np.random.RandomState(0).rand(16)
+    _, metrics = learner.make_batch(state, frozen, samples, rewards, group_size=4)
+    # Recomputing at T=1 instead of T=0.7 misses by up to ~2 nats per token here.
+    assert float(metrics["logprob_mismatch"]) <= 1e-4
+
+
+def test_constrained_samples_are_trained_under_the_same_allowed_sets(tiny):
+    _, tokenizer = tiny
+    learner, state, frozen = _learner(tiny)
+    ids = decoding_ids(tokenizer)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    automaton = label_automaton(encode, LABELS, prefix="[罪名]", separator=";", terminator="<eoa>",
+                                stop_token_id=ids.stop_token_ids[0])
+    samples = generate(learner.policy(state, frozen), [p for p in _prompts(tokenizer) for _ in range(4)],
+                       key=jax.random.key(1), max_new_tokens=24, temperature=0.7, constraint=automaton,
+                       stop_token_ids=ids.stop_token_ids, pad_token_id=ids.pad_token_id)
+    assert samples.allowed is not None and samples.allowed.shape[:2] == samples.tokens.shape
+    batch, metrics = learner.make_batch(state, frozen, samples, np.ones(16), group_size=4)
+    assert float(metrics["logprob_mismatch"]) <= 1e-4
+    # Under the constraint, forced tokens (one allowed choice) have log-prob 0.
+    forced = np.asarray((samples.allowed >= 0).sum(-1) == 1) & np.asarray(samples.mask)
+    assert forced.any()
+    np.testing.assert_allclose(np.asarray(batch.rl.old_logprobs)[forced], 0.0, atol=1e-5)
+
+
+def test_rollouts_cut_by_top_p_or_top_k_are_refused(tiny):
+    _, tokenizer = tiny
+    learner, state, frozen = _learner(tiny)
+    prompts = [p for p in _prompts(tokenizer, 2) for _ in range(4)]
+    for cut in ({"top_p": 0.9}, {"top_k": 20}):
+        samples = generate(learner.policy(state, frozen), prompts, key=jax.random.key(2), max_new_tokens=8,
+                           temperature=0.7, pad_token_id=0, **cut)
+        with pytest.raises(ValueError, match="top_p=1 and top_k=0"):
+            learner.make_batch(state, frozen, samples, np.ones(8), group_size=4)
+    greedy = generate(learner.policy(state, frozen), prompts, key=jax.random.key(2), max_new_tokens=8,
+                      temperature=0.0, pad_token_id=0)
+    with pytest.raises(ValueError, match="temperature > 0"):
+        learner.make_batch(state, frozen, greedy, np.ones(8), group_size=4)
+
+
+def test_ppo_update_takes_several_steps_and_the_clip_engages(tiny):
+    _, tokenizer = tiny
+    samples_of = lambda learner, state, frozen: generate(  # noqa: E731
+        learner.policy(state, frozen), [p for p in _prompts(tokenizer) for _ in range(4)], key=jax.random.key(3),
+        max_new_tokens=16, temperature=1.0, pad_token_id=0)
+    rewards = np.random.RandomState(3).rand(16)
+    learner, state, frozen = _learner(tiny, "ppo_gae", learning_rate=1e-2,
+                                      schedule=UpdateSchedule(epochs=2, minibatches=2, target_kl=None))
+    before = int(state.step)
+    new_state, metrics = learner.update(state, frozen, samples_of(learner, state, frozen), rewards, group_size=4)
+    assert metrics["optimizer_steps"] == 4 and int(new_state.step) == before + 4
+    assert metrics["clip_fraction_last"] > 0 and metrics["approx_kl"] > 0
+    # With a KL target the update stops once a step's approx-KL passes 1.5 x target.
+    learner, state, frozen = _learner(tiny, "ppo_gae", learning_rate=1e-2,
+                                      schedule=UpdateSchedule(epochs=2, minibatches=2, target_kl=1e-6))
+    _, metrics = learner.update(state, frozen, samples_of(learner, state, frozen), rewards, group_size=4)
+    assert metrics["optimizer_steps"] < 4
+
+
+def _reference_stats(hidden, head, targets, temperature, allowed=None):
+    logits = np.einsum("bte,ev->btv", hidden.astype(np.float64), head.astype(np.float64)) / temperature
+    if allowed is not None:
+        keep = np.zeros(logits.shape, bool)
+        for b, t, f in zip(*np.nonzero(allowed >= 0)):
+            keep[b, t, allowed[b, t, f]] = True
+        logits = np.where(keep, logits, -np.inf)
+    log_p = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    chosen = np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
+    p = np.exp(log_p)
+    entropy = -np.sum(np.where(p > 0, p * log_p, 0.0), -1)
+    return chosen, entropy
+
+
+@pytest.mark.parametrize("chunk", [7, 64, 1000])
+def test_chunked_token_stats_match_a_float64_full_vocabulary_reference(chunk):
+    rng = np.random.RandomState(0)
+    hidden, head = rng.randn(3, 5, 16).astype(np.float32), rng.randn(16, 50).astype(np.float32)
+    targets = rng.randint(0, 50, (3, 5))
+    for temperature in (1.0, 0.7):
+        stats = token_stats(jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(targets), temperature, chunk=chunk)
+        chosen, entropy = _reference_stats(hidden, head, targets, temperature)
+        np.testing.assert_allclose(np.asarray(stats.logprobs), chosen, atol=2e-5, rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(stats.entropy), entropy, atol=2e-5, rtol=1e-5)
+    allowed = np.full((3, 5, 4), -1)
+    allowed[..., 0] = targets
+    allowed[..., 1] = (targets + 3) % 50
+    allowed[0, 0, 2] = (targets[0, 0] + 11) % 50
+    stats = token_stats(jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(targets), 0.7,
+                        allowed=jnp.asarray(allowed), chunk=chunk)
+    chosen, entropy = _reference_stats(hidden, head, targets, 0.7, allowed)
+    np.testing.assert_allclose(np.asarray(stats.logprobs), chosen, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats.entropy), entropy, atol=2e-5, rtol=1e-5)
+    grads = jax.grad(lambda h: token_stats(h, jnp.asarray(head), jnp.asarray(targets), 0.7,
+                                           allowed=jnp.asarray(allowed), chunk=chunk).logprobs.sum())(
+        jnp.asarray(hidden))
+    assert np.isfinite(np.asarray(grads)).all()
+
+
+def test_lora_a_is_initialised_with_fan_in_scaling_per_layer(tiny):
+    model = nnx.clone(tiny[0])
+    add_lora(model, LoRAConfig(rank=8, alpha=16), key=jax.random.key(0))
+    a = np.asarray(model.layers.mlp.down_proj.lora_a[...])  # [L, d_in, r]
+    d_in = a.shape[1]
+    assert a.shape[0] == model.config.num_layers
+    np.testing.assert_allclose(a.std(), 1 / np.sqrt(3 * d_in), rtol=0.05)  # U(-1/sqrt(d_in), 1/sqrt(d_in))
+    assert np.abs(a).max() <= 1 / np.sqrt(d_in)
+    assert not np.allclose(a[0], a[1])
