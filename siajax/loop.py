@@ -328,6 +328,7 @@ def _train_weights(policy: Policy, task: Task, harness: Harness, recipe: str, co
 def _resolve_start(config: RunConfig, run_dir: Path) -> tuple[Task, bool]:
     """Checks everything a run needs before anything is written; -> (task, resuming?)."""
     task = resolve_task(config.task)
+    task.dev_items(), task.items("test")  # data a task loads itself (e.g. GPQA) must exist before a run starts
     if config.levers != "harness":
         harness = task.default_harness()
         if config.temperature is not None:

@@ -198,11 +198,13 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, tempe
     lengths = (~done).astype(jnp.int32)
     done = done | jnp.isin(token, stop_ids)
 
+    unstacked = model.unstacked_layers() if model.config.decode_unroll else None
+
     def decode_step(span, carry):
         step, cache, position, done, tokens, logprobs, allowed_log, lengths, key, automaton_state = carry
         previous = tokens[:, step - 1]
         out = model(previous[:, None], attention_mask=jnp.ones((batch, 1), bool), positions=position[:, None],
-                    cache=cache, kv_span=span, lora=spec.lora, head="last")
+                    cache=cache, kv_span=span, lora=spec.lora, head="last", unstacked_layers=unstacked)
         key, step_key = jax.random.split(key)
         (token, logprob), allowed = draw(out.logits[:, -1], step_key, automaton_state)
         if spec.constrained:

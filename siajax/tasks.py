@@ -59,10 +59,7 @@ class Task:
 
     @cached_property
     def verifier(self):
-        spec = importlib.util.spec_from_file_location(f"siajax_task_{self.name}_verifier", self.root / "verifier.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
+        return _load_module(self.root / "verifier.py", f"siajax_task_{self.name}_verifier")
 
     def has_split(self, split: str) -> bool:
         return split in self.spec["splits"]
@@ -81,11 +78,20 @@ class Task:
             return items
         return [item for item in items if not _held_out(item)] or items
 
+    @cached_property
+    def loader(self):
+        """The task's own item loader (``items_loader`` in task.json), for data that cannot ship
+        with the task (e.g. gated datasets the user supplies)."""
+        name = self.spec.get("items_loader")
+        return None if name is None else _load_module(self.root / name, f"siajax_task_{self.name}_loader")
+
     def items(self, split: str) -> list[dict]:
         """Items of a split (JSONL, one object per line with an "id" and template slots)."""
         splits = self.spec["splits"]
         if split not in splits:
             raise TaskError(f"task {self.name!r} has no split {split!r}; it has {sorted(splits)}")
+        if self.loader is not None:
+            return self.loader.items(split)
         path = self.root / splits[split]
         items = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -95,6 +101,13 @@ class Task:
                 except json.JSONDecodeError as err:
                     raise TaskError(f"{path}:{number}: not valid JSON ({err})") from None
         return items
+
+
+def _load_module(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _held_out(item: dict, share: float = 0.2) -> bool:
@@ -118,7 +131,12 @@ def load_task(path: str | os.PathLike) -> Task:
         raise TaskError(f"task {root.name!r}: task.json does not parse ({err})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("splits"), dict):
         raise TaskError(f"task {root.name!r}: task.json needs a 'splits' object mapping split names to files")
+    loader = spec.get("items_loader")
+    if loader is not None and not (root / loader).is_file():
+        raise TaskError(f"task {root.name!r}: items_loader {loader} does not exist")
     for split, file in spec["splits"].items():
+        if loader is not None:
+            continue  # the loader makes the items (and keeps the test split's answers private)
         if not (root / file).is_file():
             raise TaskError(f"task {root.name!r}: split {split!r} points to missing file {file}")
         if split == "test" and not str(file).startswith("data/private/"):

@@ -19,11 +19,12 @@ from charges import LABELS, parse_charges, set_f1  # noqa: E402
 
 def test_splits_are_disjoint_seeded_and_test_is_private():
     splits = {name: TASK.items(name) for name in ("train", "dev", "test")}
-    assert [len(v) for v in splits.values()] == [300, 48, 152]
+    assert [len(v) for v in splits.values()] == [5056, 276, 913]  # the paper's 5,332 train (dev carved) / 913 test
     ids = [{i["id"] for i in v} for v in splits.values()]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert TASK.spec["splits"]["test"].startswith("data/private/")
-    assert len(LABELS) == 189
+    assert len(LABELS) == 191
+    assert all(item["labels"][0] in LABELS for item in splits["test"])
 
 
 @pytest.mark.parametrize("answer,labels,invalid", [
@@ -31,7 +32,8 @@ def test_splits_are_disjoint_seeded_and_test_is_private():
     ("盗窃罪；诈骗", ["盗窃", "诈骗"], []),                      # full-width separator, trailing 罪
     (" 罪名：故意伤害 , 故意毁坏财物<eoa>后面的话", ["故意伤害", "故意毁坏财物"], []),
     ("[罪名]单位受贿<eoa>", ["单位受贿"], []),                   # no substring credit for 受贿
-    ("虚开增值税专用发票、用于骗取出口退税、抵扣税款发票", ["虚开增值税专用发票、用于骗取出口退税、抵扣税款发票"], []),
+    ("[罪名][生产、销售]假药<eoa>", ["[生产、销售]假药"], []),      # 、 inside a bracketed label
+    ("[窝藏、包庇];盗窃", ["[窝藏、包庇]", "盗窃"], []),
     ("盗窃、诈骗", ["盗窃", "诈骗"], []),                         # 、-joined labels
     ("杀人;盗窃;盗窃", ["盗窃"], ["杀人"]),                        # unknown label kept apart, repeats dropped
 ])

@@ -71,7 +71,8 @@ def test_verifier_scores_baselines_where_they_belong():
     ("import numpy as np\ndef denoise(counts):\n    return counts * np.nan", "negative_or_nan"),
     ("def denoise(counts):\n    raise ValueError('no')", "crash"),
     ("def denoise(counts:\n    pass", "compile_error"),
-    ("import mcv\ndef denoise(counts):\n    return counts", "cheat"),
+    ("import mcv\ndef denoise(counts):\n    return counts", "crash"),  # the task's code is not in the jail
+    ("import os\ndef denoise(counts):\n    os.mkfifo('output.npy')\n    return 'output.npy'", "wrong_shape"),
 ])
 def test_verifier_failure_kinds(source, failure):
     verdict = score(source)
@@ -81,3 +82,20 @@ def test_verifier_failure_kinds(source, failure):
 
 def test_no_code_is_a_parse_error():
     assert score(None)["failure"] == "parse_error"
+
+
+def test_a_valid_denoiser_worse_than_raw_still_beats_a_failure():
+    rewards = [TASK.verifier.quality_reward(s) for s in (-1e6, -5.0, -0.5, 0.0, 0.3, 1.2)]
+    assert rewards == sorted(rewards) and rewards[0] > TASK.verifier.FAILURE_REWARD
+    assert rewards[3:] == [0.0, 0.3, 1.2]  # the paper's scale where it is non-negative
+
+
+def test_a_verifier_fault_scores_the_failure_reward(monkeypatch):
+    from siajax.agents.task_agent import _verify
+    from siajax.harness import from_dict
+
+    monkeypatch.setattr(TASK.verifier, "score", lambda *a, **k: 1 / 0)
+    harness = TASK.default_harness()
+    verdict = _verify(TASK, harness, {"id": "t"}, "```python\ndef denoise(c):\n    return c\n```")
+    assert verdict["reward"] == TASK.verifier.FAILURE_REWARD and verdict["failure"] == "verifier_error"
+    del from_dict

@@ -1,14 +1,37 @@
-"""Agent-written code in the sandbox: each escape attempt is contained and classified."""
+"""Agent-written code as an attacker: every attack class is contained and classified.
+
+Each attack tries to read a secret (private data, the parent's environment or
+memory), reach the network or other processes, or outlive and overload the
+parent. Run under two setups: the full jail (namespaces + Landlock + cgroup +
+nobody), and Landlock alone (the fallback where namespaces are refused).
+Unprivileged-parent runs need an interpreter others can reach; where the
+machine keeps it under a private home, they are skipped with that reason.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
 import textwrap
+import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from siajax.sandbox import SandboxLimits, run_sandboxed, unprivileged_uid
+from siajax.sandbox import SandboxLimits, SandboxSession, run_sandboxed
 
-FAST = SandboxLimits(wall_seconds=10, cpu_seconds=10, memory_bytes=1 << 30)
+FAST = SandboxLimits(wall_seconds=15, cpu_seconds=15, memory_bytes=1 << 30)
+SECRET = "SIAJAX-SECRET-7c41"
+SETUPS = {"jail": True, "landlock_only": False}
+
+
+@pytest.fixture(params=sorted(SETUPS))
+def setup(request):
+    return SETUPS[request.param]
 
 
 @pytest.fixture
@@ -17,119 +40,402 @@ def task_dirs(tmp_path):
     public.mkdir(parents=True)
     private.mkdir(parents=True)
     (public / "inputs.txt").write_text("1 2 3")
-    (private / "answers.txt").write_text("SECRET")
-    return public, private
+    (private / "answers.txt").write_text(SECRET)
+    (tmp_path / "task" / "verifier.py").write_text("def score():\n    return 0\n")
+    os.chmod(tmp_path, 0o755)
+    return tmp_path / "task"
 
 
-def run(code: str, dirs=None, **kwargs):
-    public, private = dirs if dirs else (None, None)
-    return run_sandboxed(
-        textwrap.dedent(code), entry="main", limits=kwargs.pop("limits", FAST),
-        readable_dirs=[public] if public else [], forbidden_dirs=[private] if private else [], **kwargs,
-    )
+def run(code: str, namespaces: bool = True, limits: SandboxLimits = FAST, **kwargs):
+    return run_sandboxed(textwrap.dedent(code), entry="main", limits=limits, namespaces=namespaces, **kwargs)
 
 
-def test_ok_code_returns_its_value_and_reads_public_data(task_dirs):
-    public, _ = task_dirs
+def leaked(result) -> bool:
+    return SECRET in repr(result.value) or SECRET in result.stdout or SECRET in result.stderr
+
+
+def test_ok_code_returns_values_and_arrays_and_reads_public_data(task_dirs, setup):
     result = run(f"""
-        def main(scale):
-            numbers = open({str(public / 'inputs.txt')!r}).read().split()
+        import numpy as np
+        def main(scale, x):
+            numbers = open({str(task_dirs / 'data' / 'public' / 'inputs.txt')!r}).read().split()
             open('notes.txt', 'w').write('scratch is writable')
-            return sum(int(n) for n in numbers) * scale
-    """, task_dirs, kwargs={"scale": 2})
-    assert result.status == "ok" and result.value == 12, result
+            return {{"total": np.float64(sum(int(n) for n in numbers) * scale), "doubled": 2 * x}}
+    """, setup, kwargs={"scale": 2}, arrays={"x": np.arange(3.0)},
+                 readable_dirs=[task_dirs / "data" / "public"])
+    assert result.status == "ok", result
+    assert float(result.arrays["total"]) == 12 and result.arrays["doubled"].tolist() == [0, 2, 4]
+    assert result.layers["landlock"]["abi"] >= 1
+    if setup:
+        assert result.layers["namespaces"].startswith("mount") and result.layers["identity"].startswith("nobody")
 
 
-def test_syntax_error_is_a_compile_error():
-    result = run("def main(:\n    return 1")
-    assert result.status == "compile_error" and "SyntaxError" in result.error
+@pytest.mark.parametrize("code,status", [
+    ("def main(:\n    return 1", "compile_error"),
+    ("def helper():\n    return 1", "compile_error"),
+    ("def main():\n    return 1 / 0", "runtime_error"),
+    ("def main():\n    return bytearray(8 << 30)", "oom"),
+])
+def test_faults_are_classified(code, status):
+    result = run(code)
+    assert result.status == status, result
 
 
-def test_missing_entry_is_a_compile_error():
-    assert run("def helper():\n    return 1").status == "compile_error"
+# Each attack returns what it read; none may hold the secret. Paths are filled in per test.
+READ_ATTACKS = {
+    "ctypes libc open/read": """
+        import ctypes
+        def main(private):
+            libc = ctypes.CDLL(None)
+            fd = libc.open((private + '/answers.txt').encode(), 0)
+            buf = ctypes.create_string_buffer(256)
+            n = libc.read(fd, buf, 256)
+            return buf.raw[:max(n, 0)].decode(errors='replace')
+    """,
+    "fork_exec of /bin/sh": """
+        import _posixsubprocess, os
+        def main(private):
+            r, w = os.pipe()
+            pid = _posixsubprocess.fork_exec(['/bin/sh', '-c', 'cat ' + private + '/answers.txt'],
+                [b'/bin/sh'], True, (w,), None, None, -1, -1, -1, w, -1, -1, *(os.pipe()), False, False, -1,
+                None, None, None, -1, None, False)
+            os.close(w)
+            return os.read(r, 256).decode(errors='replace')
+    """,
+    "tripwire disabled first": """
+        import gc, sys
+        def main(private):
+            for obj in gc.get_objects():
+                if isinstance(obj, set) and 'os.fork' in obj:
+                    obj.clear()
+            sys.setrecursionlimit(25)
+            return open(private + '/answers.txt').read()
+    """,
+    "open with dir_fd": """
+        import os
+        def main(private):
+            fd = os.open(private, os.O_RDONLY)
+            return os.read(os.open('answers.txt', os.O_RDONLY, dir_fd=fd), 256).decode()
+    """,
+    "symlink swap race": """
+        import os, threading
+        def main(private):
+            os.symlink('/tmp', 'link')
+            def flip():
+                for _ in range(2000):
+                    try:
+                        os.remove('link'); os.symlink(private, 'link')
+                        os.remove('link'); os.symlink('/tmp', 'link')
+                    except OSError:
+                        pass
+            threading.Thread(target=flip).start()
+            for _ in range(2000):
+                try:
+                    return open('link/answers.txt').read()
+                except OSError:
+                    pass
+            return ''
+    """,
+    "runpy on the task's own code": """
+        import runpy
+        def main(private):
+            return repr(runpy.run_path(private + '/../../verifier.py').keys())
+    """,
+    "parent environment via /proc": """
+        import os
+        def main(private):
+            found = []
+            for pid in os.listdir('/proc'):
+                if pid.isdigit():
+                    try:
+                        found.append(open(f'/proc/{pid}/environ', 'rb').read().decode(errors='replace'))
+                    except OSError:
+                        pass
+            return '|'.join(found)
+    """,
+    "parent memory via /proc": """
+        import os, re
+        def main(private):
+            out = []
+            ppid = os.getppid()
+            for pid in {str(ppid), *[p for p in os.listdir('/proc') if p.isdigit()]}:
+                try:
+                    maps = open(f'/proc/{pid}/maps').read().splitlines()
+                    mem = open(f'/proc/{pid}/mem', 'rb')
+                    for line in maps[:200]:
+                        start, end = (int(x, 16) for x in line.split()[0].split('-'))
+                        if 'rw' in line.split()[1] and end - start < (64 << 20):
+                            mem.seek(start)
+                            out.append(mem.read(end - start))
+                except (OSError, ValueError):
+                    pass
+            memory, found = b''.join(out), []
+            start = memory.find(b'SIAJAX_TEST_TOKEN=')
+            while start >= 0:  # whatever follows the parent's variable name, wherever it is
+                found.append(memory[start:start + 60].decode(errors='replace'))
+                start = memory.find(b'SIAJAX_TEST_TOKEN=', start + 1)
+            return found
+    """,
+}
 
 
-def test_exception_is_a_runtime_error_with_traceback():
-    result = run("def main():\n    return 1 / 0")
-    assert result.status == "runtime_error" and "ZeroDivisionError" in result.error
-    assert "agent_code.py" in result.stderr
+@pytest.mark.parametrize("name", sorted(READ_ATTACKS))
+def test_secrets_stay_unread(name, task_dirs, setup, monkeypatch):
+    monkeypatch.setenv("SIAJAX_TEST_TOKEN", SECRET)  # a parent secret in its environment
+    result = run(READ_ATTACKS[name], setup, kwargs={"private": str(task_dirs / "data" / "private")},
+                 readable_dirs=[task_dirs / "data" / "public"])
+    assert not leaked(result), (name, result)
+    assert result.status in ("ok", "runtime_error", "forbidden"), result
 
 
-def test_infinite_loop_times_out():
-    result = run("def main():\n    while True:\n        pass", limits=SandboxLimits(wall_seconds=2, cpu_seconds=30))
-    assert result.status == "timeout" and result.wall_seconds < 10
-
-
-def test_sleeping_forever_times_out_on_wall_clock():
-    result = run("import time\ndef main():\n    time.sleep(1000)", limits=SandboxLimits(wall_seconds=1.5))
-    assert result.status == "timeout"
-
-
-def test_huge_allocation_is_oom():
-    result = run("def main():\n    block = bytearray(8 << 30)\n    return len(block)")
-    assert result.status == "oom", result
-
-
-def test_reading_private_data_is_forbidden(task_dirs):
-    _, private = task_dirs
-    result = run(f"def main():\n    return open({str(private / 'answers.txt')!r}).read()", task_dirs)
-    assert result.status == "forbidden" and "SECRET" not in repr(result)
-    listing = run(f"import os\ndef main():\n    return os.listdir({str(private)!r})", task_dirs)
-    assert listing.status == "forbidden"
-
-
-def test_catching_the_refusal_does_not_help(task_dirs):
-    _, private = task_dirs
+def test_task_code_cannot_be_rewritten(task_dirs, setup):
+    verifier = task_dirs / "verifier.py"
+    before = verifier.read_text()
     result = run(f"""
         def main():
+            open({str(verifier)!r}, 'w').write('def score():\\n    return 1e9\\n')
+            return 'written'
+    """, setup, readable_dirs=[task_dirs])
+    assert verifier.read_text() == before and result.status != "ok"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_processes_outside_cannot_be_signalled(setup):
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        result = run("""
+            import ctypes, os, signal
+            def main(pid):
+                for sig_try in (lambda: os.kill(pid, signal.SIGKILL),
+                                lambda: ctypes.CDLL(None).syscall(424, ctypes.CDLL(None).syscall(434, pid, 0), 9, 0, 0),
+                                lambda: os.kill(-1, signal.SIGKILL)):
+                    try:
+                        sig_try()
+                    except Exception:
+                        pass
+                return 'tried'
+        """, setup, kwargs={"pid": victim.pid})
+        time.sleep(0.2)
+        assert _alive(victim.pid) and _alive(os.getpid()), result
+    finally:
+        victim.kill()
+        victim.wait()
+
+
+def _host_processes_with(marker: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
             try:
-                return open({str(private / 'answers.txt')!r}).read()
-            except BaseException:
-                return "caught"
-    """, task_dirs)
-    assert result.status == "forbidden"
+                if marker.encode() in open(f"/proc/{pid}/cmdline", "rb").read():
+                    found.append(int(pid))
+            except OSError:
+                pass
+    return found
 
 
-def test_opening_a_socket_is_forbidden():
-    result = run("import socket\ndef main():\n    socket.create_connection(('127.0.0.1', 9), timeout=1)")
-    assert result.status == "forbidden" and "socket" in result.error
+def test_escaped_sessions_die_with_the_jail_and_the_wall_limit_holds(setup):
+    limits = SandboxLimits(wall_seconds=2, cpu_seconds=30, memory_bytes=1 << 30)
+    start = time.monotonic()
+    result = run("""
+        import os, time
+        def main():
+            if os.fork() == 0:
+                os.setsid()
+                os.execv('/bin/sleep', ['sleep', '31337'])
+            time.sleep(1000)
+    """, setup, limits=limits)
+    elapsed = time.monotonic() - start
+    assert result.status in ("timeout", "forbidden") and elapsed < limits.wall_seconds + 4, (result, elapsed)
+    time.sleep(0.3)
+    assert not _host_processes_with("31337"), "a process outlived the sandbox"
 
 
-def test_writing_outside_scratch_is_forbidden(tmp_path):
-    target = tmp_path / "escaped.txt"
-    result = run(f"def main():\n    open({str(target)!r}, 'w').write('x')")
-    assert result.status == "forbidden" and not target.exists()
-    result = run(f"import os\ndef main():\n    os.remove({str(tmp_path)!r})")
-    assert result.status == "forbidden"
+def test_a_process_bomb_is_capped_and_leaves_nothing(setup):
+    limits = SandboxLimits(wall_seconds=8, cpu_seconds=30, max_processes=32)
+    result = run("""
+        import ctypes, os, time
+        def main():
+            libc, made = ctypes.CDLL(None), 0
+            for _ in range(150):
+                pid = libc.fork()
+                if pid == 0:
+                    libc.execv(b'/bin/sleep', (ctypes.c_char_p * 3)(b'sleep', b'31338', None))
+                    libc._exit(0)
+                made += pid > 0
+            return made
+    """, setup, limits=limits)
+    if result.status == "ok":
+        assert result.value <= limits.max_processes, result
+    time.sleep(0.3)
+    assert not _host_processes_with("31338")
 
 
-def test_fork_bomb_is_refused_and_contained():
+def test_an_output_flood_is_capped(setup):
+    start = time.monotonic()
     result = run("""
         import os
         def main():
-            while True:
-                os.fork()
-    """)
-    assert result.status == "forbidden"
-    result = run("import subprocess\ndef main():\n    subprocess.run(['true'])")
-    assert result.status == "forbidden"
+            block = b'x' * (1 << 20)
+            for _ in range(1024):
+                os.write(1, block)
+            return 'done'
+    """, setup, limits=SandboxLimits(wall_seconds=20, cpu_seconds=30))
+    assert len(result.stdout) <= (1 << 20) + 100 and "dropped" in result.stdout
+    assert time.monotonic() - start < 25
 
 
-@pytest.mark.skipif(unprivileged_uid() is None,
-                    reason="the process-count limit binds only once the child drops root; here it cannot")
-def test_native_fork_bomb_is_bounded_by_process_limit_and_killed():
+def test_the_disk_cannot_be_filled(setup, tmp_path):
     result = run("""
-        import ctypes
+        import os
         def main():
-            libc = ctypes.CDLL(None)
-            while True:
-                libc.fork()
-    """, limits=SandboxLimits(wall_seconds=3, cpu_seconds=10, max_processes=32))
-    assert result.status in ("timeout", "runtime_error", "oom")
-    assert result.wall_seconds < 30
+            written = 0
+            try:
+                for index in range(64):
+                    with open(f'fill{index}', 'wb') as handle:
+                        for _ in range(64):
+                            handle.write(b'\\0' * (1 << 20))
+                            written += 1 << 20
+            except OSError:
+                pass
+            return written
+    """, setup, limits=SandboxLimits(wall_seconds=30, cpu_seconds=30, scratch_bytes=64 << 20, file_bytes=32 << 20))
+    written = result.value if result.status == "ok" else 0
+    assert written <= (64 << 20) + (1 << 20) or not setup and written <= 64 * (32 << 20)
 
 
-def test_importing_a_forbidden_module_is_refused():
-    result = run_sandboxed("def main():\n    import csv\n    return 1", entry="main", limits=FAST,
-                           forbidden_modules=("csv",))
-    assert result.status == "forbidden" and "csv" in result.error
+def test_the_network_is_unreachable(setup):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.5)
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind(b"\0siajax-sandbox-test")
+    abstract.listen()
+    abstract.settimeout(0.5)
+    try:
+        result = run("""
+            import ctypes, socket, struct
+            def main(port):
+                reached = []
+                libc = ctypes.CDLL(None, use_errno=True)
+                fd = libc.socket(2, 1, 0)
+                address = struct.pack('<HH4s8x', 2, socket.htons(port), bytes([127, 0, 0, 1]))
+                reached.append(libc.connect(fd, address, len(address)) == 0)
+                unix = libc.socket(1, 1, 0)
+                name = b'\\0siajax-sandbox-test'
+                addr = struct.pack('<H', 1) + name
+                reached.append(libc.connect(unix, addr, len(addr)) == 0)
+                return reached
+        """, setup, kwargs={"port": listener.getsockname()[1]})
+        for server in (listener, abstract):
+            with pytest.raises((socket.timeout, BlockingIOError)):
+                server.accept()
+        assert result.status != "ok" or not any(result.value), result
+    finally:
+        listener.close()
+        abstract.close()
+
+
+def test_setns_into_the_host_fails():
+    result = run("""
+        import ctypes, os
+        def main():
+            libc = ctypes.CDLL(None, use_errno=True)
+            outcomes = []
+            for path in ('/proc/1/ns/net', '/proc/1/ns/mnt'):
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                    outcomes.append(libc.setns(fd, 0) == 0 and os.listdir('/') != [])
+                except OSError:
+                    outcomes.append(False)
+            return outcomes
+    """)
+    assert result.status != "ok" or not any(result.value[:1]) or result.layers["identity"].startswith("nobody")
+
+
+def test_timing_is_measured_by_the_parent_and_sessions_serve_many_calls():
+    with SandboxSession(textwrap.dedent("""
+        import time
+        def work(x, seconds):
+            time.sleep(seconds)
+            return x + 1
+    """), limits=FAST) as session:
+        replies = [session.call("work", {"seconds": s}, {"x": np.zeros(2)}) for s in (0.05, 0.3)]
+    assert all(r.ok for r in replies)
+    assert 0.05 <= replies[0].seconds < replies[1].seconds and replies[1].seconds >= 0.3
+    assert replies[1].arrays["return"].tolist() == [1.0, 1.0]
+
+
+def test_a_reply_larger_than_allowed_is_refused():
+    result = run("""
+        import numpy as np
+        def main():
+            return np.zeros(1 << 22)
+    """, limits=SandboxLimits(wall_seconds=10, message_bytes=1 << 20))
+    assert result.status == "runtime_error" and "limit" in result.error
+
+
+def _reachable_by_nobody(path: str) -> bool:
+    real = os.path.realpath(path)
+    parts = real.split("/")
+    return all(os.stat("/".join(parts[:depth]) or "/").st_mode & 0o001 for depth in range(1, len(parts))) and bool(
+        os.stat(real).st_mode & 0o005)
+
+
+REPO = Path(__file__).resolve().parents[1]
+# An interpreter with NumPy that an unprivileged user can run (.ci/run makes one from the system Python).
+UNPRIVILEGED_PYTHON = os.environ.get("SIAJAX_UNPRIVILEGED_PYTHON", "")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not UNPRIVILEGED_PYTHON or not _reachable_by_nobody(UNPRIVILEGED_PYTHON)
+                    or not _reachable_by_nobody(str(REPO / "siajax" / "sandbox" / "launcher.py")),
+                    reason="needs root to switch users, SIAJAX_UNPRIVILEGED_PYTHON (an interpreter with NumPy that "
+                           "nobody can run) and a repository nobody can read")
+def test_an_unprivileged_parent_gets_the_user_namespace_jail():
+    """The sandbox started by an ordinary user (nobody): user + mount + pid + net namespaces, and the
+    attacks that matter most still fail."""
+    import shutil
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="siajax-unprivileged-"))  # pytest's tmp dirs are 0700
+    try:
+        _probe_as_nobody(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _probe_as_nobody(tmp_path: Path) -> None:
+    secret = tmp_path / "private"
+    secret.mkdir()
+    (secret / "answers.txt").write_text(SECRET)
+    os.chmod(tmp_path, 0o755)
+    os.chmod(secret, 0o755)
+    os.chmod(secret / "answers.txt", 0o644)  # readable by nobody on the host: only the jail keeps it out
+    script = tmp_path / "probe.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, textwrap
+        from siajax.sandbox import run_sandboxed
+        attacks = {READ_ATTACKS!r}
+        out = {{}}
+        for name in ("ctypes libc open/read", "parent environment via /proc", "open with dir_fd"):
+            r = run_sandboxed(textwrap.dedent(attacks[name]), kwargs={{"private": {str(secret)!r}}})
+            out[name] = [r.status, repr(r.value)]
+        r = run_sandboxed("def main():\\n    return 1")
+        out["layers"] = r.layers
+        print(json.dumps(out))
+    """))
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", UNPRIVILEGED_PYTHON,
+                           str(script)], capture_output=True, text=True, timeout=120, cwd=str(tmp_path),
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "SIAJAX_TEST_TOKEN": SECRET})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["layers"]["namespaces"] == "mount+pid+net+ipc+uts+user"
+    assert SECRET not in json.dumps({k: v for k, v in report.items() if k != "layers"})

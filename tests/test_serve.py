@@ -53,3 +53,80 @@ def test_openai_backend_round_trips_through_the_server(server_url):
     local = LocalPolicyBackend(*from_pretrained(BUNDLED_TINY_MODEL))
     [[direct]] = local.complete([[{"role": "user", "content": "Count the genes."}]], sampling, jax.random.key(0))
     assert remote.text == direct.text  # greedy: the server adds nothing of its own
+
+
+def test_stop_strings_cut_the_reply_and_streaming_matches_the_plain_reply(server_url):
+    client = openai.OpenAI(base_url=server_url, api_key="unused")
+    request = dict(model="tiny", messages=[{"role": "user", "content": "Tell me about cells."}], max_tokens=24,
+                   temperature=0.0)
+    full = client.chat.completions.create(**request).choices[0].message.content
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = client.chat.completions.create(**request, stop=[stop]).choices[0]
+    assert cut.message.content == full[:full.find(stop)] and cut.finish_reason == "stop"
+    chunks = list(client.chat.completions.create(**request, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == full and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("bad,field", [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+                                       ({"n": 0}, "n"), ({"max_tokens": 10**6}, "max_tokens"),
+                                       ({"stop": [1, 2]}, "stop"), ({"seed": "x"}, "seed")])
+def test_bad_sampling_fields_are_400s_naming_the_field(server_url, bad, field):
+    client = openai.OpenAI(base_url=server_url, api_key="unused")
+    with pytest.raises(openai.BadRequestError, match=field):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], **bad)
+
+
+def test_a_backend_failure_is_a_500_and_the_server_stays_up():
+    class Broken:
+        def complete(self, *args):
+            raise RuntimeError("device lost")
+
+        def prompt_ids(self, messages):
+            return [1]
+
+    server = make_server(Broken(), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="unused",
+                           max_retries=0)
+    try:
+        for _ in range(2):
+            with pytest.raises(openai.InternalServerError, match="device lost"):
+                client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        server.shutdown()
+
+
+def test_a_runs_harness_frames_the_conversation():
+    from siajax.harness import patch_harness
+    from siajax.serve import apply_harness
+    from siajax.tasks import resolve_task
+
+    harness = patch_harness(resolve_task("digits").default_harness(), [
+        {"op": "replace", "path": "/system_prompt", "value": "Digits only."},
+        {"op": "replace", "path": "/template", "value": "Q: {question}\nA:"},
+        {"op": "add", "path": "/few_shot/-", "value": {"input": "Q: How many?\nA:", "output": "3"}}])
+    framed = apply_harness(harness, [{"role": "system", "content": "ignored"}, {"role": "user", "content": "Count."}])
+    assert framed == [{"role": "system", "content": "Digits only."}, {"role": "user", "content": "Q: How many?\nA:"},
+                      {"role": "assistant", "content": "3"}, {"role": "user", "content": "Q: Count.\nA:"}]
+
+
+def test_concurrent_clients_are_all_answered(server_url):
+    """8 clients x 4 requests on loopback: every request answered, none lost; latencies reported."""
+    import concurrent.futures
+    import time
+
+    client = openai.OpenAI(base_url=server_url, api_key="unused", max_retries=0, timeout=120)
+
+    def one(index):
+        start = time.perf_counter()
+        reply = client.chat.completions.create(model="tiny", max_tokens=8 + index % 3, temperature=0.7, seed=index,
+                                               messages=[{"role": "user", "content": f"Request {index}."}])
+        return reply.choices[0].message.content, time.perf_counter() - start
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(32)))
+    assert len(results) == 32 and all(isinstance(text, str) for text, _ in results)
+    latencies = sorted(seconds for _, seconds in results)
+    print(f"p50 {latencies[15]:.3f}s p99 {latencies[-1]:.3f}s")

@@ -25,7 +25,9 @@ def score(verifier, source):
 def test_a_correct_kernel_scores_about_speedup_one(verifier):
     verdict = score(verifier, REFERENCE)
     assert verdict["failure"] is None, verdict
-    assert abs(verdict["reward"]) < math.log(3)  # the same code, timed twice: speed-up near 1
+    assert 1 / 3 < verdict["metrics"]["speedup"] < 3  # the same code, timed twice
+    assert verdict["reward"] == pytest.approx(verifier.speed_reward(verdict["metrics"]["speedup"]))
+    assert verdict["metrics"]["sandbox_layers"]["landlock"]["abi"] >= 1
 
 
 def test_no_code_block_is_a_parse_error(verifier):
@@ -36,12 +38,13 @@ def test_no_code_block_is_a_parse_error(verifier):
 @pytest.mark.parametrize("name,source,failure", [
     ("syntax", "def custom_kernel(x, mask, weights):\n    return (", "compile_error"),
     ("no entry", "def kernel(x, mask, weights):\n    return x", "compile_error"),
+    # The repo's kernels are not in the jail at all: importing or reading them just fails.
     ("imports the reference",
      "from kernels.trimul.reference import trimul_reference\n"
-     "def custom_kernel(x, mask, weights):\n    return trimul_reference(x, mask, weights)", "cheat"),
+     "def custom_kernel(x, mask, weights):\n    return trimul_reference(x, mask, weights)", "crash"),
     ("reads the reference file",
-     "import glob\nSRC = open(glob.glob('/**/kernels/trimul/reference.py', recursive=True)[0]).read()\n"
-     "def custom_kernel(x, mask, weights):\n    return x", "cheat"),
+     f"SRC = open({str(resolve_task('trimul').root.parent.parent / 'kernels' / 'trimul' / 'reference.py')!r}).read()\n"
+     "def custom_kernel(x, mask, weights):\n    return x", "crash"),
     ("returns its input", "def custom_kernel(x, mask, weights):\n    return x", "wrong_result"),
     ("caches the first output", REFERENCE + "\n_first = custom_kernel\n_cache = {}\n"
      "def custom_kernel(x, mask, weights):\n"
@@ -51,9 +54,11 @@ def test_no_code_block_is_a_parse_error(verifier):
      "def custom_kernel(x, mask, weights):\n"
      "    if x.shape[1] in (32, 64, 128, 256, 512, 768, 1024):\n        return _real(x, mask, weights)\n"
      "    return np.zeros(x.shape, np.float32)", "wrong_result"),
-    ("writes into its input", REFERENCE + "\n_real = custom_kernel\n"
-     "def custom_kernel(x, mask, weights):\n    out = _real(x, mask, weights)\n    x[...] = 0\n    return out",
-     "cheat"),
+    ("memoises outputs by input shape", REFERENCE + "\n_real = custom_kernel\n_memo = {}\n"
+     "def custom_kernel(x, mask, weights):\n"
+     "    return _memo.setdefault(x.shape, _real(x, mask, weights))", "wrong_result"),
+    ("returns NaN", "import numpy as np\ndef custom_kernel(x, mask, weights):\n    return np.full(x.shape, np.nan)",
+     "wrong_result"),
     ("crashes", "def custom_kernel(x, mask, weights):\n    raise RuntimeError('boom')", "crash"),
     ("hangs", "def custom_kernel(x, mask, weights):\n    while True:\n        pass", "timeout"),
 ])
@@ -66,12 +71,25 @@ def test_cheats_and_faults_are_classified(verifier, monkeypatch, name, source, f
 
 
 @pytest.mark.slow
-def test_patching_the_clock_does_not_buy_a_speedup(verifier):
-    patched = "import time\ntime.perf_counter = lambda: 0.0\n" + REFERENCE
+def test_timing_from_outside_cannot_be_gamed(verifier):
+    """Patching the clock, padding timings, throttling the reference with a leftover process:
+    the parent times every call and the reference runs only once the agent's jail is gone."""
+    patched = ("import time, sys\ntime.perf_counter = lambda: 0.0\ntime.monotonic = lambda: 0.0\n" + REFERENCE)
     verdict = score(verifier, patched)
-    assert verdict["failure"] is None and verdict["reward"] < math.log(3), verdict
-    slowed_reference = ("import jax.numpy as jnp\n_einsum = jnp.einsum\n"
-                        "jnp.einsum = lambda *a, **k: (__import__('time').sleep(0.05), _einsum(*a, **k))[1]\n"
-                        + REFERENCE)
-    verdict = score(verifier, slowed_reference)  # slows only itself: the reference runs in its own process
-    assert verdict["failure"] is None and verdict["reward"] < math.log(3), verdict
+    assert verdict["failure"] is None and verdict["metrics"]["speedup"] < 3, verdict
+    # A busy child forked around the tripwire (ctypes), in its own session, left running.
+    throttle = ("import ctypes, os\nif ctypes.CDLL(None).fork() == 0:\n    os.setsid()\n    while True:\n"
+                "        pass\n" + REFERENCE)
+    verdict = score(verifier, throttle)
+    assert verdict["failure"] is None and verdict["metrics"]["speedup"] < 3, verdict
+
+
+@pytest.mark.slow
+def test_every_correct_kernel_scores_above_every_failure(verifier):
+    slow = REFERENCE + ("\n_fast = custom_kernel\nimport time\n"
+                        "def custom_kernel(x, mask, weights):\n    time.sleep(0.2)\n    return _fast(x, mask, weights)")
+    slow_verdict = score(verifier, slow)
+    assert slow_verdict["failure"] is None and slow_verdict["metrics"]["speedup"] < 1
+    assert 0 < slow_verdict["reward"] < 0.5 and slow_verdict["reward"] > verifier.FAILURE_REWARD
+    rewards = [verifier.speed_reward(s) for s in (0.01, 0.5, 1, 2, 100)]
+    assert rewards == sorted(rewards) and rewards[0] > verifier.FAILURE_REWARD and rewards[-1] < 1

@@ -29,6 +29,7 @@ class Evaluation:
     records: list[dict]
     samples: int  # completions drawn, retries included
     tokens: int  # tokens generated
+    task_metrics: dict = dataclasses.field(default_factory=dict)  # the task's own aggregate (verifier.aggregate)
 
     def summary(self) -> dict:
         n = max(len(self.scores), 1)
@@ -38,7 +39,8 @@ class Evaluation:
             "split": self.split, "items": len(self.scores), "score": sum(self.scores) / n,
             "pass_at_1": sum(self.first_attempt) / n, "success_rate": sum(s > 0 for s in self.scores) / n,
             "failure_rates": {k: v / max(len(finals), 1) for k, v in sorted(failures.items())},
-            "samples": self.samples, "tokens": self.tokens,
+            "samples": self.samples, "tokens": self.tokens, **({"task_metrics": self.task_metrics}
+                                                                 if self.task_metrics else {}),
         }
 
 
@@ -66,12 +68,15 @@ def evaluate(task, harness: Harness, backend, items: list[dict], key: jax.Array,
         harness.sampling, samples_per_prompt=harness.sampling.votes))
     rollout = run_items(task, voting, backend, items, key)
     finals = final_records(rollout.records)
-    scores, first = [], []
+    scores, first, chosen = [], [], []
     for item in items:
         mine = [r for r in finals if r["item"] == item["id"]]
-        scores.append(float(majority_record(sorted(mine, key=lambda r: r["sample"]))["reward"]))
+        chosen.append(majority_record(sorted(mine, key=lambda r: r["sample"])))
+        scores.append(float(chosen[-1]["reward"]))
         first.append(float(next(r["reward"] for r in rollout.records
                                 if r["item"] == item["id"] and r["sample"] == 0 and r["attempt"] == 1)))
     tokens = sum(len(r["token_ids"]) for r in rollout.records)
+    aggregate = getattr(task.verifier, "aggregate", None)
     return Evaluation(split, [item["id"] for item in items], scores, first, rollout.records,
-                      samples=len(rollout.records), tokens=tokens)
+                      samples=len(rollout.records), tokens=tokens,
+                      task_metrics=aggregate(chosen) if aggregate is not None else {})

@@ -76,8 +76,9 @@ def _verify(task, harness: Harness, item: dict, text: str) -> dict:
     try:
         verdict = task.verifier.score(item, answer, text)
         reward = float(verdict["reward"])
-    except Exception as err:  # a verifier fault is logged per sample, never fatal
-        return {"answer": answer, "reward": 0.0, "failure": "crash", "metrics": {}, "verifier_error": repr(err)}
+    except Exception as err:  # a verifier fault fails closed: the task's failure reward, logged, never fatal
+        return {"answer": answer, "reward": float(getattr(task.verifier, "FAILURE_REWARD", 0.0)),
+                "failure": "verifier_error", "metrics": {}, "verifier_error": repr(err)[:2000]}
     return {"answer": answer, "reward": reward, "failure": verdict.get("failure"), "metrics": verdict.get("metrics", {})}
 
 

@@ -58,6 +58,9 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"  # per-block rematerialisation in the backward pass: none | dots | full
     attention: str = "auto"  # auto: cuDNN flash attention on GPU for bf16/fp16, XLA elsewhere
+    # Decode with the layers unrolled over per-layer weight copies (2x faster decode on CPU, one extra
+    # copy of the block weights while sampling, longer sampler compile); False scans the stack.
+    decode_unroll: bool = True
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

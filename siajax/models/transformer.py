@@ -251,12 +251,32 @@ class Transformer(nnx.Module):
         """hidden [..., E] -> float32 logits [..., V], accumulated in float32 whatever the dtype."""
         return jnp.einsum("...e,ev->...v", hidden, self.head_weight(), preferred_element_type=jnp.float32)
 
-    def _run_blocks(self, x, positions, mask, inv_freq, cache, write_index, span, *, lora, dropout_key):
-        """Scans the stacked block over the layer axis; the cache rides in the carry and is
-        updated in place one layer slice at a time."""
+    def unstacked_layers(self) -> list:
+        """Each layer's variables as its own arrays (one copy of the block weights).
+
+        A decode loop that scans the stacked weights slices (copies) every layer's
+        weights at every step on CPU; the sampler unstacks once per call instead
+        and runs the layers unrolled (see ``ModelConfig.decode_unroll``).
+        """
+        _, stacked = nnx.split(self.layers)
+        return [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(self.config.num_layers)]
+
+    def _run_blocks(self, x, positions, mask, inv_freq, cache, write_index, span, *, lora, dropout_key,
+                    unstacked=None):
+        """Scans the stacked block over the layer axis (or, given ``unstacked`` per-layer
+        variables, runs them in a Python loop); the cache rides in the carry and is updated
+        in place one layer slice at a time."""
         graphdef, stacked = nnx.split(self.layers)
         layers = self.config.num_layers
         keys = jax.random.split(dropout_key, layers) if dropout_key is not None else None
+        if unstacked is not None:
+            cache_kv = None if cache is None else (cache.keys, cache.values)
+            for index, params in enumerate(unstacked):
+                kv = None if cache_kv is None else (*cache_kv, index, write_index, span)
+                x, cache_kv = nnx.merge(graphdef, params)(x, positions, mask, inv_freq, kv, lora=lora,
+                                                          key=None if keys is None else keys[index])
+                x = constrain_batch(x)
+            return x, cache_kv
 
         def body(carry, per_layer):
             x, cache_kv = carry
@@ -284,6 +304,7 @@ class Transformer(nnx.Module):
         lora: bool = True,
         dropout_key: jax.Array | None = None,
         head: str = "all",
+        unstacked_layers: list | None = None,
     ) -> ModelOutput:
         """Runs tokens [B, T] through the model.
 
@@ -295,6 +316,8 @@ class Transformer(nnx.Module):
         decode) or nowhere ("none": training reads ``hidden`` and applies the
         head in vocabulary chunks). ``lora=False`` gives the frozen base
         (reference) policy without a second copy of the weights.
+        ``unstacked_layers`` (from :meth:`unstacked_layers`) runs the layers
+        unrolled over per-layer arrays instead of scanning the stack.
         """
         if head not in HEAD_MODES:
             raise ValueError(f"head must be one of {HEAD_MODES}, got {head!r}")
@@ -318,7 +341,7 @@ class Transformer(nnx.Module):
 
         x = constrain_batch(gather_fsdp_for_lookup(self.embed[...])[tokens])
         x, cache_kv = self._run_blocks(x, positions, mask, inv_freq, cache, write_index, span, lora=lora,
-                                       dropout_key=dropout_key)
+                                       dropout_key=dropout_key, unstacked=unstacked_layers)
         hidden = self.final_norm(x)
         logits = {"all": lambda: self.logits(hidden), "last": lambda: self.logits(hidden[:, -1:]),
                   "none": lambda: None}[head]()

@@ -1,40 +1,48 @@
-"""Builds the task's splits from LawBench 3-3 (run once; outputs are committed).
+"""Builds the task's splits from the SIA paper's LawBench data (run once; outputs are committed).
 
-Seeded hash split of the 500 zero-shot items: sha256("lawbench-3-3:<question>")
-as an integer mod 100 -> < 60 train, < 70 dev (public), else test (private).
+Source: ``train.csv`` (5,332 labelled cases), ``test.csv`` + ``test_labels.csv``
+(913 cases) and ``classes.json`` (191 labels), as the official implementation
+ships them. The 913 test cases go to ``data/private/test.jsonl`` unchanged; a
+dev split is carved from train by a stable hash of the case id
+(sha256("lawbench-sia-dev:<id>") mod 100 < 5, about 5%); the rest is train.
 
-    python tasks/lawbench/make_splits.py [--source ../shared/data/lawbench]
+    python tasks/lawbench/make_splits.py [--source ../shared/data/lawbench-sia]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+DEV_PERCENT = 5
 
 
-def bucket(question: str) -> str:
-    value = int(hashlib.sha256(f"lawbench-3-3:{question}".encode("utf-8")).hexdigest(), 16) % 100
-    return "train" if value < 60 else "dev" if value < 70 else "test"
+def is_dev(case_id: str) -> bool:
+    return int(hashlib.sha256(f"lawbench-sia-dev:{case_id}".encode()).hexdigest(), 16) % 100 < DEV_PERCENT
 
 
-def gold_labels(answer: str) -> list[str]:
-    return [label.strip() for label in answer.split(":", 1)[1].split(";") if label.strip()]
+def read_csv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--source", type=Path, default=ROOT.parents[2] / "shared" / "data" / "lawbench")
+    parser.add_argument("--source", type=Path, default=ROOT.parents[2] / "shared" / "data" / "lawbench-sia")
     args = parser.parse_args()
-    items = json.loads((args.source / "3-3.zero_shot.json").read_text(encoding="utf-8"))
+    labels = set(json.loads((args.source / "classes.json").read_text(encoding="utf-8")))
     splits = {"train": [], "dev": [], "test": []}
-    for index, item in enumerate(items):
-        facts = item["question"].strip().removeprefix("事实:").strip()
-        splits[bucket(item["question"])].append(
-            {"id": f"law{index:03d}", "facts": facts, "labels": gold_labels(item["answer"])})
+    for row in read_csv(args.source / "train.csv"):
+        assert row["label"] in labels, row["label"]
+        item = {"id": f"train-{row['id']}", "facts": row["text"].strip(), "labels": [row["label"]]}
+        splits["dev" if is_dev(row["id"]) else "train"].append(item)
+    gold = {row["id"]: row["label"] for row in read_csv(args.source / "test_labels.csv")}
+    for row in read_csv(args.source / "test.csv"):
+        splits["test"].append({"id": f"test-{row['id']}", "facts": row["text"].strip(), "labels": [gold[row["id"]]]})
     for name, rows in splits.items():
         folder = "private" if name == "test" else "public"
         with open(ROOT / "data" / folder / f"{name}.jsonl", "w", encoding="utf-8") as handle:

@@ -1,15 +1,18 @@
 """Denoising verifier: the agent's denoise(counts) runs sandboxed on a fresh MCV split.
 
-Reward = normalised MSE score (0 = no denoising, 1 = best classical baseline on
-the same split; higher is better, can exceed 1 or go below 0), or -1 on a
-failure: parse_error, compile_error, crash, timeout, wrong_shape, negative_or_nan, cheat.
+The training counts go into the sandbox and the denoised matrix comes back as a
+framed array over a pipe (the parent opens no file the agent made). Score: the
+normalised MSE (0 = no denoising, 1 = the best classical baseline on the same
+split, higher is better). Reward: that score when it is >= 0, score / (1 - score)
+in (-1, 0) when the output is worse than the raw counts, and FAILURE_REWARD = -1
+for parse_error, compile_error, crash, timeout, oom, wrong_shape,
+negative_or_nan, so any valid denoiser beats any failure.
 """
 
 from __future__ import annotations
 
 import secrets
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,25 +34,28 @@ def _fail(kind: str, detail: str) -> dict:
     return failed_verdict(kind, detail, FAILURE_REWARD)
 
 
+def quality_reward(normalised_mse: float) -> float:
+    """Identity on the paper's scale; worse-than-raw squeezed into (-1, 0), above every failure."""
+    return float(normalised_mse if normalised_mse >= 0 else normalised_mse / (1.0 - normalised_mse))
+
+
 def score(item: dict, answer, text: str, seed: int | None = None) -> dict:
     if not answer:
         return _fail("parse_error", "no ```python code block defining denoise(counts) in the reply")
     seed = secrets.randbits(31) if seed is None else seed
     counts, _ = mcv.simulate_counts(**DATA, seed=seed)
     train, test = mcv.split_counts(counts, seed + 1)
-    with tempfile.TemporaryDirectory(prefix="denoise-") as scratch:
-        scratch = Path(scratch)
-        np.save(scratch / "train.npy", train)
-        result = run_sandboxed((ROOT / "checker.py").read_text(), entry="main", limits=LIMITS, scratch_dir=scratch,
-                               kwargs={"train_path": str(scratch / "train.npy"),
-                                       "output_path": str(scratch / "output.npy"), "agent_source": answer},
-                               forbidden_dirs=[ROOT / "data" / "private"], forbidden_modules=("mcv",))
-        kind = failure_kind(result)
-        if kind is not None:
-            return _fail(kind, f"{result.status}: {result.error}\n{result.stderr[-1500:]}")
-        pred = np.load(scratch / "output.npy", allow_pickle=False)
-    if pred.shape != train.shape:
-        return _fail("wrong_shape", f"output shape {pred.shape} != input shape {train.shape}")
+    result = run_sandboxed(answer, entry="denoise", arrays={"counts": train}, limits=LIMITS,
+                           env={"JAX_PLATFORMS": "cpu"})
+    kind = failure_kind(result)
+    if kind is not None:
+        return _fail(kind, f"{result.status}: {result.error}\n{result.stderr[-1500:]}")
+    pred = result.arrays.get("return")
+    if pred is None:
+        return _fail("wrong_shape", "denoise must return an array")
+    if pred.shape != train.shape or pred.dtype.kind not in "biuf":
+        return _fail("wrong_shape", f"output shape {pred.shape} ({pred.dtype}) != input shape {train.shape}")
+    pred = pred.astype(np.float64)
     if not np.isfinite(pred).all() or (pred < 0).any():
         return _fail("negative_or_nan", "the output must be finite and non-negative")
     baselines = mcv.baseline_table(counts, seed + 1)
@@ -58,6 +64,6 @@ def score(item: dict, answer, text: str, seed: int | None = None) -> dict:
     value = {"mse": mcv.mse(pred, test), "poisson": mcv.poisson(pred, test, train)}
     normalised_mse = mcv.normalised(value["mse"], raw["mse"], best["mse"])
     best_poisson = min(m["poisson"] for m in baselines.values())
-    return {"reward": float(np.clip(normalised_mse, -5, 5)), "failure": None, "metrics": {
-        **value, "normalised_mse": normalised_mse,
+    return {"reward": quality_reward(normalised_mse), "failure": None, "metrics": {
+        **value, "normalised_mse": normalised_mse, "sandbox_layers": result.layers,
         "normalised_poisson": mcv.normalised(value["poisson"], raw["poisson"], best_poisson)}}

@@ -1,38 +1,41 @@
-"""TriMul verifier: run the agent's kernel sandboxed, check it on fresh inputs, time it.
+"""TriMul verifier: the agent's kernel runs in the sandbox; the parent checks and times it.
 
-Reward = log(reference time / kernel time) (0 = as fast as the jnp reference),
-or -1 on any failure: parse_error (no code block), compile_error, crash,
-timeout, wrong_result, cheat. Cheats defeated (see tests/test_trimul_task.py):
-importing or reading the reference (module and directory forbidden in the
-sandbox); caching outputs (every case has fresh inputs, and the last timed
-output is checked too); returning inputs (correctness); shape hard-coding (a
-random shape outside the published list is always checked); writing into its
-inputs (checksums before/after); altering timing (the clock is bound before
-the agent's code runs, the reference is timed in its own sandbox run, and a
-time below the machine's physical floor is rejected).
+Protocol (``siajax.sandbox.SandboxSession``): the kernel is loaded once, then
+called over a pipe. Correctness: fixed check shapes (normal and Cauchy inputs,
+with and without a mask) and a random shape outside the published list, each on
+fresh inputs, compared with the float32 reference (rtol = atol = 2e-2). Timing:
+the parent's clock around each call (inputs in, output back), on a fresh,
+distinct input for every timed repeat, every timed output checked - nothing in
+the agent's process can touch the clock, replay an output or memoise an input.
+The jnp reference is timed the same way in its own session, after the agent's
+jail (and every process in it) is gone. A time below the machine's physical
+floor is a cheat.
+
+Reward: every failure (parse_error, compile_error, crash, timeout, oom,
+wrong_result, cheat) scores FAILURE_REWARD = -1; a correct kernel scores
+speed-up / (1 + speed-up) in (0, 1) - 0.5 at the reference's speed - so any
+correct kernel, however slow, beats any failure.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-import tempfile
+import sys
 from functools import lru_cache
 from pathlib import Path
-
-import sys
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent.parent
-KERNELS_DIR = REPO / "kernels"
 if str(REPO) not in sys.path:  # the verifier (not the agent) uses the repo's reference
     sys.path.append(str(REPO))
 
 from kernels.trimul.reference import flops, generate_inputs, trimul_reference  # noqa: E402
-from siajax.sandbox import SandboxLimits, failure_kind, run_sandboxed  # noqa: E402
+from siajax.sandbox import SandboxLimits, SandboxSession, failure_kind  # noqa: E402
 from siajax.tasks import failed_verdict  # noqa: E402
+
 CHECK_SHAPES = [dict(seqlen=32, bs=1, dim=128, hiddendim=128, nomask=True, distribution="normal"),
                 dict(seqlen=32, bs=1, dim=128, hiddendim=128, nomask=False, distribution="cauchy")]
 TIME_SHAPE = dict(seqlen=64, bs=1, dim=128, hiddendim=128, nomask=True, distribution="normal")
@@ -40,6 +43,7 @@ FAILURE_REWARD = -1.0
 CPU_PEAK_FLOPS = 2e12  # far above what 2 CPU cores reach: anything faster is a lie
 LIMITS = SandboxLimits(wall_seconds=180, cpu_seconds=600, memory_bytes=6 << 30)
 REPEATS = 5
+JAIL_ENV = {"JAX_PLATFORMS": "cpu"}
 
 
 def _random_unlisted_shape(rng) -> dict:
@@ -47,42 +51,57 @@ def _random_unlisted_shape(rng) -> dict:
                 hiddendim=int(rng.choice([16, 48])), nomask=bool(rng.integers(2)), distribution="normal")
 
 
-def _cases(seed: int) -> dict:
+def _arrays(x, mask, weights) -> dict:
+    return {"x": x, "mask": mask, **{f"weights/{name}": value for name, value in weights.items()}}
+
+
+def _fail(kind: str, detail: str) -> dict:
+    return failed_verdict(kind, detail, FAILURE_REWARD)
+
+
+def speed_reward(speedup: float) -> float:
+    """speed-up / (1 + speed-up): bounded, increasing, 0.5 at parity, above every failure."""
+    return float(speedup / (1.0 + speedup))
+
+
+def time_kernel(source: str, seed: int, *, check: bool = True) -> tuple[dict | None, dict]:
+    """-> (failure verdict or None, {"seconds": median, "times": [...]}) for one kernel source."""
     rng = np.random.default_rng(seed)
-    shapes = {f"check{i}": s for i, s in enumerate(CHECK_SHAPES)}
-    shapes["check_unlisted"] = _random_unlisted_shape(rng)
-    shapes["time0"] = TIME_SHAPE
-    cases = {}
-    for name, shape in shapes.items():
-        x, mask, weights = generate_inputs(**shape, seed=int(rng.integers(2**31)))
-        cases[name] = (shape, x, mask, weights)
-    return cases
+    shapes = CHECK_SHAPES + [_random_unlisted_shape(rng)] if check else []
+    with SandboxSession(source, limits=LIMITS, env=JAIL_ENV) as session:
+        if session.status != "ok":
+            result = session.result()
+            return _fail(failure_kind(result), _detail(result)), {}
+        for shape in shapes:
+            verdict = _checked_call(session, shape, int(rng.integers(2**31)))[0]
+            if verdict is not None:
+                return verdict, {}
+        _, _ = _checked_call(session, TIME_SHAPE, int(rng.integers(2**31)))  # warm-up (compilation), untimed
+        times = []
+        for _ in range(REPEATS):
+            verdict, seconds = _checked_call(session, TIME_SHAPE, int(rng.integers(2**31)))
+            if verdict is not None:
+                return verdict, {}
+            times.append(seconds)
+    return None, {"seconds": float(np.median(times)), "times": times, "layers": session.layers}
 
 
-def _save_cases(path: Path, cases: dict) -> None:
-    arrays = {}
-    for name, (_, x, mask, weights) in cases.items():
-        arrays[f"{name}/x"], arrays[f"{name}/mask"] = x, mask
-        arrays.update({f"{name}/w/{k}": v for k, v in weights.items()})
-    np.savez(path, **arrays)
+def _checked_call(session: SandboxSession, shape: dict, seed: int):
+    """One call on fresh inputs; -> (failure verdict or None, the parent-measured seconds)."""
+    x, mask, weights = generate_inputs(**shape, seed=seed)
+    reply = session.call("custom_kernel", arrays=_arrays(x, mask, weights))
+    if not reply.ok:
+        return _fail(failure_kind(reply), _detail(reply)), 0.0
+    got = reply.arrays.get("return")
+    expected = np.asarray(trimul_reference(x, mask, weights))
+    if got is None or got.shape != expected.shape or not np.isfinite(got).all() or not np.allclose(
+            np.asarray(got, np.float32), expected, rtol=2e-2, atol=2e-2):
+        return _fail("wrong_result", f"shape {shape} differs from the reference"), reply.seconds
+    return None, reply.seconds
 
 
-def run_kernel(source: str, cases: dict, repeats: int = REPEATS):
-    """-> (SandboxResult, outputs dict or None)."""
-    with tempfile.TemporaryDirectory(prefix="trimul-") as scratch:
-        scratch = Path(scratch)
-        _save_cases(scratch / "cases.npz", cases)
-        result = run_sandboxed(
-            (ROOT / "checker.py").read_text(), entry="main", limits=LIMITS, scratch_dir=scratch,
-            kwargs={"cases_path": str(scratch / "cases.npz"), "outputs_path": str(scratch / "outputs.npz"),
-                    "agent_source": source, "repeats": repeats},
-            forbidden_dirs=[KERNELS_DIR, ROOT / "data" / "private"], forbidden_modules=("kernels",),
-        )
-        outputs = None
-        if result.ok and (scratch / "outputs.npz").exists():
-            with np.load(scratch / "outputs.npz") as archive:
-                outputs = {k: archive[k] for k in archive.files}
-        return result, outputs
+def _detail(result) -> str:
+    return f"{result.status}: {result.error}\n{result.stderr[-1500:]}"
 
 
 REFERENCE_SOURCE = (ROOT / "reference_kernel.py").read_text()
@@ -90,41 +109,26 @@ REFERENCE_SOURCE = (ROOT / "reference_kernel.py").read_text()
 
 @lru_cache(maxsize=4)
 def reference_seconds(seed: int) -> float:
-    """The jnp reference timed the same way, in its own sandbox run (no agent code beside it)."""
-    result, _ = run_kernel(REFERENCE_SOURCE, _cases(seed))
-    if not result.ok:
-        raise RuntimeError(f"reference kernel failed in the sandbox: {result.status} {result.error}")
-    return float(np.median(result.value["times"]["time0"]))
-
-
-def _fail(kind: str, detail: str) -> dict:
-    return failed_verdict(kind, detail, FAILURE_REWARD)
+    """The jnp reference timed the same way, in its own session (no agent process left)."""
+    verdict, timing = time_kernel(REFERENCE_SOURCE, seed, check=False)
+    if verdict is not None:
+        raise RuntimeError(f"the reference kernel failed in the sandbox: {verdict}")
+    return timing["seconds"]
 
 
 def score(item: dict, answer, text: str, seed: int | None = None) -> dict:
     if not answer:
         return _fail("parse_error", "no ```python code block with custom_kernel in the reply")
     seed = secrets.randbits(31) if seed is None else seed
-    cases = _cases(seed)
-    result, outputs = run_kernel(answer, cases)
-    kind = failure_kind(result)
-    if kind is not None:
-        detail = result.error if kind != "crash" else f"{result.status}: {result.error}\n{result.stderr[-1500:]}"
-        return _fail(kind, detail)
-    if result.value["modified_inputs"]:
-        return _fail("cheat", f"the kernel wrote into its inputs ({result.value['modified_inputs']})")
-    for name, (shape, x, mask, weights) in cases.items():
-        expected = np.asarray(trimul_reference(x, mask, weights))
-        for key in [name] + ([name + "_last"] if name.startswith("time") else []):
-            got = outputs.get(key)
-            if got is None or got.shape != expected.shape or not np.isfinite(got).all() or not np.allclose(
-                    got, expected, rtol=2e-2, atol=2e-2):
-                return _fail("wrong_result", f"case {key} (shape {shape}) differs from the reference")
-    seconds = float(np.median(result.value["times"]["time0"]))
+    verdict, timing = time_kernel(answer, seed)
+    if verdict is not None:
+        return verdict
+    seconds = timing["seconds"]
     floor = flops(TIME_SHAPE["bs"], TIME_SHAPE["seqlen"], TIME_SHAPE["dim"], TIME_SHAPE["hiddendim"]) / CPU_PEAK_FLOPS
-    if seconds < floor:
-        return _fail("cheat", f"reported {seconds:.2e}s is below the physical floor {floor:.2e}s")
+    if not math.isfinite(seconds) or seconds < floor:
+        return _fail("cheat", f"measured {seconds:.2e}s is below the physical floor {floor:.2e}s")
     baseline = reference_seconds(seed)
     speedup = baseline / seconds
-    return {"reward": float(np.clip(math.log(speedup), -5, 5)), "failure": None,
-            "metrics": {"seconds": seconds, "reference_seconds": baseline, "speedup": speedup}}
+    return {"reward": speed_reward(speedup), "failure": None,
+            "metrics": {"seconds": seconds, "reference_seconds": baseline, "speedup": speedup,
+                        "times": timing["times"], "sandbox_layers": timing["layers"]}}

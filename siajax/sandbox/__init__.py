@@ -1,0 +1,314 @@
+"""Run agent-written Python where it can neither read what it must not nor outlive its limits.
+
+Threat model: the code is adversarial (an RL policy learns whatever a verifier
+lets through). It may use ctypes, raw syscalls, forks, threads, /proc, signals,
+sockets, disk and output floods, and it may rewrite anything in its own process.
+What it must not do: read the task's private data or code, the parent's
+memory or environment, reach the network, touch other processes, outlive its
+wall limit, or make the parent read, wait or allocate without bound.
+
+The barrier is the kernel (``launcher.py``: namespaces, a minimal read-only
+filesystem view, Landlock, a pids cgroup, rlimits, nobody/no capabilities);
+the audit hook in ``runner.py`` only names attempts. Every session records
+which layers held (:attr:`SandboxResult.layers`). Data crosses in both
+directions only as framed messages on pipes (no files the parent opens),
+bounded in size; stdout/stderr are captured up to a cap; every call is timed
+by the parent, outside the agent's process.
+
+    with SandboxSession(source, limits=SandboxLimits(wall_seconds=60)) as session:
+        reply = session.call("custom_kernel", arrays={"x": x, "mask": m, "weights/w": w})
+        reply.status, reply.arrays["return"], reply.seconds
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from siajax.sandbox.runner import EXIT_FORBIDDEN, read_exact, write_message
+
+HERE = Path(__file__).resolve().parent
+STATUSES = ("ok", "compile_error", "runtime_error", "timeout", "oom", "forbidden")
+SYSTEM_PATHS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
+GRACE_SECONDS = 2.0
+PR_SET_DUMPABLE = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxLimits:
+    wall_seconds: float = 30.0
+    cpu_seconds: int = 60
+    memory_bytes: int = 4 << 30
+    file_bytes: int = 64 << 20
+    scratch_bytes: int = 256 << 20  # the jail's whole writable /tmp (tmpfs)
+    max_processes: int = 64
+    max_open_files: int = 256
+    output_bytes: int = 1 << 20  # stdout and stderr kept, each; the rest is read and dropped
+    message_bytes: int = 1 << 30  # the largest reply accepted
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxResult:
+    """status in STATUSES; ``value`` / ``arrays`` are the entry's return value when ok;
+    ``seconds`` is the call's wall time measured by the parent."""
+
+    status: str
+    value: object = None
+    arrays: dict = dataclasses.field(default_factory=dict)
+    error: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    wall_seconds: float = 0.0
+    seconds: float = 0.0
+    layers: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def hide_parent_memory() -> None:
+    """PR_SET_DUMPABLE=0: processes of the same uid can no longer ptrace this one or read its
+    /proc/<pid>/mem or environ (API keys, private labels), should anything escape the jail."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+
+
+class _BoundedReader(threading.Thread):
+    """Drains a pipe to EOF, keeping the first ``limit`` bytes (a flood costs the parent nothing)."""
+
+    def __init__(self, stream, limit: int):
+        super().__init__(daemon=True)
+        self.stream, self.limit, self.kept, self.dropped = stream, limit, bytearray(), 0
+        self.start()
+
+    def run(self):
+        try:
+            while chunk := self.stream.read1(1 << 16):
+                room = self.limit - len(self.kept)
+                self.kept += chunk[:max(room, 0)]
+                self.dropped += max(len(chunk) - max(room, 0), 0)
+        except (OSError, ValueError):
+            pass
+
+    def text(self) -> str:
+        note = f"\n[... {self.dropped} more bytes dropped]" if self.dropped else ""
+        return self.kept.decode("utf-8", "replace") + note
+
+
+def _interpreter_paths() -> list[str]:
+    paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    return sorted(p for p in paths if p and not any(p.startswith(s + "/") for s in SYSTEM_PATHS))
+
+
+def _read_reply(fd: int, deadline: float, limit: int):
+    """A framed reply from the runner, or None at the deadline / on a closed pipe."""
+    from siajax.sandbox.runner import read_message
+
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+        return None
+    try:
+        return read_message(fd, limit)
+    except (EOFError, OSError):
+        return None
+    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+        return {"status": "runtime_error", "error": f"malformed reply from the sandbox: {err}"}, {}
+
+
+class SandboxSession:
+    """A running jail with the agent's code loaded; ``call`` it any number of times."""
+
+    def __init__(self, source: str, *, limits: SandboxLimits = SandboxLimits(), readable_dirs=(), devices=(),
+                 env: dict | None = None, threads: int = 1, namespaces: bool = True):
+        self.source, self.limits = source, limits
+        self.readable_dirs = [str(Path(p).resolve()) for p in readable_dirs]
+        self.devices, self.env, self.threads, self.namespaces = list(devices), dict(env or {}), threads, namespaces
+        self.layers: dict = {}
+        self.status, self.error = "ok", ""
+        self._process = None
+
+    def __enter__(self) -> SandboxSession:
+        hide_parent_memory()
+        self._control = Path(tempfile.mkdtemp(prefix="siajax-sbx-"))
+        os.chmod(self._control, 0o711)
+        sandbox, scratch = self._control / "sandbox", self._control / "scratch"
+        sandbox.mkdir()
+        scratch.mkdir()
+        files = {"runner.py": (HERE / "runner.py").read_text(), "agent.py": self.source}
+        for name, text in files.items():
+            (sandbox / name).write_text(text, encoding="utf-8")
+        os.chmod(sandbox, 0o755)
+        if os.geteuid() == 0:
+            os.chown(scratch, 65534, 65534)  # the no-namespace fallback runs as nobody
+        jail = self._control / "jail"
+        jail.mkdir()
+        request_read, self._request = os.pipe()
+        self._response, response_write = os.pipe()
+        rlimits = {"RLIMIT_AS": self.limits.memory_bytes, "RLIMIT_CPU": self.limits.cpu_seconds,
+                   "RLIMIT_FSIZE": self.limits.file_bytes, "RLIMIT_NOFILE": self.limits.max_open_files,
+                   "RLIMIT_CORE": 0}
+        if os.geteuid() != 0:
+            rlimits["RLIMIT_NPROC"] = self.limits.max_processes + _own_processes()
+        spec = {"namespaces": self.namespaces, "jail_root": str(jail), "host_sandbox": str(sandbox),
+                "host_scratch": str(scratch), "files": files, "scratch_bytes": self.limits.scratch_bytes,
+                "read_only": [p for p in SYSTEM_PATHS if os.path.exists(p)] + _interpreter_paths() + self.readable_dirs,
+                "devices": [d for d in (*DEVICES, *self.devices) if os.path.exists(d)], "rlimits": rlimits,
+                "max_processes": self.limits.max_processes, "python": sys.executable, "threads": self.threads,
+                "env": self.env, "request_fd": request_read, "response_fd": response_write}
+        (self._control / "spec.json").write_text(json.dumps(spec))
+        self._started = time.monotonic()
+        self._deadline = self._started + self.limits.wall_seconds
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", str(HERE / "launcher.py"), str(self._control / "spec.json")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"},
+            pass_fds=(request_read, response_write), start_new_session=True, cwd=str(self._control))
+        os.close(request_read)
+        os.close(response_write)
+        self._stdout = _BoundedReader(self._process.stdout, self.limits.output_bytes)
+        self._stderr = _BoundedReader(self._process.stderr, self.limits.output_bytes)
+        report = _read_reply(self._response, self._deadline, 1 << 20)
+        self.layers = (report[0].get("layers", {}) if report else {}) or {}
+        if "fatal" in self.layers or report is None:
+            self._fail("runtime_error", f"the sandbox could not start: {self.layers.get('fatal', 'no report')}")
+            return self
+        write_message(self._request, {"source": "agent.py"})
+        ready = _read_reply(self._response, self._deadline, 1 << 20)
+        if ready is None:
+            self._fail(*self._after_silence("while loading the code"))
+        elif ready[0].get("status") != "ready":
+            self._fail(ready[0].get("status", "runtime_error"), ready[0].get("error", ""),
+                       ready[0].get("traceback", ""))
+        return self
+
+    def call(self, entry: str, kwargs: dict | None = None, arrays: dict | None = None) -> SandboxResult:
+        """Calls ``entry(**kwargs, **arrays)`` in the jail; arrays named "a/b" arrive as nested dicts."""
+        if self.status != "ok":
+            return self.result()
+        start = time.perf_counter()
+        try:
+            write_message(self._request, {"op": "call", "entry": entry, "kwargs": kwargs or {}}, arrays)
+        except OSError:
+            self._fail(*self._after_silence("while sending the inputs"))
+            return self.result()
+        reply = _read_reply(self._response, self._deadline, self.limits.message_bytes)
+        seconds = time.perf_counter() - start
+        if reply is None:
+            self._fail(*self._after_silence("during the call"))
+            return self.result()
+        header, out = reply
+        if header.get("status") != "ok":
+            self._fail(header.get("status", "runtime_error"), header.get("error", ""), header.get("traceback", ""))
+            return self.result()
+        return dataclasses.replace(self.result(), value=header.get("value"), arrays=out, seconds=seconds)
+
+    def _fail(self, status: str, error: str, traceback: str = "") -> None:
+        self.status = status if status in STATUSES else "runtime_error"
+        self.error, self._traceback = error, traceback
+        self._stop()
+
+    def _after_silence(self, when: str) -> tuple[str, str]:
+        """Why the runner went quiet: the deadline, a signal (memory, CPU), or an exit."""
+        if time.monotonic() >= self._deadline:
+            return "timeout", f"killed at the wall-clock limit ({self.limits.wall_seconds}s) {when}"
+        self._stop()
+        code = self._process.returncode
+        if code == EXIT_FORBIDDEN:
+            return "forbidden", "the tripwire fired"
+        if code in (128 + signal.SIGXCPU, -signal.SIGXCPU, 128 + signal.SIGKILL, -signal.SIGKILL):
+            return "timeout", f"killed at the CPU-time limit {when}"
+        if code in (128 + signal.SIGSEGV, 128 + signal.SIGABRT, -signal.SIGSEGV, -signal.SIGABRT) or any(
+                marker in self._stderr.text() for marker in ("MemoryError", "std::bad_alloc", "RESOURCE_EXHAUSTED")):
+            return "oom", f"died with code {code} under the memory limit {when}"
+        return "runtime_error", f"the sandbox exited with code {code} {when}"
+
+    def _stop(self) -> None:
+        """Ends the jail: SIGKILL to the launcher's group; the jail's pid 1 dies with it (parent-death
+        signal), and the kernel kills everything else in its pid namespace."""
+        if self._process is None or self._process.returncode is not None:
+            return
+        try:
+            os.killpg(self._process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self._process.wait(timeout=GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def result(self) -> SandboxResult:
+        return SandboxResult(self.status, error=self.error, stdout=self._stdout.text() if self._process else "",
+                             stderr=(getattr(self, "_traceback", "") + self._stderr.text()) if self._process else "",
+                             wall_seconds=time.monotonic() - self._started if self._process else 0.0,
+                             layers=dict(self.layers))
+
+    def __exit__(self, *exc) -> None:
+        if self._process is not None and self._process.returncode is None and self.status == "ok":
+            try:
+                write_message(self._request, {"op": "close"})
+                self._process.wait(timeout=GRACE_SECONDS)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self._stop()
+        for fd in (self._request, self._response):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for reader in (self._stdout, self._stderr):
+            reader.join(timeout=GRACE_SECONDS)
+        shutil.rmtree(self._control, ignore_errors=True)
+
+
+def _own_processes() -> int:
+    """Processes and threads of this uid now (RLIMIT_NPROC counts them all, not just the jail's)."""
+    uid, count = os.getuid(), 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    count += len(os.listdir(f"/proc/{entry}/task"))
+            except OSError:
+                continue
+    return count
+
+
+def run_sandboxed(source: str, *, entry: str = "main", kwargs: dict | None = None, arrays: dict | None = None,
+                  limits: SandboxLimits = SandboxLimits(), readable_dirs=(), devices=(), env=None,
+                  namespaces: bool = True) -> SandboxResult:
+    """One call of ``entry`` from ``source`` in a fresh jail; never raises for the code's faults and
+    returns within ``limits.wall_seconds`` plus a small grace."""
+    with SandboxSession(source, limits=limits, readable_dirs=readable_dirs, devices=devices, env=env,
+                        namespaces=namespaces) as session:
+        result = session.call(entry, kwargs, arrays)
+    return dataclasses.replace(result, stdout=session.result().stdout, stderr=session.result().stderr)
+
+
+COMPILE_FAULTS = ("SyntaxError", "IndentationError", "TabError", "NameError: the code must define")
+
+
+def failure_kind(result: SandboxResult) -> str | None:
+    """Maps a sandbox outcome to a task failure kind (None when the code ran): a refused action is
+    a cheat; syntax errors are compile errors; anything else is a crash, timeout or oom."""
+    if result.ok:
+        return None
+    last_line = (result.error.strip().splitlines() or [""])[-1]
+    if result.status == "compile_error" or (result.status == "runtime_error" and last_line.startswith(COMPILE_FAULTS)):
+        return "compile_error"
+    return {"timeout": "timeout", "forbidden": "cheat", "oom": "oom"}.get(result.status, "crash")
+
+
+__all__ = ["STATUSES", "SandboxLimits", "SandboxResult", "SandboxSession", "failure_kind", "hide_parent_memory",
+           "run_sandboxed"]

@@ -1,0 +1,101 @@
+"""The command line around the happy path: one-line errors, nothing half-made, config files, tokenizers
+without a pad token and with several end-of-turn ids."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import pytest
+
+from siajax.cli import main
+from siajax.models import BUNDLED_TINY_MODEL, decoding_ids, from_pretrained
+from siajax.sampling import generate
+
+
+def cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.err.strip()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "--task", "nope"], "no task named 'nope'"),
+    (["run", "--mesh", "bad=3"], "unknown mesh axes"),
+    (["run", "--model", "/nonexistent/model"], "no checkpoint directory"),
+    (["run", "--recipe", "entropic", "--samples-per-prompt", "2"], "at least 3 samples"),
+    (["run", "--generations", "0"], "generations must be >= 1"),
+    (["run", "--items-per-generation", "3", "--samples-per-prompt", "3", "--levers", "weights"], "do not split"),
+])
+def test_bad_run_inputs_are_one_line_and_leave_nothing_behind(capsys, tmp_path, argv, message):
+    run_dir = tmp_path / "run"
+    code, err = cli(capsys, *argv, "--run-dir", str(run_dir))
+    assert code == 2 and message in err and "\n" not in err and "Traceback" not in err, err
+    assert not run_dir.exists()
+
+
+def test_missing_runs_and_generations_are_one_line(capsys, tmp_path):
+    for argv in (["resume", str(tmp_path / "none")], ["report", str(tmp_path / "none")],
+                 ["eval", str(tmp_path / "none")]):
+        code, err = cli(capsys, *argv)
+        assert code == 2 and "not a siajax run directory" in err and "\n" not in err
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path):
+    with pytest.raises(Exception, match="no task named"):
+        main(["--debug", "run", "--task", "nope", "--run-dir", str(tmp_path / "run")])
+
+
+def test_a_toml_config_file_with_flags_on_top(capsys, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('task = "digits"\nlevers = "harness"\ngenerations = 1\nseed = 1\nitems_per_generation = 4\n'
+                      'dev_items = 4\ntest_items = 4\n\n[feedback_rules]\nalpha = 0.2\n')
+    code, err = cli(capsys, "run", "--config", str(config), "--seed", "5", "--run-dir", str(tmp_path / "run"))
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["seed"] == 5 and saved["generations"] == 1 and saved["feedback_rules"]["alpha"] == 0.2
+    broken = tmp_path / "broken.toml"
+    broken.write_text("task = \n")
+    assert cli(capsys, "run", "--config", str(broken), "--run-dir", str(tmp_path / "r2"))[0] == 2
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("tasks = 'digits'\n")
+    code, err = cli(capsys, "run", "--config", str(unknown), "--run-dir", str(tmp_path / "r3"))
+    assert code == 2 and "unknown run settings ['tasks']" in err and not (tmp_path / "r3").exists()
+
+
+def test_run_help_groups_the_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    for group in ("weight lever:", "harness and evaluation:", "feedback agent:"):
+        assert group in text
+    for flag in ("--recipe", "--temperature", "--samples-per-prompt", "--epochs", "--eval-split", "--lr-schedule",
+                 "--config"):
+        assert flag in text
+
+
+def test_a_llama3_style_tokenizer_without_pad_and_with_several_stop_ids(tmp_path):
+    directory = tmp_path / "llama3ish"
+    shutil.copytree(BUNDLED_TINY_MODEL, directory)
+    tokenizer_config = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("pad_token", None)
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    model, tokenizer = from_pretrained(directory)
+    assert tokenizer.pad_token_id is None
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Count the cells."}],
+                                           add_generation_prompt=True)["input_ids"]
+    free = generate(model, [prompt], key=jax.random.key(0), max_new_tokens=12, temperature=0.0, pad_token_id=0)
+    end_of_turn = int(free.tokens[0, 2])  # a token greedy decoding emits third plays <|eot_id|>
+    generation = {"eos_token_id": [tokenizer.eos_token_id, end_of_turn]}
+    (directory / "generation_config.json").write_text(json.dumps(generation))
+    ids = decoding_ids(tokenizer)
+    assert ids.stop_token_ids == (tokenizer.eos_token_id, end_of_turn) and ids.pad_token_id == tokenizer.eos_token_id
+    stopped = generate(model, [prompt], key=jax.random.key(0), max_new_tokens=12, temperature=0.0,
+                       stop_token_ids=ids.stop_token_ids, pad_token_id=ids.pad_token_id)
+    first = [int(t) for t in free.tokens[0]].index(end_of_turn)
+    assert int(stopped.lengths[0]) == first + 1
+    with pytest.raises(ValueError, match="pad_token_id is None"):
+        generate(model, [prompt], key=jax.random.key(0), max_new_tokens=4, pad_token_id=None)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, [prompt], key=jax.random.key(0), max_new_tokens=4, top_p=0.0)
