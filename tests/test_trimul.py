@@ -80,7 +80,7 @@ def test_pallas_kernels_match_reference_in_interpret_mode(shape, matmul_dtype):
 def test_cuda_kernel_compiles_for_sm80_and_sm90a(tmp_path):
     library = build_library(tmp_path / "libsiajax_trimul.so", force=True)
     symbols = subprocess.run(["nm", "-D", str(library)], capture_output=True, text=True).stdout
-    assert "SiajaxTriMul" in symbols
+    assert "SiajaxTriMul" in symbols and "SiajaxTriMulTensorCore" in symbols  # SIMT f32 and bf16 WMMA
 
 
 @pytest.mark.skipif(cuda_available(), reason="a GPU is present")
@@ -88,3 +88,38 @@ def test_cuda_wrapper_says_clearly_that_it_needs_a_gpu():
     x, mask, w = generate_inputs(8, 1, 8, 8, seed=0, nomask=True)
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         trimul_cuda(x, mask, w)
+
+
+def test_pallas_pads_any_n_and_picks_blocks_per_shape():
+    from kernels.trimul.pallas import block_sizes
+
+    assert block_sizes(32, "gpu") == (32, 32) and block_sizes(1024, "gpu") == (128, 64)
+    assert block_sizes(256, "tpu") == (128, 128)  # TPU tiles stay multiples of 128 lanes
+    x, mask, w = generate_inputs(24, 1, 32, 16, seed=3, nomask=False)  # N = 24: padded to 32 with mask 0
+    got = np.asarray(trimul_pallas(x, mask, w, matmul_dtype=jnp.bfloat16, interpret=True, block_ij=16, block_k=16))
+    np.testing.assert_allclose(got, np.asarray(trimul_reference(x, mask, w)), **TOL)
+
+
+def test_cuda_calls_lower_to_the_tensor_core_target_with_a_poisoned_aliased_output():
+    """Lowered for CUDA without a GPU: the bf16 WMMA handler, bf16 workspaces, and the NaN-filled
+    output buffer aliased to the result (an unwritten output cannot return a stale result)."""
+    import jax
+
+    from kernels.trimul.cuda_ffi import _trimul_cuda_call
+
+    x, mask, w = generate_inputs(32, 1, 16, 8, seed=0, nomask=True)
+    for tensor_cores, target, operand in ((True, "siajax_trimul_tc", "bf16"), (False, "siajax_trimul", "f32")):
+        text = _trimul_cuda_call.trace(x, mask, w, tensor_cores=tensor_cores).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert f'@{target}' in text or f'"{target}"' in text
+        assert "output_tuple_indices = [0], operand_index = 8" in text  # out aliases the 9th operand ...
+        assert "dense<0x7FC00000>" in text  # ... which is filled with NaN
+        assert f"tensor<8x32x32x{operand}>" in text
+
+
+def test_the_gpu_check_dry_run_lists_every_step(tmp_path):
+    from experiments.gpu_check import STEPS, main
+
+    assert main(["--dry-run", "--out", str(tmp_path)]) == 0
+    plan = json.loads((tmp_path / "gpu_check_plan.json").read_text())
+    assert plan["steps"] == list(STEPS) and all(plan["plan"][step] for step in STEPS)

@@ -93,3 +93,33 @@ def test_every_correct_kernel_scores_above_every_failure(verifier):
     assert 0 < slow_verdict["reward"] < 0.5 and slow_verdict["reward"] > verifier.FAILURE_REWARD
     rewards = [verifier.speed_reward(s) for s in (0.01, 0.5, 1, 2, 100)]
     assert rewards == sorted(rewards) and rewards[0] > verifier.FAILURE_REWARD and rewards[-1] < 1
+
+
+CUDA_ANSWER = r'''
+#include <cuda_runtime.h>
+__global__ void zero(float* out, long n) {
+  long i = blockIdx.x * (long)blockDim.x + threadIdx.x;
+  if (i < n) out[i] = 0.f;
+}
+extern "C" cudaError_t trimul_launch(cudaStream_t stream, const float* x, const float* mask, const float* norm_w,
+                                     const float* norm_b, const float* w_in_t, const float* out_norm_w,
+                                     const float* out_norm_b, const float* w_out_t, float* out, int batch, int n,
+                                     int c_dim, int h_dim) {
+  long total = (long)batch * n * n * c_dim;
+  zero<<<(total + 255) / 256, 256, 0, stream>>>(out, total);
+  return cudaGetLastError();
+}
+'''
+
+
+@pytest.mark.skipif(__import__("shutil").which("nvcc") is None, reason="needs nvcc")
+def test_cuda_answers_compile_in_the_jail_and_need_a_gpu_to_score(verifier):
+    """CPU here: a CUDA answer is compiled inside the sandbox; without a GPU it cannot be checked,
+    so it scores the failure reward as needs_gpu; a broken one is a compile error."""
+    if verifier._gpu_devices():
+        pytest.skip("a GPU is present: the answer would run (and be wrong: it writes zeros)")
+    assert verifier.is_cuda(CUDA_ANSWER) and not verifier.is_cuda(REFERENCE)
+    verdict = score(verifier, CUDA_ANSWER)
+    assert verdict["failure"] == "needs_gpu" and verdict["reward"] == verifier.FAILURE_REWARD, verdict
+    broken = score(verifier, CUDA_ANSWER.replace("cudaGetLastError();", "cudaGetLastError()"))
+    assert broken["failure"] == "compile_error", broken

@@ -41,7 +41,8 @@ def implementations(backend: str) -> dict:
         impls["pallas_f32"] = lambda x, m, w: trimul_pallas(x, m, w)
         impls["pallas_bf16"] = lambda x, m, w: trimul_pallas(x, m, w, matmul_dtype=jnp.bfloat16)
     if cuda_available():
-        impls["cuda"] = trimul_cuda
+        impls["cuda_tensor_core"] = lambda x, m, w: trimul_cuda(x, m, w, tensor_cores=True)
+        impls["cuda_f32"] = lambda x, m, w: trimul_cuda(x, m, w, tensor_cores=False)
     return impls
 
 

@@ -74,10 +74,49 @@ def _pick_block(n: int, preferred: int) -> int:
     return block
 
 
+# Contraction tiles (block_ij, block_k) by N: small N keeps more (b, h, i, j) programs in flight,
+# large N feeds the tensor cores / MXU bigger tiles. TPU wants multiples of 128 lanes.
+BLOCKS = {"gpu": ((64, (32, 32)), (256, (64, 32)), (None, (128, 64))),
+          "tpu": ((None, (128, 128)),)}
+
+
+def block_sizes(n: int, platform: str) -> tuple[int, int]:
+    """(block_ij, block_k) for an N x N contraction on ``platform`` ("gpu", "tpu"; else the GPU table)."""
+    for limit, blocks in BLOCKS.get(platform, BLOCKS["gpu"]):
+        if limit is None or n <= limit:
+            return blocks
+    raise AssertionError("unreachable")
+
+
+def padded_length(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def trimul_pallas(x, mask, weights, *, matmul_dtype=jnp.float32, block_rows: int = 128, block_ij: int | None = None,
+                  block_k: int | None = None, interpret: bool = False):
+    """Same contract as :func:`kernels.trimul.reference.trimul_reference`.
+
+    Block sizes default to :func:`block_sizes` for the backend; N is zero-padded (mask 0) up to a
+    multiple of the contraction tile, so any N lowers on GPUs and TPUs (Triton and Mosaic want
+    power-of-two tiles), and the padding is cut off the result.
+    """
+    platform = "tpu" if jax.default_backend() == "tpu" else "gpu"
+    default_ij, default_k = block_sizes(x.shape[1], platform)
+    block_ij, block_k = block_ij or default_ij, block_k or default_k
+    if interpret:  # interpret mode has no tile constraints: small tiles keep CPU tests fast
+        block_ij, block_k = min(block_ij, x.shape[1]), min(block_k, x.shape[1])
+    n = x.shape[1]
+    size = padded_length(n, max(block_ij, block_k))
+    if size != n:
+        pad = ((0, 0), (0, size - n), (0, size - n))
+        x, mask = jnp.pad(x, pad + ((0, 0),)), jnp.pad(jnp.asarray(mask, jnp.float32), pad)
+    out = _trimul_pallas(x, mask, weights, matmul_dtype=matmul_dtype, block_rows=block_rows, block_ij=block_ij,
+                         block_k=block_k, interpret=interpret)
+    return out[:, :n, :n]
+
+
 @functools.partial(jax.jit, static_argnames=("matmul_dtype", "block_rows", "block_ij", "block_k", "interpret"))
-def trimul_pallas(x, mask, weights, *, matmul_dtype=jnp.float32, block_rows: int = 128, block_ij: int = 64,
-                  block_k: int = 32, interpret: bool = False):
-    """Same contract as :func:`kernels.trimul.reference.trimul_reference`."""
+def _trimul_pallas(x, mask, weights, *, matmul_dtype, block_rows: int, block_ij: int, block_k: int, interpret: bool):
     b, n, _, c = x.shape
     h = weights["left_proj.weight"].shape[0]
     rows = b * n * n

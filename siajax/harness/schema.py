@@ -20,7 +20,7 @@ PARSER_KINDS = ("raw", "regex", "json", "label_set")
 PICKS = ("first", "last")
 FAILURE_KINDS = ("parse_error", "invalid_label", "wrong_answer", "compile_error", "wrong_result", "timeout",
                  "crash", "oom", "forbidden", "wrong_shape", "negative_or_nan", "tool_error", "cheat", "wrong_label",
-                 "verifier_error")
+                 "verifier_error", "needs_gpu")
 
 
 class HarnessError(ValueError):

@@ -132,8 +132,8 @@ class SandboxSession:
     """A running jail with the agent's code loaded; ``call`` it any number of times."""
 
     def __init__(self, source: str, *, limits: SandboxLimits = SandboxLimits(), readable_dirs=(), devices=(),
-                 env: dict | None = None, threads: int = 1, namespaces: bool = True):
-        self.source, self.limits = source, limits
+                 env: dict | None = None, threads: int = 1, namespaces: bool = True, tripwire: bool = True):
+        self.source, self.limits, self.tripwire = source, limits, tripwire
         self.readable_dirs = [str(Path(p).resolve()) for p in readable_dirs]
         self.devices, self.env, self.threads, self.namespaces = list(devices), dict(env or {}), threads, namespaces
         self.layers: dict = {}
@@ -184,7 +184,7 @@ class SandboxSession:
         if "fatal" in self.layers or report is None:
             self._fail("runtime_error", f"the sandbox could not start: {self.layers.get('fatal', 'no report')}")
             return self
-        write_message(self._request, {"source": "agent.py"})
+        write_message(self._request, {"source": "agent.py", "tripwire": self.tripwire})
         ready = _read_reply(self._response, self._deadline, 1 << 20)
         if ready is None:
             self._fail(*self._after_silence("while loading the code"))

@@ -241,7 +241,11 @@ def child(spec: dict, layers: dict, report_fd: int) -> None:
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     jailed = layers["namespaces"].startswith("mount")
     if jailed:
-        build_jail(spec)
+        try:
+            build_jail(spec)
+        except OSError as err:  # e.g. Ubuntu's restricted user namespaces: no mounts; Landlock draws the view
+            jailed, layers["mount"] = False, f"off: {err}"
+    if jailed:
         read_only, writable = ["/"], ["/tmp", "/dev/null"]
     else:  # Landlock alone draws the same view on the host's filesystem
         read_only = spec["read_only"] + spec["devices"] + [spec["host_sandbox"]]  # no /proc: no parent to read
@@ -251,8 +255,8 @@ def child(spec: dict, layers: dict, report_fd: int) -> None:
         layers["landlock"] = landlock(read_only, writable)
     except OSError as err:
         layers["landlock"] = f"off: {err}"
-        if not layers["namespaces"].startswith("mount"):
-            layers["fatal"] = "neither namespaces nor Landlock are available; refusing to run agent code"
+        if not jailed:
+            layers["fatal"] = "neither a mount namespace nor Landlock is available; refusing to run agent code"
     set_limits(spec["rlimits"])
     layers["rlimits"] = sorted(spec["rlimits"])
     prctl(PR_SET_NO_NEW_PRIVS, 1)

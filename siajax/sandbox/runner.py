@@ -118,7 +118,8 @@ def main() -> None:
     except (SyntaxError, ValueError) as err:
         write_message(response_fd, {"status": "compile_error", "error": f"{type(err).__name__}: {err}"})
         return
-    install_tripwire(response_fd)
+    if setup.get("tripwire", True):
+        install_tripwire(response_fd)
     namespace = {"__name__": "agent_code"}
     try:
         exec(code, namespace)

@@ -11,8 +11,14 @@ The jnp reference is timed the same way in its own session, after the agent's
 jail (and every process in it) is gone. A time below the machine's physical
 floor is a cheat.
 
+Languages (the harness switch): Python (jnp, or Pallas, lowered natively on a
+GPU) or CUDA C++ defining ``extern "C" cudaError_t trimul_launch(...)`` (see
+``cuda_mode/ffi_wrapper.cc``), compiled with nvcc inside the jail and called
+through XLA FFI with a NaN-filled output buffer aliased to the result. Without
+a GPU, CUDA answers are compiled and reported as ``needs_gpu`` (not verifiable).
+
 Reward: every failure (parse_error, compile_error, crash, timeout, oom,
-wrong_result, cheat) scores FAILURE_REWARD = -1; a correct kernel scores
+wrong_result, cheat, needs_gpu) scores FAILURE_REWARD = -1; a correct kernel scores
 speed-up / (1 + speed-up) in (0, 1) - 0.5 at the reference's speed - so any
 correct kernel, however slow, beats any failure.
 """
@@ -64,14 +70,36 @@ def speed_reward(speedup: float) -> float:
     return float(speedup / (1.0 + speedup))
 
 
+def is_cuda(source: str) -> bool:
+    """The harness switch: a CUDA answer (defines a __global__ kernel and trimul_launch), else Python
+    (jnp, or Pallas, which lowers natively on a GPU)."""
+    return "__global__" in source and "trimul_launch" in source
+
+
+def cuda_program(cuda_source: str) -> str:
+    """The trusted prelude around an agent's CUDA source: compile with nvcc, register, call via FFI."""
+    prelude = (ROOT / "cuda_mode" / "prelude.py").read_text()
+    wrapper = (ROOT / "cuda_mode" / "ffi_wrapper.cc").read_text()
+    return prelude.replace('"__AGENT_CUDA__"', repr(cuda_source)).replace('"__FFI_WRAPPER__"', repr(wrapper))
+
+
+def _gpu_devices() -> list[str]:
+    return sorted(str(p) for p in Path("/dev").glob("nvidia*"))
+
+
 def time_kernel(source: str, seed: int, *, check: bool = True) -> tuple[dict | None, dict]:
     """-> (failure verdict or None, {"seconds": median, "times": [...]}) for one kernel source."""
     rng = np.random.default_rng(seed)
     shapes = CHECK_SHAPES + [_random_unlisted_shape(rng)] if check else []
-    with SandboxSession(source, limits=LIMITS, env=JAIL_ENV) as session:
+    gpu = bool(_gpu_devices())
+    cuda = is_cuda(source)
+    program = cuda_program(source) if cuda else source
+    # CUDA mode runs nvcc in the jail (a subprocess): the tripwire, which names subprocesses, is off there.
+    with SandboxSession(program, limits=LIMITS, env={} if gpu else JAIL_ENV, devices=_gpu_devices(),
+                        tripwire=not cuda) as session:
         if session.status != "ok":
             result = session.result()
-            return _fail(failure_kind(result), _detail(result)), {}
+            return _fail(_kernel_failure(result), _detail(result)), {}
         for shape in shapes:
             verdict = _checked_call(session, shape, int(rng.integers(2**31)))[0]
             if verdict is not None:
@@ -98,6 +126,15 @@ def _checked_call(session: SandboxSession, shape: dict, seed: int):
             np.asarray(got, np.float32), expected, rtol=2e-2, atol=2e-2):
         return _fail("wrong_result", f"shape {shape} differs from the reference"), reply.seconds
     return None, reply.seconds
+
+
+def _kernel_failure(result) -> str:
+    head = (result.error.strip().splitlines() or [""])[0]  # "agent_code.CompileError: ..." names the class
+    if "NeedsGPU" in head:
+        return "needs_gpu"
+    if "CompileError" in head:
+        return "compile_error"
+    return failure_kind(result)
 
 
 def _detail(result) -> str:
