@@ -1,4 +1,4 @@
-# Two entry points (README Quick start): `make run` and `make test`.
+# Two entry points (README Quick start): `make run` (SmolLM2 on arithmetic, SIA-W+H) and `make test`.
 # Both create or reuse .venv and install what they need; reinstall when pyproject.toml changes.
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 run: $(STAMP)
-	$(PY) -m siajax run --task digits --levers both --generations 6
+	$(PY) -m siajax run --config experiments/main_job.toml
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

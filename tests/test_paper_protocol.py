@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from siajax.loop import RunConfig, run
+from siajax.models import BUNDLED_TINY_MODEL
 
 SMALL = dict(task="digits", items_per_generation=4, updates_per_generation=2, seed=3)
 
@@ -81,8 +82,9 @@ def test_llm_feedback_agent_good_bad_and_slot_breaking_patches(tmp_path):
 def test_compare_levers_writes_table_plot_and_summary(tmp_path):
     from experiments.paper.compare_levers import main
 
-    summary = main(["--task", "digits", "--seeds", "0", "1", "--generations", "2", "--items-per-generation", "4",
-                    "--updates-per-generation", "2", "--out", str(tmp_path), "--no-results-row"])
+    summary = main(["--task", "digits", "--model", str(BUNDLED_TINY_MODEL), "--seeds", "0", "1", "--generations", "2",
+                    "--items-per-generation", "4", "--updates-per-generation", "2", "--out", str(tmp_path),
+                    "--no-results-row"])
     out = tmp_path / "digits"
     assert (out / "test_by_generation.png").stat().st_size > 10_000
     table = (out / "table.md").read_text()

@@ -226,3 +226,25 @@ def test_custom_loss_plugs_into_the_train_step():
         state, metrics = step(state, frozen, batch)
         losses.append(float(metrics["reinforce"]))
     assert int(state.step) == 5 and losses[-1] < losses[0]
+
+
+def test_kl_penalty_is_capped_per_token_so_one_runaway_token_cannot_swamp_the_batch():
+    """A token 20 nats below the reference has k3 = e^20 ~ 5e8; capped at kl_max it adds at most
+    kl_max, and its gradient is zero past the cap, while ordinary tokens keep the exact k3."""
+    logp = jnp.array([[-1.0, -21.0, -2.0]])
+    ref = jnp.array([[-1.2, -1.0, -2.1]])
+    mask = jnp.ones((1, 3), bool)
+    zeros = jnp.zeros((1, 3))
+    capped, uncapped = GRPOConfig(kl_coef=1.0), GRPOConfig(kl_coef=1.0, kl_max=None)
+
+    def kl_of(cfg, lp):
+        policy = PolicyOutputs(lp, zeros, None)
+        return grpo_loss(policy, RLBatch(mask, lp, zeros, ref, None, None), cfg)[1]["kl_ref"]
+
+    ordinary = np_kl(np.array([-1.0, -2.0]), np.array([-1.2, -2.1]), "k3")
+    np.testing.assert_allclose(float(kl_of(capped, logp)), (ordinary.sum() + 10.0) / 3, rtol=1e-5)
+    assert float(kl_of(uncapped, logp)) > 1e8
+    grad = jax.grad(lambda lp: kl_of(capped, lp))(logp)
+    assert np.all(np.isfinite(np.asarray(grad))) and float(grad[0, 1]) == 0.0
+    with pytest.raises(ValueError, match="kl_max"):
+        GRPOConfig(kl_max=0.0)

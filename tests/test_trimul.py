@@ -103,7 +103,6 @@ def test_pallas_pads_any_n_and_picks_blocks_per_shape():
 def test_cuda_calls_lower_to_the_tensor_core_target_with_a_poisoned_aliased_output():
     """Lowered for CUDA without a GPU: the bf16 WMMA handler, bf16 workspaces, and the NaN-filled
     output buffer aliased to the result (an unwritten output cannot return a stale result)."""
-    import jax
 
     from kernels.trimul.cuda_ffi import _trimul_cuda_call
 
@@ -123,3 +122,20 @@ def test_the_gpu_check_dry_run_lists_every_step(tmp_path):
     assert main(["--dry-run", "--out", str(tmp_path)]) == 0
     plan = json.loads((tmp_path / "gpu_check_plan.json").read_text())
     assert plan["steps"] == list(STEPS) and all(plan["plan"][step] for step in STEPS)
+
+
+def test_modelled_kernel_times_never_beat_the_physical_floor():
+    """The expected-time model (README table) is a roofline with derated peaks, so no kernel's
+    modelled time may fall below the shape's bf16 floor, and an fp32-only kernel not below the fp32 one."""
+    import json
+
+    from kernels.trimul.bench import SHAPES
+    from kernels.trimul.limits import KERNEL_MODELS, expected_us, floors
+
+    for shape in json.loads(SHAPES.read_text())["benchmarks"]:
+        floor = floors(shape)
+        for kernel, model in KERNEL_MODELS.items():
+            total = expected_us(shape, kernel)["total"]
+            assert total >= floor["bf16_floor_us"], (kernel, shape)
+            if all(model[stage][0] == "fp32" for stage in ("prologue", "contraction", "epilogue")):
+                assert total >= floor["fp32_floor_us"], (kernel, shape)

@@ -9,7 +9,11 @@ markdown table (test score per arm: mean and 95% CI over seeds, plus the
 start), ``test_by_generation.png`` (both arms, mean with a band over seeds),
 and appends a row to ``experiments/paper/RESULTS.md``.
 
-    python experiments/paper/compare_levers.py --task digits --seeds 0 1 2 --generations 6
+    python experiments/paper/compare_levers.py --config experiments/main_job.toml --seeds 0 1 2
+    python experiments/paper/compare_levers.py --task digits --model siajax/assets/tiny-llama --generations 6
+
+``--config`` takes the same TOML as ``siajax run --config`` (its ``levers`` and ``seed`` are
+set per arm and seed); flags override it; the model defaults to the embedded default.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import dataclasses
 import datetime
 import json
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
 
+from siajax.cli import default_model
 from siajax.loop import RunConfig, run
 from siajax.stats import mean_confidence_interval
 
@@ -66,7 +72,7 @@ def summarise(results: dict) -> dict:
 
 
 def table(summary: dict, task: str) -> str:
-    lines = [f"| task | arm | test at start | test after (mean) | 95% CI over seeds | per seed |",
+    lines = ["| task | arm | test at start | test after (mean) | 95% CI over seeds | per seed |",
              "|---|---|---:|---:|---|---|"]
     for arm, row in summary.items():
         low, high = row["test_final_ci95"]
@@ -100,10 +106,11 @@ def plot(results: dict, path: Path, task: str) -> Path:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="digits")
+    parser.add_argument("--config", type=Path, default=None, help="a run TOML (as for `siajax run --config`)")
+    parser.add_argument("--task", default=None, help="default: the config's, else digits")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--generations", type=int, default=6)
-    parser.add_argument("--model", default=None, help="default: the run's default model")
+    parser.add_argument("--generations", type=int, default=None, help="default: the config's, else 6")
+    parser.add_argument("--model", default=None, help="default: the config's, else the embedded default")
     parser.add_argument("--items-per-generation", type=int, default=None)
     parser.add_argument("--updates-per-generation", type=int, default=None)
     parser.add_argument("--dev-items", type=int, default=None)
@@ -112,11 +119,16 @@ def main(argv=None):
     parser.add_argument("--no-results-row", action="store_true", help="do not append to experiments/paper/RESULTS.md")
     args = parser.parse_args(argv)
 
-    settings = {"task": args.task, "generations": args.generations}
-    for name in ("model", "items_per_generation", "updates_per_generation", "dev_items", "test_items"):
+    settings = {"task": "digits", "generations": 6, "model": default_model()}
+    if args.config is not None:
+        with open(args.config, "rb") as handle:
+            settings.update(tomllib.load(handle))
+    for name in ("task", "generations", "model", "items_per_generation", "updates_per_generation", "dev_items",
+                 "test_items"):
         if getattr(args, name) is not None:
             settings[name] = getattr(args, name)
-    base = RunConfig(**settings)
+    base = RunConfig.from_dict(settings)
+    args.task, args.generations = base.task, base.generations
     out = args.out / Path(args.task).name
     results = run_arms(base, args.seeds, out)
     summary = summarise(results)

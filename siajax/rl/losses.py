@@ -53,7 +53,10 @@ class SurrogateConfig:
     """The clipped policy-gradient surrogate every recipe shares.
 
     ``clip_low``/``clip_high`` give the asymmetric (DAPO clip-higher) ratio clip;
-    ``kl_coef`` adds a KL-to-reference penalty with ``kl_estimator``;
+    ``kl_coef`` adds a KL-to-reference penalty with ``kl_estimator``, each token's
+    estimate capped at ``kl_max`` (k3 grows like exp(ref - logp): one token the policy
+    has pushed 20 nats below the reference would otherwise outweigh the whole batch —
+    measured on SmolLM2 at lr 4e-3, loss 998 and grad norm 2.5e4 in one minibatch);
     ``entropy_coef`` an entropy bonus; ``aggregation`` reduces tokens to a scalar.
     """
 
@@ -61,10 +64,13 @@ class SurrogateConfig:
     clip_high: float = 0.2
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
+    kl_max: float | None = 10.0
     entropy_coef: float = 0.0
     aggregation: str = "token-mean"
 
     def __post_init__(self):
+        if self.kl_max is not None and not self.kl_max > 0:
+            raise ValueError(f"kl_max must be > 0 (or None for no cap), got {self.kl_max}")
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {self.aggregation!r}; use one of {AGGREGATIONS}")
         if self.kl_estimator not in KL_ESTIMATORS:
@@ -123,20 +129,24 @@ class EntropicConfig(SurrogateConfig):
             raise ValueError("max_advantage must be > 0")
 
 
-def kl_estimate(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k3") -> jax.Array:
+def kl_estimate(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k3",
+                max_value: float | None = None) -> jax.Array:
     """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1/k2/k3).
 
     k3 = exp(ref - logp) - (ref - logp) - 1 is unbiased and non-negative
-    (DeepSeekMath's choice); k1 = logp - ref is unbiased but noisy.
+    (DeepSeekMath's choice); k1 = logp - ref is unbiased but noisy. ``max_value``
+    caps each token's estimate (no gradient past the cap).
     """
     log_ratio = logprobs - ref_logprobs
     if estimator == "k1":
-        return log_ratio
-    if estimator == "k2":
-        return 0.5 * jnp.square(log_ratio)
-    if estimator == "k3":
-        return jnp.expm1(-log_ratio) + log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; use one of {KL_ESTIMATORS}")
+        estimate = log_ratio
+    elif estimator == "k2":
+        estimate = 0.5 * jnp.square(log_ratio)
+    elif estimator == "k3":
+        estimate = jnp.expm1(-jnp.maximum(log_ratio, -50.0)) + log_ratio  # -50: finite in float32
+    else:
+        raise ValueError(f"unknown KL estimator {estimator!r}; use one of {KL_ESTIMATORS}")
+    return estimate if max_value is None else jnp.minimum(estimate, max_value)
 
 
 def aggregation_normaliser(mask: jax.Array, mode: str) -> jax.Array:
@@ -209,7 +219,7 @@ def clipped_policy_loss(policy: PolicyOutputs, batch: RLBatch, cfg: SurrogateCon
     if cfg.kl_coef:
         if batch.ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs batch.ref_logprobs (reference-policy log-probs)")
-        kl = reduce(kl_estimate(policy.logprobs, batch.ref_logprobs, cfg.kl_estimator))
+        kl = reduce(kl_estimate(policy.logprobs, batch.ref_logprobs, cfg.kl_estimator, cfg.kl_max))
         loss = loss + cfg.kl_coef * kl
         metrics["kl_ref"] = kl
     if cfg.entropy_coef:

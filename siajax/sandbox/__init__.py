@@ -35,7 +35,7 @@ import threading
 import time
 from pathlib import Path
 
-from siajax.sandbox.runner import EXIT_FORBIDDEN, read_exact, write_message
+from siajax.sandbox.runner import EXIT_FORBIDDEN, write_message
 
 HERE = Path(__file__).resolve().parent
 STATUSES = ("ok", "compile_error", "runtime_error", "timeout", "oom", "forbidden")

@@ -11,7 +11,6 @@ from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from siajax.models.token_stats import token_stats

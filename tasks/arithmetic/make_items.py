@@ -1,7 +1,6 @@
 """Writes the arithmetic task's items: seeded template word problems, disjoint splits.
 
-Each item is one two-number word problem (addition or subtraction, results
-0..198) drawn from a fixed seed; an item's identity is (template, a, b), and
+Each item is one two-number word problem (addition or subtraction of one-digit numbers) drawn from a fixed seed; an item's identity is (template, a, b), and
 no identity appears in two splits. Nobody wrote any answer by hand: the
 answer is the template's operation applied to the drawn numbers.
 
@@ -17,6 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 SEED = 20261128
 SPLITS = {"train": 400, "dev": 48, "test": 96}
+# Single-digit operands: SmolLM2-135M-Instruct (the embedded default) answers about 15% of these
+# (lenient parsing, greedy), so both levers have room and a group of 8 samples often holds a success.
+OPERANDS = (1, 9)
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena", "Mateo",
          "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tariq"]
 THINGS = ["apples", "books", "coins", "stamps", "marbles", "pencils", "shells", "cards", "stickers", "buttons"]
@@ -36,7 +38,7 @@ TEMPLATES = [
 
 def draw(rng: random.Random) -> tuple[int, int, int]:
     template = rng.randrange(len(TEMPLATES))
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    a, b = rng.randint(*OPERANDS), rng.randint(*OPERANDS)
     if TEMPLATES[template][1] == "-" and b > a:
         a, b = b, a
     return template, a, b
