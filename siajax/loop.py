@@ -43,6 +43,7 @@ from flax import nnx
 from siajax.agents import LocalPolicyBackend, OpenAIBackend, run_items
 from siajax.agents.evaluation import Evaluation, evaluate
 from siajax.agents.feedback import FeedbackRules, heuristic_decision, llm_decision, summarize, weights_problem
+from siajax.agents.harness_edits import FIXABLE_FAILURES
 from siajax.agents.meta import initial_harness
 from siajax.harness import Harness, HarnessStore, patch_harness, to_json
 from siajax.harness.store import atomic_write_text
@@ -241,8 +242,30 @@ def evaluate_state(task: Task, harness: Harness, policy: Policy, plan: EvalPlan)
             evaluate(task, harness, backend, plan.test, plan.test_key, split="test"))
 
 
+def fixable_indicators(evaluation: Evaluation) -> list[float]:
+    """Per item: 1.0 when its answer failed in a way the harness can fix (parse error, invalid label)."""
+    return [float(f in FIXABLE_FAILURES) for f in evaluation.failures]
+
+
 def _state_record(dev: Evaluation, test: Evaluation) -> dict:
-    return {"dev": {**dev.summary(), "item_scores": dev.scores}, "test": test.summary()}
+    return {"dev": {**dev.summary(), "item_scores": dev.scores, "item_fixable": fixable_indicators(dev)},
+            "test": test.summary()}
+
+
+def _judge_candidate(dev: Evaluation, current: dict, rules: FeedbackRules, seed: int) -> dict:
+    """Score comparison on the same dev items, and (``rules.keep_format_fixes``) the fixable-failure
+    comparison: -> {"comparison", "format_comparison", "keep", "rank"}."""
+    comparison = _compare(dev.scores, current["dev"]["item_scores"], rules, seed)
+    verdict = {"comparison": comparison, "format_comparison": None, "keep": comparison.better,
+               "rank": (1, comparison.mean_difference, 0.0)}
+    baseline_fixable = current["dev"].get("item_fixable")
+    if rules.keep_format_fixes and not comparison.better and baseline_fixable is not None:
+        fewer = _compare([1.0 - f for f in fixable_indicators(dev)], [1.0 - f for f in baseline_fixable], rules,
+                         seed + 50_000)
+        verdict["format_comparison"] = fewer
+        if fewer.better and comparison.mean_difference >= 0:
+            verdict.update(keep=True, rank=(0, comparison.mean_difference, fewer.mean_difference))
+    return verdict
 
 
 def _compare(after: list[float], before: list[float], rules: FeedbackRules, seed: int):
@@ -276,19 +299,21 @@ def _search_harness(decision, store: HarnessStore, task: Task, policy: Policy, p
         patched = patch_harness(harness, candidate.patch)
         dev = evaluate(task, patched, backend, plan.dev, plan.dev_key, split="dev")
         spent, tokens = spent + dev.samples, tokens + dev.tokens
-        comparison = _compare(dev.scores, current["dev"]["item_scores"], rules, seed + index)
+        verdict = _judge_candidate(dev, current, rules, seed + index)
+        comparison, fewer = verdict["comparison"], verdict["format_comparison"]
         version = store.put(patched, parent=head, patch=candidate.patch,
                             reason=f"candidate ({candidate.kind}): {candidate.why}")
         tried.append({**candidate.to_dict(), "version": version, "dev_score": dev.summary()["score"],
-                      "dev_samples": dev.samples,
-                      "comparison": comparison.to_dict()})
-        if comparison.better and (best is None or comparison.mean_difference > best[2].mean_difference):
-            best = (candidate, dev, comparison, version)
+                      "dev_samples": dev.samples, "comparison": comparison.to_dict(),
+                      **({"format_comparison": fewer.to_dict()} if fewer is not None else {}),
+                      "kept_by": ("score" if comparison.better else "format") if verdict["keep"] else None})
+        if verdict["keep"] and (best is None or verdict["rank"] > best[4]):
+            best = (candidate, dev, comparison, version, verdict["rank"])
     store.rollback(head)
     outcome = {"candidates": tried, "spend": {"candidate_samples": spent, "candidate_tokens": tokens}}
     if best is None:
         return {**outcome, "after": current, "comparison": None, "rolled_back": True, "accepted_patch": None}
-    candidate, dev, comparison, version = best
+    candidate, dev, comparison, version, _ = best
     store.rollback(version)
     test = evaluate(task, store.get(), backend, plan.test, plan.test_key, split="test")
     return {**outcome, "after": _state_record(dev, test), "comparison": comparison.to_dict(), "rolled_back": False,
@@ -403,6 +428,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
         tried = {c["version"] for entry in ledger for c in entry.get("candidates", [])}
         summary = {**summarize(_read_eval_records(run_dir, ledger)), **current["dev"]}
         summary.pop("item_scores", None)
+        summary.pop("item_fixable", None)
         emit("deciding", {"generation": generation})
         common = dict(group_size=group_size, tried=tried, forced_recipe=config.recipe)
         if feedback_backend is None:

@@ -178,3 +178,31 @@ def test_sharded_run_resumes_on_another_mesh(tmp_path):
     ledger = run(moved, tmp_path / "run")  # `siajax resume RUN --mesh fsdp=8`
     assert len(ledger) == 2 and ledger[1]["decision"]["lever"] == "weights"
     assert json.loads(config_path.read_text())["mesh"] == "fsdp=8"
+
+
+def test_a_format_fix_is_kept_on_fewer_parse_errors_when_its_score_gain_is_within_noise():
+    """From a 0% start a lenient parser may gain 2 items of 32 (not significant) while it turns 32
+    parse errors into 4: the rule keeps it on the format comparison, unless the score dropped or the
+    run's rules switch the format rule off."""
+    from siajax.agents.evaluation import Evaluation
+    from siajax.agents.feedback import FeedbackRules
+    from siajax.loop import _judge_candidate
+
+    def evaluation(scores, failures):
+        return Evaluation("dev", [str(i) for i in range(len(scores))], scores, scores, [], 0, 0, failures=failures)
+
+    n = 32
+    current = {"dev": {"item_scores": [0.0] * n, "item_fixable": [1.0] * n}}
+    lenient = evaluation([1.0, 1.0] + [0.0] * (n - 2), [None, None] + ["wrong_answer"] * 26 + ["parse_error"] * 4)
+    verdict = _judge_candidate(lenient, current, FeedbackRules(), seed=0)
+    assert not verdict["comparison"].better and verdict["format_comparison"].better and verdict["keep"]
+
+    assert not _judge_candidate(lenient, current, FeedbackRules(keep_format_fixes=False), seed=0)["keep"]
+
+    worse = {"dev": {"item_scores": [1.0] * 3 + [0.0] * (n - 3), "item_fixable": [0.0] * 3 + [1.0] * (n - 3)}}
+    fewer_errors_lower_score = evaluation([0.0] * n, ["wrong_answer"] * n)
+    assert not _judge_candidate(fewer_errors_lower_score, worse, FeedbackRules(), seed=0)["keep"]
+
+    better = evaluation([1.0] * 12 + [0.0] * (n - 12), [None] * 12 + ["parse_error"] * (n - 12))
+    verdict = _judge_candidate(better, current, FeedbackRules(), seed=0)
+    assert verdict["keep"] and verdict["comparison"].better and verdict["rank"][0] == 1

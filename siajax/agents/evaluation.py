@@ -30,6 +30,7 @@ class Evaluation:
     samples: int  # completions drawn, retries included
     tokens: int  # tokens generated
     task_metrics: dict = dataclasses.field(default_factory=dict)  # the task's own aggregate (verifier.aggregate)
+    failures: list = dataclasses.field(default_factory=list)  # per item: the voted answer's failure kind or None
 
     def summary(self) -> dict:
         n = max(len(self.scores), 1)
@@ -79,4 +80,5 @@ def evaluate(task, harness: Harness, backend, items: list[dict], key: jax.Array,
     aggregate = getattr(task.verifier, "aggregate", None)
     return Evaluation(split, [item["id"] for item in items], scores, first, rollout.records,
                       samples=len(rollout.records), tokens=tokens,
-                      task_metrics=aggregate(chosen) if aggregate is not None else {})
+                      task_metrics=aggregate(chosen) if aggregate is not None else {},
+                      failures=[record["failure"] for record in chosen])

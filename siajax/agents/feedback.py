@@ -44,6 +44,10 @@ class FeedbackRules:
     rare_success_rate: float = 0.1  # below it the weight lever uses entropic weighting
     recipe_by_reward: tuple[tuple[str, str], ...] = (("binary", "grpo"), ("scalar", "ppo_gae"))
     rollback_worse_weights: bool = True  # restore the previous weights when dev got worse beyond noise
+    # Keep a harness edit that makes significantly fewer dev items fail in a harness-fixable way (parse
+    # errors, invalid labels) while its score is not lower on average: a format fix is judged on format,
+    # since from a 0% start the score gain of the first fix is often too small to clear the noise.
+    keep_format_fixes: bool = True
 
     def __post_init__(self):
         unknown = set(self.edit_order) - set(EDIT_KINDS)
