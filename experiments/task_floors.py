@@ -24,7 +24,7 @@ from siajax.models.hf_import import EMBEDDED_DEFAULT
 from siajax.tasks import TaskError, resolve_task
 
 # Items per task: long-reply tasks get fewer (each item costs max_new_tokens of decoding on CPU).
-DEFAULT_ITEMS = {"arithmetic": 96, "digits": 32, "lawbench": 64, "longcot_chess": 16, "gpqa": 32}
+DEFAULT_ITEMS = {"arithmetic": 96, "digits": 32, "lawbench": 32, "longcot_chess": 8, "gpqa": 32}
 
 
 def floor(task_name: str, backend: LocalPolicyBackend, model_name: str, items: int, seed: int = 0) -> dict:

@@ -345,7 +345,7 @@ def _train_weights(policy: Policy, task: Task, harness: Harness, recipe: str, co
         records += [{**r, "update": update} for r in rollout.records]
         history.append({"update": update, "reward": float(np.mean(rollout.rewards)), **{
             k: metrics[k] for k in ("loss", "grad_norm", "clip_fraction", "approx_kl", "entropy", "logprob_mismatch",
-                                    "optimizer_steps", "skipped") if k in metrics}})
+                                    "optimizer_steps", "skipped", "no_signal") if k in metrics}})
     return {"recipe": recipe, "updates": history, "records": records, "spend": spend,
             "logprob_mismatch": max(h["logprob_mismatch"] for h in history)}
 

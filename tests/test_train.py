@@ -94,3 +94,20 @@ def test_value_head_and_adapter_gradients_are_clipped_apart():
     clipped, _ = clip_each_part_by_global_norm(1.0).update(grads, optax.EmptyState())
     np.testing.assert_allclose(np.asarray(clipped["lora"]["a"]), 0.1)  # norm 0.2 < 1: untouched
     np.testing.assert_allclose(float(jnp.linalg.norm(clipped["value_head"]["w"])), 1.0, rtol=1e-6)
+
+
+def test_a_step_without_signal_leaves_adam_state_and_weights_alone():
+    """All advantages zero and no KL/entropy term: the gradient is exactly zero. After real Adam steps
+    the moments are non-zero, so a zero-gradient step would still move the weights on momentum;
+    the step must skip it (no_signal) and keep params, moments and the step count."""
+    step, state, frozen, batch = _setup(cfg=GRPOConfig(kl_coef=0.0), optimizer=optax.adam(1e-2))
+    for _ in range(2):
+        state, metrics = step(state, frozen, batch)
+    assert int(metrics["no_signal"]) == 0 and int(state.step) == 2
+    before = _leaves(state)
+    silent = batch._replace(rl=batch.rl._replace(advantages=jnp.zeros_like(batch.rl.advantages)))
+    state, metrics = step(state, frozen, silent)
+    assert float(metrics["grad_norm"]) == 0.0
+    assert int(metrics["no_signal"]) == 1 and int(metrics["skipped"]) == 0 and int(state.step) == 2
+    for a, b in zip(before[:-1], _leaves(state)[:-1]):  # everything but the rng key, which advances
+        np.testing.assert_array_equal(a, b)
