@@ -24,6 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+REWARD_TABLES = {"digits": "digit_token_table", "letter-e": "letter_token_table"}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mesh", default="data=-1", help="e.g. data=2,fsdp=2,tensor=2 (one axis may be -1)")
@@ -31,6 +34,9 @@ def parse_args(argv=None):
     parser.add_argument("--updates", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--reward", default="digits", choices=list(REWARD_TABLES),
+                        help="share of response tokens containing a digit (rare: the learning-curve task) or the "
+                             "letter e (common: every group has signal, for short checks)")
     parser.add_argument("--model", default=None, help="HF-format directory (default: bundled tiny model)")
     parser.add_argument("--out", default="experiments/out/multihost_rl")
     return parser.parse_args(argv)
@@ -53,7 +59,7 @@ def main(argv=None) -> int:
     from siajax.parallel.distributed import gather_to_host, is_primary
     from siajax.train import save_pytree
     from siajax.train.learner import make_learner, rl_updates
-    from siajax.train.toy_rewards import digit_fraction_reward, digit_token_table
+    from siajax.train import toy_rewards
 
     mesh = make_mesh(MeshConfig.parse(args.mesh))
     out = Path(args.out).resolve()
@@ -63,7 +69,7 @@ def main(argv=None) -> int:
     processes = jax.process_count()
     prompts = [prompts[i % len(prompts)] for i in range(-(-len(prompts) // processes) * processes)]  # >= 1 per host
     state, history = rl_updates(
-        learner, state, frozen, prompts, digit_fraction_reward(digit_token_table(tokenizer)),
+        learner, state, frozen, prompts, toy_rewards.token_fraction_reward(getattr(toy_rewards, REWARD_TABLES[args.reward])(tokenizer)),
         updates=args.updates, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         on_update=lambda u, m: print(f"[process {jax.process_index()}] update {u}: reward {m['reward']:.3f} "

@@ -20,7 +20,7 @@ import numpy as np
 
 from siajax.models import BUNDLED_TINY_MODEL, from_pretrained
 from siajax.train.learner import recipe_config, rl_run
-from siajax.train.toy_rewards import at_least_k_digits_reward, digit_fraction_reward, digit_token_table
+from siajax.train.toy_rewards import at_least_k_digits_reward, digit_token_table, token_fraction_reward
 
 PROMPTS = ["Count to ten.", "What year is it?", "Give me some numbers.", "List the digits you know."]
 
@@ -40,7 +40,7 @@ def run_setting(setting: str, recipes, seeds, updates: int, *, k: int, group_siz
         for seed in seeds:
             model, tokenizer = from_pretrained(model_dir)
             table = digit_token_table(tokenizer)
-            reward = digit_fraction_reward(table) if setting == "dense" else at_least_k_digits_reward(table, k)
+            reward = token_fraction_reward(table) if setting == "dense" else at_least_k_digits_reward(table, k)
             # No KL regularisation in any recipe, so they are compared on the reward alone.
             no_kl = {"reward_kl_coef": 0.0} if recipe == "ppo_gae" else {"kl_coef": 0.0}
             cfg = recipe_config(recipe, **no_kl)

@@ -26,7 +26,7 @@ from siajax.train.learner import default_optimizer, make_learner
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "multihost_rl.py"
-ARGS = ["--mesh", "data=2,fsdp=2,tensor=2", "--recipe", "ppo_gae", "--updates", "2", "--max-new-tokens", "8"]
+ARGS = ["--mesh", "data=2,fsdp=2,tensor=2", "--recipe", "ppo_gae", "--updates", "2", "--max-new-tokens", "8", "--reward", "letter-e"]
 
 
 def _free_port() -> int:
@@ -54,31 +54,32 @@ def _start_processes(out: Path, processes: int, devices_each: int) -> list[subpr
     ]
 
 
-def _wait(procs: list[subprocess.Popen]) -> None:
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail("multi-process run hung")
+def _wait(procs: list[subprocess.Popen], timeout: float) -> None:
+    """Waits for every process; on a hang, kills them all and fails with what each printed."""
+    try:
+        logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        printed = [proc.communicate()[0][-1500:] for proc in procs]
+        pytest.fail(f"multi-process run hung after {timeout:.0f} s; it printed: {printed}")
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log[-3000:]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The two-process run in the background; the one-process run here (this process has 8 devices)."""
+    """The one-process run here (this process has 8 devices), then the two-process run.
+
+    One after the other, not side by side: 16 virtual devices on CI's 2 cores
+    starve gloo's rendezvous (a CI run once hung there).
+    """
     from experiments.multihost_rl import main
 
     one = tmp_path_factory.mktemp("one_process")
     two = tmp_path_factory.mktemp("two_processes")
-    procs = _start_processes(two, 2, 4)
-    try:
-        assert main([*ARGS, "--out", str(one)]) == 0
-    finally:
-        _wait(procs)
+    assert main([*ARGS, "--out", str(one)]) == 0
+    _wait(_start_processes(two, 2, 4), timeout=600)
     return [(out, json.loads((out / "metrics.json").read_text())) for out in (one, two)]
 
 
@@ -86,10 +87,14 @@ def test_two_processes_train_like_one(runs):
     (_, single), (_, multi) = runs
     assert (single["processes"], multi["processes"]) == (1, 2)
     assert single["devices"] == multi["devices"] == 8
+    assert single["history"][0]["reward"] > 0  # the reward has signal: both runs move their weights
+    # Same samples; metrics equal up to float32 reduction order (gloo's all-reduce vs one process's), which
+    # Adam's sign-like first steps amplify in near-zero gradient entries: measured 7e-5 relative on the loss.
     for a, b in zip(single["history"], multi["history"], strict=True):
-        for name in ("reward", "loss", "grad_norm", "value_loss", "kl_ref", "entropy"):
+        np.testing.assert_array_equal(b["reward"], a["reward"])
+        for name in ("loss", "grad_norm", "value_loss", "kl_ref", "entropy"):
             if name in a:
-                np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-5, err_msg=name)
+                np.testing.assert_allclose(b[name], a[name], rtol=1e-3, atol=1e-5, err_msg=name)
 
 
 def test_checkpoint_from_two_processes_restores_on_another_mesh(runs):
@@ -104,7 +109,12 @@ def test_checkpoint_from_two_processes_restores_on_another_mesh(runs):
     assert set(flat) == set(saved.files)
     for path, value in flat.items():
         np.testing.assert_array_equal(np.asarray(value), saved[path], err_msg=path)
+    # The one-process run ended at the same weights: the runs' difference is under 1% of how far they moved
+    # (measured 0.29%; Adam's sign-like steps make a few near-zero-gradient entries differ by ~1e-4).
     reference = np.load(one / "final_params.npz")
-    for path in saved.files:  # the one-process run ended at the same weights
-        np.testing.assert_allclose(saved[path], reference[path], rtol=1e-4, atol=1e-4, err_msg=path)
-    assert int(restored.step) == sum(h["optimizer_steps"] for h in multi["history"])
+    initial = {path_string(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(like.params)}
+    apart = np.sqrt(sum(np.sum((saved[p] - reference[p]) ** 2) for p in saved.files))
+    moved = np.sqrt(sum(np.sum((reference[p] - initial[p]) ** 2) for p in saved.files))
+    assert moved > 0 and apart < 1e-2 * moved, (apart, moved)
+    applied = sum(h["optimizer_steps"] - h["skipped"] - h["no_signal"] for h in multi["history"])
+    assert applied > 0 and int(restored.step) == applied

@@ -177,7 +177,8 @@ class Learner:
             if limit is not None and steps[-1].get("approx_kl", 0.0) > 1.5 * limit:
                 break
         averaged = {k: float(np.mean([m[k] for m in steps])) for k in steps[0]}
-        averaged["skipped"] = float(sum(m["skipped"] for m in steps))
+        for counted in ("skipped", "no_signal"):  # counts of steps, not means: state.step advanced by the rest
+            averaged[counted] = float(sum(m.get(counted, 0) for m in steps))
         averaged["clip_fraction_last"] = steps[-1]["clip_fraction"]
         averaged["optimizer_steps"] = len(steps)
         return state, {**{k: float(v) for k, v in metrics.items()}, **averaged}

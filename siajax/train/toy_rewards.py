@@ -3,6 +3,8 @@
 The property "a response token contains a decimal digit" is verifiable from
 ids alone and rare under the bundled model, so it gives both a dense reward
 (the fraction of such tokens) and a high-failure one (at least k of them).
+A common property (a token containing the letter "e") gives a reward whose
+groups are never all equal: a run that must move the weights from step one.
 """
 
 from __future__ import annotations
@@ -10,17 +12,27 @@ from __future__ import annotations
 import numpy as np
 
 
-def digit_token_table(tokenizer) -> np.ndarray:
-    """[V] bool: which token ids decode to text containing a digit."""
+def token_table(tokenizer, has_property) -> np.ndarray:
+    """[V] bool: which token ids decode to text for which ``has_property(text)`` holds."""
     table = np.zeros(len(tokenizer), bool)
     for token, index in tokenizer.get_vocab().items():
-        if any(ch.isdigit() for ch in tokenizer.convert_tokens_to_string([token])):
+        if has_property(tokenizer.convert_tokens_to_string([token])):
             table[index] = True
     return table
 
 
-def digit_fraction_reward(table: np.ndarray):
-    """Dense reward in [0, 1]: share of response tokens that contain a digit."""
+def digit_token_table(tokenizer) -> np.ndarray:
+    """[V] bool: which token ids decode to text containing a digit (rare)."""
+    return token_table(tokenizer, lambda text: any(ch.isdigit() for ch in text))
+
+
+def letter_token_table(tokenizer, letter: str = "e") -> np.ndarray:
+    """[V] bool: which token ids decode to text containing ``letter`` (common)."""
+    return token_table(tokenizer, lambda text: letter in text.lower())
+
+
+def token_fraction_reward(table: np.ndarray):
+    """Dense reward in [0, 1]: share of response tokens that are in ``table``."""
     def reward(tokens: np.ndarray, mask: np.ndarray) -> np.ndarray:
         hits = (table[tokens] & mask).sum(axis=1)
         return hits / np.maximum(mask.sum(axis=1), 1)
