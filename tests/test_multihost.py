@@ -36,7 +36,9 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIAJAX_")}
+    # Without the session's compilation cache: each process compiles its own multi-process programs.
+    unwanted = ("SIAJAX_", "JAX_COMPILATION_CACHE", "JAX_PERSISTENT")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(unwanted)}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
     return env
 
