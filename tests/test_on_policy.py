@@ -119,7 +119,7 @@ def _reference_stats(hidden, head, targets, temperature, allowed=None):
     log_p = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     chosen = np.take_along_axis(log_p, targets[..., None], -1)[..., 0]
     p = np.exp(log_p)
-    entropy = -np.sum(np.where(p > 0, p * log_p, 0.0), -1)
+    entropy = -np.sum(p * np.where(p > 0, log_p, 0.0), -1)  # masked tokens: p = 0, log p = -inf, no term
     return chosen, entropy
 
 
