@@ -17,7 +17,7 @@ from siajax.harness.constrained import label_automaton
 from siajax.models import BUNDLED_TINY_MODEL, LoRAConfig, add_lora, decoding_ids, from_pretrained
 from siajax.models.token_stats import token_stats
 from siajax.sampling import generate
-from siajax.train.learner import UpdateSchedule, make_learner
+from siajax.train.learner import UpdateSchedule, make_learner, recipe_config
 
 LABELS = ["盗窃", "诈骗", "故意伤害", "受贿", "单位受贿"]
 
@@ -157,3 +157,22 @@ def test_lora_a_is_initialised_with_fan_in_scaling_per_layer(tiny):
     np.testing.assert_allclose(a.std(), 1 / np.sqrt(3 * d_in), rtol=0.05)  # U(-1/sqrt(d_in), 1/sqrt(d_in))
     assert np.abs(a).max() <= 1 / np.sqrt(d_in)
     assert not np.allclose(a[0], a[1])
+
+
+@pytest.mark.parametrize("recipe,reward", [("grpo", 0.1), ("entropic", 0.0)])
+def test_groups_with_equal_rewards_leave_the_weights_alone(tiny, recipe, reward):
+    """Every group's rewards equal and no KL term: there is no signal, so no optimizer step may move
+    the weights. Before: the float error of the group mean (GRPO, eight rewards of 0.1) or of the
+    leave-one-out logsumexp (entropic, eight zeros) was a noise gradient, and Adam, blind to scale,
+    took full steps along it."""
+    _, tokenizer = tiny
+    learner, state, frozen = _learner(tiny, recipe, cfg=recipe_config(recipe, kl_coef=0.0))
+    samples = generate(learner.policy(state, frozen), [p for p in _prompts(tokenizer, 2) for _ in range(8)],
+                       key=jax.random.key(4), max_new_tokens=12, temperature=1.0, pad_token_id=0)
+    before = [np.array(x) for x in jax.tree.leaves(state.params)]
+    step = int(state.step)
+    new_state, metrics = learner.update(state, frozen, samples, np.full(16, reward), group_size=8)
+    assert metrics["optimizer_steps"] >= 1 and metrics["no_signal"] == metrics["optimizer_steps"]
+    assert int(new_state.step) == step
+    for a, b in zip(before, jax.tree.leaves(new_state.params)):
+        np.testing.assert_array_equal(a, np.asarray(b))

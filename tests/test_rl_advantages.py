@@ -14,6 +14,7 @@ from siajax.rl import (
     adaptive_entropic_beta, effective_sample_size, entropic_advantages, entropic_weights, gae,
     group_relative, whiten,
 )
+from siajax.rl.recipes import standardise_outcomes
 
 
 def ragged_mask(rng, batch, length):
@@ -195,3 +196,18 @@ def test_entropic_loo_with_two_samples_is_refused_and_rs_needs_a_nonzero_beta():
     rs = np.asarray(entropic_advantages(jnp.asarray([[0.0, 1.0]]), 2.0, form="rs"))
     tilted = np.exp(2.0 * np.array([0.0, 1.0]))
     np.testing.assert_allclose(rs[0], (tilted / tilted.mean() - 1) / 2.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("group", [3, 6, 8])
+@pytest.mark.parametrize("value", [0.0, 0.1, 0.3, 1 / 3, 7.0, -2.5, 1e4])
+def test_a_group_without_contrast_has_exactly_zero_advantages(value, group):
+    """Equal rewards carry no signal, so the advantages are 0 exactly, not 1e-7: a noise gradient that
+    Adam would scale to a full step. Before: entropic gave -1.2e-7 on all-zero groups, GRPO -0.0074 on
+    six rewards of 0.1 (the group mean's rounding error divided by a std of the same size)."""
+    rewards = jnp.stack([jnp.full((group,), value, jnp.float32), jnp.arange(group, dtype=jnp.float32)])
+    for advantages in (group_relative(rewards), group_relative(rewards, scale_by_std=False),
+                       entropic_advantages(rewards), entropic_advantages(rewards, 2.0, form="rs")):
+        advantages = np.asarray(advantages)
+        assert (advantages[0] == 0).all(), advantages[0]
+        assert np.abs(advantages[1]).max() > 0.1  # a row with contrast keeps its signal
+    assert (np.asarray(standardise_outcomes(jnp.full((4 * group,), value, jnp.float32))) == 0).all()

@@ -63,14 +63,25 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, la
     return advantages, (advantages + values) * mask
 
 
+def uniform_groups(rewards: jax.Array) -> jax.Array:
+    """[N, G] -> [N, 1] bool: every reward of the row equals its first.
+
+    Such a group has no contrast, so its advantages must be exactly 0: the float
+    error of a mean or a logsumexp (1e-7) is otherwise a gradient whose direction
+    is noise, and Adam, blind to scale, takes a full step along it (measured:
+    entropic runs that had found the sparse reward drifted back to 0).
+    """
+    return jnp.all(rewards == rewards[:, :1], axis=1, keepdims=True)
+
+
 def group_relative(rewards: jax.Array, *, scale_by_std: bool = True, ddof: int = 1, eps: float = 1e-6):
-    """GRPO advantages (r - mean) / (std + eps) within each group.
+    """GRPO advantages (r - mean) / (std + eps) within each group; exactly 0 in uniform groups.
 
     rewards: [N, G]. ``ddof=1`` is the sample std (tunix, TRL); ``ddof=0`` the
     population std. ``scale_by_std=False`` is Dr. GRPO (mean-centring only).
     """
     chex.assert_rank(rewards, 2)
-    centred = rewards - jnp.mean(rewards, axis=1, keepdims=True)
+    centred = jnp.where(uniform_groups(rewards), 0.0, rewards - jnp.mean(rewards, axis=1, keepdims=True))
     if not scale_by_std:
         return centred
     group_size = rewards.shape[1]
@@ -140,7 +151,8 @@ def entropic_advantages(
       is only a supremum and beta runs off to infinity.
     form="rs" (risk-sensitive GRPO): A_i = (exp(beta r_i) / mean_j exp(beta r_j) - 1) / beta
       with a fixed beta != 0 (2 recommended); -> r_i - mean r as beta -> 0.
-    Advantages are capped at ``max_advantage`` (both forms are >= -1 / -1/beta).
+    Advantages are capped at ``max_advantage`` (both forms are >= -1 / -1/beta) and
+    are exactly 0 in a group whose rewards are all equal (``uniform_groups``).
     rewards: [N, G] -> advantages [N, G].
     """
     chex.assert_rank(rewards, 2)
@@ -150,7 +162,8 @@ def entropic_advantages(
         if beta is None or (isinstance(beta, (int, float)) and beta == 0):
             raise ValueError("form='rs' needs a fixed beta != 0 (2.0 is the published choice)")
         log_mean = jax.nn.logsumexp(beta * rewards, axis=1, keepdims=True) - math.log(g)
-        return jnp.minimum(jnp.expm1(beta * rewards - log_mean) / beta, max_advantage)
+        advantages = jnp.minimum(jnp.expm1(beta * rewards - log_mean) / beta, max_advantage)
+        return jnp.where(uniform_groups(rewards), 0.0, advantages)
     if form != "loo":
         raise ValueError(f"unknown entropic form {form!r}; use 'loo' or 'rs'")
     if g < 3:
@@ -161,7 +174,8 @@ def entropic_advantages(
     logits = beta * rewards  # [N, G]
     others = jnp.where(jnp.eye(g, dtype=bool)[None], -jnp.inf, logits[:, None, :])  # [N, i, j], j != i
     log_loo_mean = jax.nn.logsumexp(others, axis=2) - math.log(g - 1)
-    return jnp.minimum(jnp.expm1(logits - log_loo_mean), max_advantage)
+    advantages = jnp.minimum(jnp.expm1(logits - log_loo_mean), max_advantage)
+    return jnp.where(uniform_groups(rewards), 0.0, advantages)
 
 
 def effective_sample_size(weights: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from siajax.rl.advantages import (
     effective_sample_size, entropic_advantages, entropic_weights, adaptive_entropic_beta, gae,
-    group_relative, masked_mean, whiten,
+    group_relative, masked_mean, uniform_groups, whiten,
 )
 from siajax.rl.losses import EntropicConfig, GRPOConfig, PPOConfig
 
@@ -33,8 +33,10 @@ def ppo_token_rewards(outcome, old_logprobs, ref_logprobs, mask, kl_coef: float)
 
 def standardise_outcomes(outcome: jax.Array, eps: float = 1e-6) -> jax.Array:
     """(r - mean) / (std + eps) over the batch: the critic's targets stay O(1) whatever the task's
-    reward scale (an Adam step moves a value by O(lr), so raw rewards of 0.01 or 1e3 both fail)."""
-    return (outcome - jnp.mean(outcome)) / (jnp.std(outcome) + eps)
+    reward scale (an Adam step moves a value by O(lr), so raw rewards of 0.01 or 1e3 both fail).
+    Exactly 0 when every outcome is equal (no float noise standardised up to O(1e-3))."""
+    uniform = uniform_groups(outcome.reshape(1, -1))[0, 0]
+    return jnp.where(uniform, 0.0, (outcome - jnp.mean(outcome)) / (jnp.std(outcome) + eps))
 
 
 def ppo_gae_advantages(outcome, old_values, old_logprobs, ref_logprobs, mask, cfg: PPOConfig):
@@ -51,7 +53,7 @@ def ppo_gae_advantages(outcome, old_values, old_logprobs, ref_logprobs, mask, cf
 def _group_mask(rewards: jax.Array, mask: jax.Array, drop_uniform: bool) -> jax.Array:
     if not drop_uniform:
         return mask
-    informative = jnp.any(rewards != rewards[:, :1], axis=1)  # DAPO dynamic sampling
+    informative = ~uniform_groups(rewards)[:, 0]  # DAPO dynamic sampling
     return mask & jnp.repeat(informative, rewards.shape[1])[:, None]
 
 
@@ -61,7 +63,7 @@ def grpo_advantages(rewards: jax.Array, mask: jax.Array, cfg: GRPOConfig):
     mask = _group_mask(rewards, mask, cfg.drop_uniform_groups)
     return {"advantages": _per_token(advantages.reshape(-1), mask), "mask": mask}, {
         "reward_mean": jnp.mean(rewards),
-        "informative_groups": jnp.mean(jnp.any(rewards != rewards[:, :1], axis=1).astype(jnp.float32)),
+        "informative_groups": jnp.mean((~uniform_groups(rewards)).astype(jnp.float32)),
     }
 
 
