@@ -169,8 +169,9 @@ def test_sharded_run_resumes_on_another_mesh(tmp_path):
     for path, value in resharded.items():
         np.testing.assert_array_equal(np.asarray(value), np.asarray(single[path]))
     assert resharded["lora/layers/attn/q_proj/lora_a"].sharding.spec[1] == "fsdp"
-    steps = sum(u["optimizer_steps"] for u in ledger[0]["train"]["updates"])
-    assert int(policies[0].state.step) == steps
+    # The step counter counts applied steps: not the skipped (non-finite) nor the signal-free ones.
+    steps = sum(u["optimizer_steps"] - u["skipped"] - u["no_signal"] for u in ledger[0]["train"]["updates"])
+    assert int(policies[0].state.step) == int(policies[1].state.step) == steps
 
     config_path = tmp_path / "run" / "config.json"
     config_path.write_text(config_path.read_text().replace('"generations": 1', '"generations": 2'))
