@@ -24,9 +24,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-REWARD_TABLES = {"digits": "digit_token_table", "letter-e": "letter_token_table"}
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mesh", default="data=-1", help="e.g. data=2,fsdp=2,tensor=2 (one axis may be -1)")
@@ -34,7 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--updates", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=12)
-    parser.add_argument("--reward", default="digits", choices=list(REWARD_TABLES),
+    parser.add_argument("--reward", default="digits", choices=["digits", "letter-e"],
                         help="share of response tokens containing a digit (rare: the learning-curve task) or the "
                              "letter e (common: every group has signal, for short checks)")
     parser.add_argument("--model", default=None, help="HF-format directory (default: bundled tiny model)")
@@ -66,10 +63,11 @@ def main(argv=None) -> int:
     model, tokenizer = from_pretrained(args.model or BUNDLED_TINY_MODEL)
     learner, state, frozen = make_learner(model, args.recipe, mesh=mesh)
     prompts = chat_prompts(tokenizer)
+    table = {"digits": toy_rewards.digit_token_table, "letter-e": toy_rewards.letter_token_table}[args.reward]
     processes = jax.process_count()
     prompts = [prompts[i % len(prompts)] for i in range(-(-len(prompts) // processes) * processes)]  # >= 1 per host
     state, history = rl_updates(
-        learner, state, frozen, prompts, toy_rewards.token_fraction_reward(getattr(toy_rewards, REWARD_TABLES[args.reward])(tokenizer)),
+        learner, state, frozen, prompts, toy_rewards.token_fraction_reward(table(tokenizer)),
         updates=args.updates, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         on_update=lambda u, m: print(f"[process {jax.process_index()}] update {u}: reward {m['reward']:.3f} "

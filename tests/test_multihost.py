@@ -26,7 +26,8 @@ from siajax.train.learner import default_optimizer, make_learner
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "multihost_rl.py"
-ARGS = ["--mesh", "data=2,fsdp=2,tensor=2", "--recipe", "ppo_gae", "--updates", "2", "--max-new-tokens", "8", "--reward", "letter-e"]
+ARGS = ["--mesh", "data=2,fsdp=2,tensor=2", "--recipe", "ppo_gae", "--updates", "2", "--max-new-tokens", "8",
+        "--reward", "letter-e"]
 
 
 def _free_port() -> int:

@@ -211,3 +211,18 @@ def test_a_group_without_contrast_has_exactly_zero_advantages(value, group):
         assert (advantages[0] == 0).all(), advantages[0]
         assert np.abs(advantages[1]).max() > 0.1  # a row with contrast keeps its signal
     assert (np.asarray(standardise_outcomes(jnp.full((4 * group,), value, jnp.float32))) == 0).all()
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_grpo_drops_uniform_groups_from_the_mask_only_when_asked(drop):
+    """DAPO dynamic sampling: with ``drop_uniform_groups`` a group without contrast leaves the loss mask;
+    either way it is reported in ``informative_groups``."""
+    from siajax.rl import GRPOConfig, grpo_advantages
+
+    rewards = jnp.asarray([[0.1, 0.1, 0.1], [0.0, 1.0, 0.0]], jnp.float32)
+    mask = jnp.ones((6, 5), bool)
+    extra, metrics = grpo_advantages(rewards, mask, GRPOConfig(drop_uniform_groups=drop))
+    kept = np.asarray(extra["mask"]).all(axis=1)
+    np.testing.assert_array_equal(kept, [not drop] * 3 + [True] * 3)
+    assert float(metrics["informative_groups"]) == 0.5
+    assert (np.asarray(extra["advantages"])[:3] == 0).all()

@@ -158,12 +158,13 @@ def entropic_advantages(
     chex.assert_rank(rewards, 2)
     rewards = rewards.astype(jnp.float32)
     g = rewards.shape[1]
+    no_contrast = uniform_groups(rewards)
     if form == "rs":
         if beta is None or (isinstance(beta, (int, float)) and beta == 0):
             raise ValueError("form='rs' needs a fixed beta != 0 (2.0 is the published choice)")
         log_mean = jax.nn.logsumexp(beta * rewards, axis=1, keepdims=True) - math.log(g)
         advantages = jnp.minimum(jnp.expm1(beta * rewards - log_mean) / beta, max_advantage)
-        return jnp.where(uniform_groups(rewards), 0.0, advantages)
+        return jnp.where(no_contrast, 0.0, advantages)
     if form != "loo":
         raise ValueError(f"unknown entropic form {form!r}; use 'loo' or 'rs'")
     if g < 3:
@@ -175,7 +176,7 @@ def entropic_advantages(
     others = jnp.where(jnp.eye(g, dtype=bool)[None], -jnp.inf, logits[:, None, :])  # [N, i, j], j != i
     log_loo_mean = jax.nn.logsumexp(others, axis=2) - math.log(g - 1)
     advantages = jnp.minimum(jnp.expm1(logits - log_loo_mean), max_advantage)
-    return jnp.where(uniform_groups(rewards), 0.0, advantages)
+    return jnp.where(no_contrast, 0.0, advantages)
 
 
 def effective_sample_size(weights: jax.Array) -> jax.Array:

@@ -50,20 +50,20 @@ def ppo_gae_advantages(outcome, old_values, old_logprobs, ref_logprobs, mask, cf
     }
 
 
-def _group_mask(rewards: jax.Array, mask: jax.Array, drop_uniform: bool) -> jax.Array:
+def _group_mask(informative: jax.Array, group_size: int, mask: jax.Array, drop_uniform: bool) -> jax.Array:
     if not drop_uniform:
         return mask
-    informative = ~uniform_groups(rewards)[:, 0]  # DAPO dynamic sampling
-    return mask & jnp.repeat(informative, rewards.shape[1])[:, None]
+    return mask & jnp.repeat(informative, group_size)[:, None]  # DAPO dynamic sampling
 
 
 def grpo_advantages(rewards: jax.Array, mask: jax.Array, cfg: GRPOConfig):
     """rewards [N, G], mask [N*G, T] -> group-relative advantages on every response token."""
     advantages = group_relative(rewards, scale_by_std=cfg.scale_by_std, ddof=cfg.std_ddof)
-    mask = _group_mask(rewards, mask, cfg.drop_uniform_groups)
+    informative = ~uniform_groups(rewards)[:, 0]
+    mask = _group_mask(informative, rewards.shape[1], mask, cfg.drop_uniform_groups)
     return {"advantages": _per_token(advantages.reshape(-1), mask), "mask": mask}, {
         "reward_mean": jnp.mean(rewards),
-        "informative_groups": jnp.mean((~uniform_groups(rewards)).astype(jnp.float32)),
+        "informative_groups": jnp.mean(informative.astype(jnp.float32)),
     }
 
 

@@ -178,7 +178,7 @@ class Learner:
                 break
         averaged = {k: float(np.mean([m[k] for m in steps])) for k in steps[0]}
         for counted in ("skipped", "no_signal"):  # counts of steps, not means: state.step advanced by the rest
-            averaged[counted] = float(sum(m.get(counted, 0) for m in steps))
+            averaged[counted] = float(sum(m[counted] for m in steps))
         averaged["clip_fraction_last"] = steps[-1]["clip_fraction"]
         averaged["optimizer_steps"] = len(steps)
         return state, {**{k: float(v) for k, v in metrics.items()}, **averaged}

@@ -4,7 +4,7 @@ The property "a response token contains a decimal digit" is verifiable from
 ids alone and rare under the bundled model, so it gives both a dense reward
 (the fraction of such tokens) and a high-failure one (at least k of them).
 A common property (a token containing the letter "e") gives a reward whose
-groups are never all equal: a run that must move the weights from step one.
+groups are rarely all equal: a short run that moves the weights from its first update.
 """
 
 from __future__ import annotations
