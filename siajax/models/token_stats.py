@@ -49,7 +49,8 @@ def token_stats(hidden: jax.Array, head: jax.Array, targets: jax.Array, temperat
       targets: [B, T] token ids whose log-probs are wanted.
       temperature: scalar or [B]; logits are divided by it.
       allowed: optional [B, T, F] token ids (-1 = unused slot) the distribution is
-        restricted to at each position (a constrained decoder's allowed set).
+        restricted to at each position (a constrained decoder's allowed set); a
+        position whose slots are all -1 gets log-prob 0 and entropy 0.
       chunk: vocabulary columns per step of the scan.
     """
     batch, length, _ = hidden.shape
@@ -87,9 +88,14 @@ def token_stats(hidden: jax.Array, head: jax.Array, targets: jax.Array, temperat
         step, init, (columns, starts))
     if restricted:
         valid = allowed >= 0
+        # A position with no allowed id (past the end of a stopped row) has no distribution: it gets
+        # log-prob and entropy 0, and every slot counts there so that log_norm stays finite (an all
+        # -inf logsumexp is -inf, its log-prob +inf, and one such masked token made a loss NaN).
+        has_choice = jnp.any(valid, axis=-1)
+        valid = valid | ~has_choice[..., None]
         log_norm = jax.nn.logsumexp(jnp.where(valid, allowed_logits, -jnp.inf), axis=-1)
         log_p = jnp.where(valid, allowed_logits - log_norm[..., None], 0.0)  # finite everywhere: safe gradients
         entropy = -jnp.sum(jnp.where(valid, jnp.exp(log_p) * log_p, 0.0), axis=-1)
-        return TokenStats(target_logit - log_norm, entropy)
+        return TokenStats(jnp.where(has_choice, target_logit - log_norm, 0.0), jnp.where(has_choice, entropy, 0.0))
     log_norm = running_max + jnp.log(sum_exp)
     return TokenStats(target_logit - log_norm, log_norm - sum_exp_logit / sum_exp)

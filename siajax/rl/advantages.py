@@ -17,8 +17,9 @@ LN2 = math.log(2.0)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
-    mask = mask.astype(x.dtype)
-    return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
+    """Mean over the masked entries; a select, not a product, so inf or NaN off the mask stays out."""
+    mask = mask.astype(bool)
+    return jnp.sum(jnp.where(mask, x, 0.0), axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis, dtype=x.dtype), 1.0)
 
 
 def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -46,9 +47,10 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, la
     """
     chex.assert_rank([rewards, values, mask], 2)
     chex.assert_equal_shape([rewards, values, mask])
-    mask = mask.astype(jnp.float32)
-    next_values = jnp.concatenate([values[:, 1:] * mask[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    mask = mask.astype(bool)
+    rewards, values = jnp.where(mask, rewards, 0.0), jnp.where(mask, values, 0.0)
     next_mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
+    next_values = jnp.where(next_mask, jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1), 0.0)
     deltas = rewards + gamma * next_values - values
 
     def backward(carry, inputs):
@@ -57,10 +59,11 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, la
         return advantage, advantage
 
     _, advantages = jax.lax.scan(
-        backward, jnp.zeros(rewards.shape[0], jnp.float32), (deltas.T, next_mask.T), reverse=True
+        backward, jnp.zeros(rewards.shape[0], jnp.float32), (deltas.T, next_mask.T.astype(jnp.float32)),
+        reverse=True,
     )
-    advantages = advantages.T * mask
-    return advantages, (advantages + values) * mask
+    advantages = jnp.where(mask, advantages.T, 0.0)
+    return advantages, jnp.where(mask, advantages + values, 0.0)
 
 
 def uniform_groups(rewards: jax.Array) -> jax.Array:
@@ -172,7 +175,11 @@ def entropic_advantages(
                          "samples_per_prompt or use form='rs'")
     beta = adaptive_entropic_beta(rewards, target_kl) if beta is None else jnp.asarray(beta, jnp.float32)
     beta = jnp.broadcast_to(beta, rewards.shape[:1])[:, None]
-    logits = beta * rewards  # [N, G]
+    # Shifted by the row's best reward: softmax and the leave-one-out ratio are shift-invariant, and the
+    # shift keeps the logits <= 0. Unshifted, a group where most samples succeed (ln 2 unreachable, beta
+    # at its 2^40 cap) had logits ~1e12, where float32 logsumexp drops the log((k-1)/(G-1)) term and the
+    # winners' advantage 0.5 (rewards [1, 1, 1, 0]) came out 0.
+    logits = beta * (rewards - jnp.max(rewards, axis=1, keepdims=True))  # [N, G]
     others = jnp.where(jnp.eye(g, dtype=bool)[None], -jnp.inf, logits[:, None, :])  # [N, i, j], j != i
     log_loo_mean = jax.nn.logsumexp(others, axis=2) - math.log(g - 1)
     advantages = jnp.minimum(jnp.expm1(logits - log_loo_mean), max_advantage)

@@ -174,7 +174,7 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, normaliser: jax.
     """
     if normaliser is None:
         normaliser = aggregation_normaliser(mask, mode)
-    per_row = jnp.sum(per_token * mask.astype(per_token.dtype), axis=1)
+    per_row = jnp.sum(jnp.where(mask, per_token, 0.0), axis=1)  # a select: inf/NaN off the mask stays out
     return jnp.sum(per_row / normaliser)
 
 

@@ -19,16 +19,16 @@ from siajax.rl.losses import EntropicConfig, GRPOConfig, PPOConfig
 
 def _per_token(sequence_values: jax.Array, mask: jax.Array) -> jax.Array:
     """[B] -> [B, T], zero off the response."""
-    return sequence_values[:, None] * mask.astype(jnp.float32)
+    return jnp.where(mask, sequence_values[:, None], 0.0)
 
 
 def ppo_token_rewards(outcome, old_logprobs, ref_logprobs, mask, kl_coef: float):
     """-beta·(log pi_old - log pi_ref) at every response token, plus the outcome at the last one."""
     chex.assert_rank(outcome, 1)
-    mask = mask.astype(jnp.float32)
-    last = jnp.maximum(jnp.sum(mask, axis=1).astype(jnp.int32) - 1, 0)
+    mask = mask.astype(bool)
+    last = jnp.maximum(jnp.sum(mask, axis=1, dtype=jnp.int32) - 1, 0)
     final = jax.nn.one_hot(last, mask.shape[1]) * outcome[:, None]
-    return (final - kl_coef * (old_logprobs - ref_logprobs)) * mask
+    return jnp.where(mask, final - kl_coef * (old_logprobs - ref_logprobs), 0.0)
 
 
 def standardise_outcomes(outcome: jax.Array, eps: float = 1e-6) -> jax.Array:
