@@ -92,6 +92,8 @@ def _progress_printer(config):
                       event["of"])
         elif kind == "checkpoint":
             show_step(f"gen {generation}: checkpoint", 1, 1)
+        elif kind == "warning":
+            progress.console.print(f"warning: gen {generation}: {event['message']}")
         elif kind == "generation":
             progress.update(step, visible=False)
             progress.update(generations, completed=generation + 1, description="generations")
@@ -102,9 +104,11 @@ def _progress_printer(config):
 def _generation_line(entry: dict) -> str:
     d, before, after = entry["decision"], entry["before"], entry["after"]
     lever = d["lever"] + (f" ({d['recipe']})" if d["recipe"] else "")
-    verdict = "rolled back" if entry["rolled_back"] else "kept" if entry["comparison"] else "no change"
+    from siajax.report import verdict
+
+    failed = f": {entry['failed']}" if entry.get("failed") else ""
     return (f"gen {entry['generation']}: {lever}: dev {before['dev']['score']:.3f} -> {after['dev']['score']:.3f} "
-            f"({verdict}), test {after['test']['score']:.3f} | {d['rationale']}")
+            f"({verdict(entry)}{failed}), test {after['test']['score']:.3f} | {d['rationale']}")
 
 
 def _run_with_progress(config, run_dir, resume: bool) -> int:

@@ -15,14 +15,18 @@ dev items (what decisions read) and test items (reported only; no agent sees
 them, nothing trains on them), with fixed decoding keys, so generations are
 compared item by item. A harness candidate is kept only when a paired
 bootstrap on dev says it beats the current harness; weights that made dev
-worse beyond noise are rolled back. The harness lever may spend per
-generation as many samples (evaluating candidates) as the weight lever spends
-on training rollouts, so SIA-H and SIA-W+H run at equal budgets; the ledger
-records every generation's spend.
+worse beyond noise are rolled back, and weights that applied no optimiser
+step are a failed generation (not evaluated, not kept). Every generation
+draws from one hard sample budget (``siajax.budget``): candidates' dev
+evaluations, training rollouts and the dev evaluation of new weights, votes
+and retries included, each started only when its worst case fits; test
+evaluation is reported apart. Both arms of a comparison get the same budget,
+and the ledger records what each generation spent.
 
 A generation counts once its ledger line is written; ``resume`` restores the
 harness HEAD, train state and dev scores named by the last line and redoes
-the interrupted generation. Keys derive from (seed, generation).
+the interrupted generation. Keys derive from the seed and a purpose tag
+(``siajax.rng.purpose_key``), per generation by fold-in.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from siajax.agents import LocalPolicyBackend, OpenAIBackend, run_items
 from siajax.agents.evaluation import Evaluation, evaluate
 from siajax.agents.feedback import FeedbackRules, heuristic_decision, llm_decision, summarize, weights_problem
 from siajax.agents.harness_edits import FIXABLE_FAILURES
+from siajax.budget import SampleBudget, evaluation_cost, rollout_cost, updates_within
 from siajax.agents.meta import initial_harness
 from siajax.harness import Harness, HarnessStore, patch_harness, to_json
 from siajax.harness.store import atomic_write_text
@@ -51,14 +56,20 @@ from siajax.models import BUNDLED_TINY_MODEL, LoRAConfig, ValueHead, add_lora, f
 from siajax.parallel import MeshConfig, make_mesh
 from siajax.stats import paired_bootstrap
 from siajax.tasks import Task, resolve_task
+from siajax.rng import purpose_key
+from siajax.stats import holm
 from siajax.train import init_train_state, restore_pytree, save_pytree, split_policy
 from siajax.train.learner import (
-    DEFAULT_SCHEDULES, RECIPES, Learner, UpdateSchedule, bind_learner, default_learning_rate, default_optimizer,
-    place_on_mesh,
+    DEFAULT_CRITIC_LEARNING_RATE, DEFAULT_SCHEDULES, RECIPES, STEP_OUTCOMES, Learner, UpdateSchedule, bind_learner,
+    default_learning_rate, default_optimizer, place_on_mesh,
 )
 
 LEVER_MODES = {"harness": ("harness",), "weights": ("weights",), "both": ("harness", "weights")}
 UNTIMED_LEDGER_KEYS = ("wall_seconds",)
+# What the ledger keeps of each weight update (learner.update's metrics).
+TRAIN_HISTORY_KEYS = ("loss", "pg_loss", "kl_ref", "value_loss", "explained_variance", "grad_norm", "clip_fraction",
+                      "approx_kl", "entropy", "logprob_mismatch", "optimizer_steps", "applied_steps", "skipped",
+                      "no_signal", "kl_stop")
 LAYOUT_ONLY_FIELDS = ("mesh",)  # may change on resume: where arrays live, not what is computed
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -80,10 +91,15 @@ class RunConfig:
     micro_batches: int = 1
     target_kl: float | None = 0.05
     learning_rate: float | None = None  # None: siajax.train.learner.default_learning_rate(model)
+    critic_learning_rate: float = DEFAULT_CRITIC_LEARNING_RATE  # the PPO value head's own rate (own partition)
     lr_schedule: str = "constant"  # or "cosine" (decays over all the run's optimiser steps)
     warmup_steps: int = 0
     lora_rank: int = 8
     dtype: str = "float32"
+    # Samples a generation may draw to propose and judge a change (candidates' dev evaluations, rollouts,
+    # the dev evaluation of new weights; votes and retries included); None: one weights generation's
+    # rollouts plus one worst-case dev evaluation of the initial harness. Test evaluation is apart.
+    generation_budget: int | None = None
     dev_items: int | None = None  # evaluate at most this many dev items (None: all)
     test_items: int | None = None
     eval_split: str = "dev"  # the split decisions read ("dev"; "train" only for tasks without one)
@@ -120,6 +136,10 @@ class RunConfig:
             raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         if self.learning_rate is not None and not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.generation_budget is not None and self.generation_budget < 1:
+            raise ValueError(f"generation_budget must be >= 1 samples (or unset), got {self.generation_budget}")
+        if not self.critic_learning_rate > 0:
+            raise ValueError(f"critic_learning_rate must be > 0, got {self.critic_learning_rate}")
         if isinstance(self.feedback_rules, dict):
             object.__setattr__(self, "feedback_rules", FeedbackRules.from_dict(self.feedback_rules))
 
@@ -177,11 +197,12 @@ class Policy:
         model, self.tokenizer = from_pretrained(config.model, dtype=config.dtype)
         self.config = config
         add_lora(model, LoRAConfig(rank=config.lora_rank, alpha=2.0 * config.lora_rank),
-                 key=jax.random.key(config.seed))
+                 key=purpose_key(config.seed, "lora_init"))
         value_head = ValueHead(model.config.hidden_size, rngs=nnx.Rngs(config.seed))
         self.parts, params, self.frozen = split_policy(model, value_head)
         self.learning_rate = config.learning_rate or default_learning_rate(model.config)
-        self.optimizer = default_optimizer(self.learning_rate, schedule=config.lr_schedule,
+        self.optimizer = default_optimizer(self.learning_rate, critic_learning_rate=config.critic_learning_rate,
+                                           schedule=config.lr_schedule,
                                            warmup_steps=config.warmup_steps,
                                            total_steps=total_optimizer_steps(config))
         self.state = init_train_state(params, self.optimizer, config.seed)
@@ -206,8 +227,11 @@ class Policy:
         laid out on this run's mesh whatever mesh saved it."""
         checkpoint = ledger[-1].get("checkpoint") if ledger else None
         if checkpoint:
-            self.state = restore_pytree(run_dir / checkpoint, self.state,
-                                        None if self.shardings is None else self.shardings.state)
+            self.load(run_dir / checkpoint)
+
+    def load(self, path: Path) -> None:
+        """Loads a saved train state (a kept one or a rolled-back trial) onto this run's mesh."""
+        self.state = restore_pytree(path, self.state, None if self.shardings is None else self.shardings.state)
 
     def snapshot(self):
         """A copy of the train state that survives the donating train step (for a rollback)."""
@@ -220,25 +244,36 @@ class Policy:
 
 @dataclasses.dataclass(frozen=True)
 class EvalPlan:
-    """The fixed held-out items and decoding keys every generation is scored with."""
+    """The fixed held-out items, and the decoding keys they are scored with.
+
+    Test is scored with one key throughout (reported only). Dev gets a fresh key
+    each generation (:meth:`dev_key_at`): the current state is re-scored with it
+    and every change of that generation is compared with that, so comparisons
+    stay paired (same items, same noise) while selection cannot fit one fixed
+    draw of sampling noise generation after generation.
+    """
 
     dev: list
     test: list
     dev_key: jax.Array
     test_key: jax.Array
 
+    def dev_key_at(self, index: int) -> jax.Array:
+        """The dev decoding key of generation ``index`` (0 also scores the starting state)."""
+        return jax.random.fold_in(self.dev_key, index)
+
 
 def evaluation_plan(task: Task, config: RunConfig) -> EvalPlan:
-    root = jax.random.key(config.seed)
     dev = task.items(config.eval_split) if config.eval_split == "train" else task.dev_items()
     test = task.items("test")
     return EvalPlan(dev[:config.dev_items], test[:config.test_items],
-                    jax.random.fold_in(root, 7_000_001), jax.random.fold_in(root, 7_000_002))
+                    purpose_key(config.seed, "dev_eval"), purpose_key(config.seed, "test_eval"))
 
 
-def evaluate_state(task: Task, harness: Harness, policy: Policy, plan: EvalPlan) -> tuple[Evaluation, Evaluation]:
+def evaluate_state(task: Task, harness: Harness, policy: Policy, plan: EvalPlan,
+                   key_index: int) -> tuple[Evaluation, Evaluation]:
     backend = policy.backend()
-    return (evaluate(task, harness, backend, plan.dev, plan.dev_key, split="dev"),
+    return (evaluate(task, harness, backend, plan.dev, plan.dev_key_at(key_index), split="dev"),
             evaluate(task, harness, backend, plan.test, plan.test_key, split="test"))
 
 
@@ -247,25 +282,63 @@ def fixable_indicators(evaluation: Evaluation) -> list[float]:
     return [float(f in FIXABLE_FAILURES) for f in evaluation.failures]
 
 
-def _state_record(dev: Evaluation, test: Evaluation) -> dict:
-    return {"dev": {**dev.summary(), "item_scores": dev.scores, "item_fixable": fixable_indicators(dev)},
-            "test": test.summary()}
+def _dev_record(dev: Evaluation, key_index: int) -> dict:
+    return {**dev.summary(), "item_scores": dev.scores, "item_fixable": fixable_indicators(dev), "key_index": key_index}
+
+
+def _state_record(dev: Evaluation, test: Evaluation, key_index: int) -> dict:
+    return {"dev": _dev_record(dev, key_index), "test": test.summary()}
 
 
 def _judge_candidate(dev: Evaluation, current: dict, rules: FeedbackRules, seed: int) -> dict:
-    """Score comparison on the same dev items, and (``rules.keep_format_fixes``) the fixable-failure
-    comparison: -> {"comparison", "format_comparison", "keep", "rank"}."""
+    """Paired comparisons of a candidate (harness edit or new weights) with the current state on the
+    same dev items: scores, and (``rules.keep_format_fixes``) harness-fixable failures.
+    -> {"comparison", "format_comparison", "keep", "rank"}, ``keep`` as if it were the only candidate."""
     comparison = _compare(dev.scores, current["dev"]["item_scores"], rules, seed)
-    verdict = {"comparison": comparison, "format_comparison": None, "keep": comparison.better,
-               "rank": (1, comparison.mean_difference, 0.0)}
+    fewer = None
     baseline_fixable = current["dev"].get("item_fixable")
-    if rules.keep_format_fixes and not comparison.better and baseline_fixable is not None:
+    if rules.keep_format_fixes and baseline_fixable is not None:
         fewer = _compare([1.0 - f for f in fixable_indicators(dev)], [1.0 - f for f in baseline_fixable], rules,
                          seed + 50_000)
-        verdict["format_comparison"] = fewer
-        if fewer.better and comparison.mean_difference >= 0:
-            verdict.update(keep=True, rank=(0, comparison.mean_difference, fewer.mean_difference))
-    return verdict
+    verdict = {"comparison": comparison, "format_comparison": fewer}
+    return {**verdict, **accept([verdict], rules)[0]}
+
+
+def accept(verdicts: list[dict], rules: FeedbackRules) -> list[dict]:
+    """The one acceptance rule, for both levers: a change is kept when it beats the current state
+    beyond noise on dev, Holm-corrected over the changes tried this generation (family-wise level
+    ``rules.alpha``); or, with ``rules.keep_format_fixes``, when it makes significantly fewer items
+    fail in a harness-fixable way (same correction) without a lower mean score.
+    -> per verdict {"keep", "kept_by": "score" | "format" | None, "rank"} (higher rank wins)."""
+    by_score = holm([v["comparison"].p_not_better for v in verdicts], rules.alpha)
+    by_format = holm([v["format_comparison"].p_not_better if v["format_comparison"] else 1.0 for v in verdicts],
+                     rules.alpha)
+    out = []
+    for verdict, score, fewer in zip(verdicts, by_score, by_format):
+        gain = verdict["comparison"].mean_difference
+        format_fix = rules.keep_format_fixes and fewer and gain >= 0
+        kept_by = "score" if score else "format" if format_fix else None
+        fewer_gain = verdict["format_comparison"].mean_difference if verdict["format_comparison"] else 0.0
+        out.append({"keep": kept_by is not None, "kept_by": kept_by,
+                    "rank": (1 if score else 0, gain, fewer_gain if kept_by == "format" else 0.0)})
+    return out
+
+
+def _rescored_baseline(task: Task, harness: Harness, policy: Policy, plan: EvalPlan, current: dict, generation: int,
+                       budget: SampleBudget, spend: dict) -> dict:
+    """The current state's dev scores under this generation's key (re-scored, and charged, unless they
+    already are): what every change of the generation is compared with, item by item."""
+    if current["dev"].get("key_index") == generation:
+        return current
+    dev = evaluate(task, harness, policy.backend(), plan.dev, plan.dev_key_at(generation), split="dev")
+    budget.charge(dev.samples)
+    spend.update(baseline_samples=dev.samples, baseline_tokens=dev.tokens)
+    return {"dev": _dev_record(dev, generation)}
+
+
+def _kept(outcome: dict) -> bool:
+    """Whether the generation's change was kept (accepted by :func:`accept`)."""
+    return bool(outcome.get("comparison")) and not outcome.get("rolled_back", False) and not outcome.get("failed")
 
 
 def _compare(after: list[float], before: list[float], rules: FeedbackRules, seed: int):
@@ -286,29 +359,33 @@ def training_harness(harness: Harness, group_size: int) -> Harness:
 
 
 def _search_harness(decision, store: HarnessStore, task: Task, policy: Policy, plan: EvalPlan, current: dict,
-                    budget: int, rules: FeedbackRules, seed: int, emit) -> dict:
-    """Evaluates candidates on dev (at least one, then while the sample budget lasts) and keeps the
-    best that beats the current harness beyond noise; the others are stored and rolled back."""
+                    baseline: dict, key_index: int, budget: SampleBudget, rules: FeedbackRules, seed: int,
+                    emit) -> dict:
+    """Evaluates candidates on dev, each only when its worst-case cost still fits the budget, and keeps
+    the best that beats the current harness beyond noise; the others are stored and rolled back."""
     head = store.head
     harness, backend = store.get(head), policy.backend()
-    tried, spent, tokens, best = [], 0, 0, None
+    tried, judged, spent, tokens, best = [], [], 0, 0, None
     for index, candidate in enumerate(decision.candidates):
-        if tried and spent >= budget:
-            break
-        emit("candidate", {"index": index, "of": len(decision.candidates), "kind": candidate.kind})
         patched = patch_harness(harness, candidate.patch)
-        dev = evaluate(task, patched, backend, plan.dev, plan.dev_key, split="dev")
+        if not budget.fits(evaluation_cost(patched, len(plan.dev))):
+            continue  # a cheaper candidate further down may still fit
+        emit("candidate", {"index": index, "of": len(decision.candidates), "kind": candidate.kind})
+        dev = evaluate(task, patched, backend, plan.dev, plan.dev_key_at(key_index), split="dev")
+        budget.charge(dev.samples)
         spent, tokens = spent + dev.samples, tokens + dev.tokens
-        verdict = _judge_candidate(dev, current, rules, seed + index)
+        verdict = _judge_candidate(dev, baseline, rules, seed + index)
         comparison, fewer = verdict["comparison"], verdict["format_comparison"]
         version = store.put(patched, parent=head, patch=candidate.patch,
                             reason=f"candidate ({candidate.kind}): {candidate.why}")
         tried.append({**candidate.to_dict(), "version": version, "dev_score": dev.summary()["score"],
                       "dev_samples": dev.samples, "comparison": comparison.to_dict(),
-                      **({"format_comparison": fewer.to_dict()} if fewer is not None else {}),
-                      "kept_by": ("score" if comparison.better else "format") if verdict["keep"] else None})
-        if verdict["keep"] and (best is None or verdict["rank"] > best[4]):
-            best = (candidate, dev, comparison, version, verdict["rank"])
+                      **({"format_comparison": fewer.to_dict()} if fewer is not None else {})})
+        judged.append((candidate, dev, verdict, version))
+    for record, (candidate, dev, verdict, version), ruling in zip(tried, judged, accept([j[2] for j in judged], rules)):
+        record["kept_by"] = ruling["kept_by"]
+        if ruling["keep"] and (best is None or ruling["rank"] > best[4]):
+            best = (candidate, dev, verdict["comparison"], version, ruling["rank"])
     store.rollback(head)
     outcome = {"candidates": tried, "spend": {"candidate_samples": spent, "candidate_tokens": tokens}}
     if best is None:
@@ -316,26 +393,28 @@ def _search_harness(decision, store: HarnessStore, task: Task, policy: Policy, p
     candidate, dev, comparison, version, _ = best
     store.rollback(version)
     test = evaluate(task, store.get(), backend, plan.test, plan.test_key, split="test")
-    return {**outcome, "after": _state_record(dev, test), "comparison": comparison.to_dict(), "rolled_back": False,
+    outcome["spend"].update(test_samples=test.samples, test_tokens=test.tokens)
+    return {**outcome, "after": _state_record(dev, test, key_index), "comparison": comparison.to_dict(),
+            "rolled_back": False,
             "accepted_patch": candidate.patch, "eval": (dev, test)}
 
 
 def _train_weights(policy: Policy, task: Task, harness: Harness, recipe: str, config: RunConfig, generation: int,
-                   key, emit) -> dict:
-    """``updates_per_generation`` rounds of fresh train rollouts -> one learner update each."""
+                   key, emit, updates: int) -> dict:
+    """``updates`` rounds of fresh train rollouts -> one learner update each."""
     learner = policy.learner(recipe)
     group = config.samples_per_prompt or harness.sampling.samples_per_prompt
     sampling_harness = training_harness(harness, group)
     train_items = task.train_items()
     history, records, spend = [], [], {"rollout_samples": 0, "rollout_tokens": 0, "train_tokens": 0}
-    for update in range(config.updates_per_generation):
+    for update in range(updates):
         rng = np.random.RandomState(config.seed * 100_003 + generation * 101 + update)
         picks = rng.choice(len(train_items), size=min(config.items_per_generation, len(train_items)), replace=False)
         key, sample_key = jax.random.split(key)
         emit("rollouts", {"generation": generation, "update": update})
         rollout = run_items(task, sampling_harness, policy.backend(), [train_items[i] for i in sorted(picks)],
                             sample_key)
-        emit("train_step", {"generation": generation, "update": update, "of": config.updates_per_generation})
+        emit("train_step", {"generation": generation, "update": update, "of": updates})
         policy.state, metrics = learner.update(policy.state, policy.frozen, rollout.generation,
                                                np.asarray(rollout.rewards), group)
         response_tokens = int(np.asarray(rollout.generation.mask).sum())
@@ -343,11 +422,36 @@ def _train_weights(policy: Policy, task: Task, harness: Harness, recipe: str, co
         spend["rollout_tokens"] += response_tokens
         spend["train_tokens"] += response_tokens * metrics["optimizer_steps"] // learner.schedule.minibatches
         records += [{**r, "update": update} for r in rollout.records]
-        history.append({"update": update, "reward": float(np.mean(rollout.rewards)), **{
-            k: metrics[k] for k in ("loss", "grad_norm", "clip_fraction", "approx_kl", "entropy", "logprob_mismatch",
-                                    "optimizer_steps", "skipped", "no_signal") if k in metrics}})
+        history.append({"update": update, "reward": float(np.mean(rollout.rewards)),
+                        **{k: metrics[k] for k in TRAIN_HISTORY_KEYS if k in metrics}})
+        if metrics["skipped"]:
+            emit("warning", {"generation": generation, "message": f"update {update}: {metrics['skipped']:.0f} of "
+                             f"{metrics['optimizer_steps']} steps skipped (non-finite loss or gradient)"})
     return {"recipe": recipe, "updates": history, "records": records, "spend": spend,
-            "logprob_mismatch": max(h["logprob_mismatch"] for h in history)}
+            "logprob_mismatch": max(h["logprob_mismatch"] for h in history),
+            "applied_steps": sum(h["applied_steps"] for h in history),
+            "skipped_steps": sum(h["skipped"] for h in history)}
+
+
+def generation_budget(config: RunConfig, initial_harness: Harness, dev_items: int) -> int:
+    """The samples every generation may draw (both arms of a comparison get the same): the config's,
+    or one weights generation's rollouts plus two worst-case dev evaluations under the initial
+    harness (the current state re-scored under the generation's key, and the new weights)."""
+    if config.generation_budget is not None:
+        return config.generation_budget
+    group = config.samples_per_prompt or initial_harness.sampling.samples_per_prompt
+    return (rollout_cost(config.items_per_generation, group, config.updates_per_generation)
+            + 2 * evaluation_cost(initial_harness, dev_items))
+
+
+def weights_failure(trained: dict) -> str | None:
+    """Why a weights generation changed nothing (None when it applied a step): such a generation
+    is marked failed in the ledger, neither evaluated nor kept."""
+    if trained["applied_steps"]:
+        return None
+    steps = sum(h["optimizer_steps"] for h in trained["updates"])
+    reasons = ", ".join(f"{sum(h[k] for h in trained['updates']):.0f} {k}" for k in STEP_OUTCOMES)
+    return f"no optimiser step applied ({steps} steps: {reasons})"
 
 
 def _resolve_start(config: RunConfig, run_dir: Path) -> tuple[Task, bool]:
@@ -390,7 +494,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
     levers = LEVER_MODES[config.levers]
     store = HarnessStore(run_dir / "harness")
     ledger = read_ledger(run_dir)
-    root_key = jax.random.key(config.seed)
+    root_key = purpose_key(config.seed, "loop")
     feedback_backend = _feedback_backend(config)
     plan = evaluation_plan(task, config)
 
@@ -399,19 +503,23 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
         policy.restore(run_dir, ledger)
         current = ledger[-1]["after"]
     else:
-        harness, origin = initial_harness(task, feedback_backend, jax.random.fold_in(root_key, 10**6))
+        harness, origin = initial_harness(task, feedback_backend, purpose_key(config.seed, "meta_agent"))
         if config.temperature is not None:
             harness = dataclasses.replace(harness, sampling=dataclasses.replace(harness.sampling,
                                                                                 temperature=config.temperature))
         store.put(harness, reason=origin)
         emit("evaluation", {"generation": -1})
-        initial = evaluate_state(task, harness, policy, plan)
-        current = _state_record(*initial)
+        initial = evaluate_state(task, harness, policy, plan, key_index=0)
+        current = _state_record(*initial, key_index=0)
         (run_dir / "initial").mkdir(exist_ok=True)
         _write_jsonl(run_dir / "initial" / "eval_dev.jsonl", initial[0].records)
         _write_jsonl(run_dir / "initial" / "eval_test.jsonl", initial[1].records)
     group = config.samples_per_prompt
-    budget = config.updates_per_generation * config.items_per_generation
+    first_harness = store.get(ledger[0]["harness_version"] if ledger else store.head)
+    limit = generation_budget(config, first_harness, len(plan.dev))
+    if limit < 2 * evaluation_cost(first_harness, len(plan.dev)):
+        raise ValueError(f"generation_budget={limit} samples cannot re-score and judge one change on {len(plan.dev)} "
+                         f"dev items (needs >= {2 * evaluation_cost(first_harness, len(plan.dev))})")
 
     for generation in range(len(ledger), config.generations):
         if stop_after is not None and generation >= stop_after:
@@ -438,36 +546,63 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
                                     **common)
         atomic_write_text(gen_dir / "decision.json", json.dumps(decision.to_dict(), indent=1, ensure_ascii=False))
         checkpoint = ledger[-1].get("checkpoint") if ledger else None
+        budget = SampleBudget(limit)
         spend = {"candidate_samples": 0, "candidate_tokens": 0, "rollout_samples": 0, "rollout_tokens": 0,
-                 "train_tokens": 0}
+                 "train_tokens": 0, "baseline_samples": 0, "baseline_tokens": 0, "dev_eval_samples": 0,
+                 "dev_eval_tokens": 0, "test_samples": 0, "test_tokens": 0}
         outcome: dict = {"candidates": [], "train": None, "logprob_mismatch": None}
         if decision.lever == "harness" and decision.candidates:
-            searched = _search_harness(decision, store, task, policy, plan, current, budget * group_size, rules,
-                                       config.seed * 1000 + generation, emit)
+            baseline = _rescored_baseline(task, harness, policy, plan, current, generation, budget, spend)
+            outcome["baseline_dev_score"] = baseline["dev"]["score"]
+            searched = _search_harness(decision, store, task, policy, plan, current, baseline, generation, budget,
+                                       rules, config.seed * 1000 + generation, emit)
             spend.update(searched.pop("spend"))
             evaluations = searched.pop("eval", None)
             outcome.update(searched)
             atomic_write_text(gen_dir / "candidates.json", json.dumps(outcome["candidates"], indent=1,
                                                                      ensure_ascii=False))
         elif decision.lever == "weights":
-            snapshot = policy.snapshot() if rules.rollback_worse_weights else None
-            trained = _train_weights(policy, task, harness, decision.recipe, config, generation, train_key, emit)
-            spend.update(trained.pop("spend"))
-            _write_jsonl(gen_dir / "trajectory.jsonl", trained.pop("records"))
-            outcome["train"], outcome["logprob_mismatch"] = trained, trained["logprob_mismatch"]
-            emit("evaluation", {"generation": generation})
-            evaluations = evaluate_state(task, harness, policy, plan)
-            comparison = _compare(evaluations[0].scores, current["dev"]["item_scores"], rules,
-                                  config.seed * 1000 + generation)
-            outcome["comparison"] = comparison.to_dict()
-            if comparison.worse and snapshot is not None:
-                policy.state, evaluations = snapshot, None
-                outcome.update(rolled_back=True, after=current)
+            dev_cost = evaluation_cost(harness, len(plan.dev))
+            rescore = dev_cost if current["dev"].get("key_index") != generation else 0
+            updates = updates_within(limit - rescore, config.items_per_generation, group_size, dev_cost,
+                                     config.updates_per_generation)
+            evaluations = None
+            if not updates:
+                failed = (f"budget: one update ({rollout_cost(config.items_per_generation, group_size, 1)} samples) "
+                          f"and the dev evaluation ({dev_cost}) do not fit in {limit} samples")
+                emit("warning", {"generation": generation, "message": f"weights generation failed: {failed}"})
+                outcome.update(failed=failed, rolled_back=True, after=current, comparison=None)
             else:
-                checkpoint = f"gen_{generation:03d}/train_state"
-                emit("checkpoint", {"generation": generation})
-                save_pytree(run_dir / checkpoint, policy.state)
-                outcome.update(rolled_back=False, after=_state_record(*evaluations))
+                baseline = _rescored_baseline(task, harness, policy, plan, current, generation, budget, spend)
+                outcome["baseline_dev_score"] = baseline["dev"]["score"]
+                snapshot = policy.snapshot()
+                trained = _train_weights(policy, task, harness, decision.recipe, config, generation, train_key, emit,
+                                         updates)
+                spend.update(trained.pop("spend"))
+                budget.charge(spend["rollout_samples"])
+                _write_jsonl(gen_dir / "trajectory.jsonl", trained.pop("records"))
+                outcome["train"], outcome["logprob_mismatch"] = trained, trained["logprob_mismatch"]
+                if failed := weights_failure(trained):
+                    emit("warning", {"generation": generation, "message": f"weights generation failed: {failed}"})
+                    outcome.update(failed=failed, rolled_back=True, after=current, comparison=None)
+                else:
+                    # Saved whether or not it is kept: a rolled-back trial stays inspectable.
+                    outcome["trained_state"] = f"gen_{generation:03d}/train_state"
+                    emit("checkpoint", {"generation": generation})
+                    save_pytree(run_dir / outcome["trained_state"], policy.state)
+                    emit("evaluation", {"generation": generation})
+                    evaluations = evaluate_state(task, harness, policy, plan, key_index=generation)
+                    budget.charge(evaluations[0].samples)
+                    spend.update(dev_eval_samples=evaluations[0].samples, dev_eval_tokens=evaluations[0].tokens,
+                                 test_samples=evaluations[1].samples, test_tokens=evaluations[1].tokens)
+                    verdict = _judge_candidate(evaluations[0], baseline, rules, config.seed * 1000 + generation)
+                    outcome.update(comparison=verdict["comparison"].to_dict(), kept_by=verdict["kept_by"])
+                    if not verdict["keep"]:  # the same rule as a harness edit: better beyond noise, or rolled back
+                        policy.state, evaluations = snapshot, None
+                        outcome.update(rolled_back=True, after=current)
+                    else:
+                        checkpoint = outcome["trained_state"]
+                        outcome.update(rolled_back=False, after=_state_record(*evaluations, key_index=generation))
         else:
             evaluations = None
             outcome.update(after=current, comparison=None, rolled_back=False, accepted_patch=None)
@@ -475,12 +610,14 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
             _write_jsonl(gen_dir / "eval_dev.jsonl", evaluations[0].records)
             _write_jsonl(gen_dir / "eval_test.jsonl", evaluations[1].records)
         after = outcome["after"]
-        spend["eval_samples"] = after["dev"]["samples"] + after["test"]["samples"]
-        spend["eval_tokens"] = after["dev"]["tokens"] + after["test"]["tokens"]
+        spend.update(budget_samples=limit, spent_samples=budget.spent)
         entry = {
             "generation": generation, "decision": decision.to_dict(), "harness_version": harness.version,
-            "next_harness": store.head, "checkpoint": checkpoint, "before": current, "after": after,
+            "next_harness": store.head, "checkpoint": checkpoint, "trained_state": outcome.get("trained_state"),
+            "before": current, "after": after,
             "comparison": outcome.get("comparison"), "rolled_back": outcome.get("rolled_back", False),
+            "failed": outcome.get("failed"), "kept": _kept(outcome),
+            "baseline_dev_score": outcome.get("baseline_dev_score"),  # the entering state under this gen's key
             "accepted_patch": outcome.get("accepted_patch"), "candidates": outcome["candidates"],
             "train": None if outcome["train"] is None else {k: v for k, v in outcome["train"].items()},
             "logprob_mismatch": outcome["logprob_mismatch"], "spend": spend,
@@ -530,7 +667,8 @@ def evaluate_saved(run_dir: str | os.PathLike, generation: int | None = None, sp
     policy.restore(run_dir, ledger[:generation + 1])
     harness = HarnessStore(run_dir / "harness").get(ledger[generation]["next_harness"])
     plan = evaluation_plan(task, config)
-    items, key = (plan.dev, plan.dev_key) if split == "dev" else (plan.test, plan.test_key)
+    dev_key = plan.dev_key_at(ledger[generation]["after"]["dev"].get("key_index", 0))
+    items, key = (plan.dev, dev_key) if split == "dev" else (plan.test, plan.test_key)
     if split not in ("dev", "test"):
         raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
     return {"generation": generation, "harness": harness.version,

@@ -7,6 +7,13 @@ from pathlib import Path
 from siajax.loop import read_ledger
 
 
+def verdict(entry: dict) -> str:
+    """What became of a generation's change: failed (nothing applied), rolled back, kept, or none tried."""
+    if entry.get("failed"):
+        return "failed"
+    return "rolled back" if entry["rolled_back"] else ("kept" if entry["comparison"] else "-")
+
+
 def ledger_rows(ledger: list[dict]) -> list[dict]:
     rows = []
     for e in ledger:
@@ -16,8 +23,8 @@ def ledger_rows(ledger: list[dict]) -> list[dict]:
             "dev_before": e["before"]["dev"]["score"], "dev": e["after"]["dev"]["score"],
             "pass_at_1": e["after"]["dev"]["pass_at_1"], "test": e["after"]["test"]["score"],
             "test_pass_at_1": e["after"]["test"]["pass_at_1"],
-            "verdict": "rolled back" if e["rolled_back"] else ("kept" if e["comparison"] else "-"),
-            "samples": sum(v for k, v in spend.items() if k.endswith("samples")),
+            "verdict": verdict(e),
+            "samples": spend.get("spent_samples", 0), "budget": spend.get("budget_samples"),
             "harness": e["next_harness"], "wall_s": e["wall_seconds"], "why": e["decision"]["rationale"],
         })
     return rows

@@ -72,3 +72,19 @@ def mean_confidence_interval(values: Sequence[float], level: float = 0.95) -> tu
         return mean, math.nan, math.nan
     half = float(stats.t.ppf(0.5 + level / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
     return mean, mean - half, mean + half
+
+
+def holm(p_values: Sequence[float], alpha: float) -> list[bool]:
+    """Holm's step-down rejections at family-wise level ``alpha``: which of m hypotheses to reject.
+
+    Sorted ascending, the i-th p-value (0-based) is rejected while p <= alpha / (m - i); the first
+    that is not stops the walk. Keeping the best of several dev-scored candidates each tested at
+    alpha keeps a null edit far more often than alpha (4 candidates at 0.1: up to 34%).
+    """
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    rejected = [False] * len(p_values)
+    for rank, index in enumerate(order):
+        if p_values[index] > alpha / (len(p_values) - rank):
+            break
+        rejected[index] = True
+    return rejected

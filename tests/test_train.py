@@ -60,6 +60,10 @@ def test_micro_batched_loss_and_grads_equal_the_full_batch(aggregation):
     state_micro, m_micro = step_micro(state_micro, frozen, batch)
     np.testing.assert_allclose(float(m_full["loss"]), float(m_micro["loss"]), rtol=1e-5)
     np.testing.assert_allclose(float(m_full["grad_norm"]), float(m_micro["grad_norm"]), rtol=1e-5)
+    # Every metric too: shares of the loss (pg_loss, kl_ref) were reported 1/M of their value, and
+    # per-chunk token means averaged with equal weights.
+    for name in ("pg_loss", "kl_ref", "clip_fraction", "approx_kl", "ratio_mean", "entropy", "advantage_mean"):
+        np.testing.assert_allclose(float(m_full[name]), float(m_micro[name]), rtol=1e-5, atol=1e-7, err_msg=name)
     for a, b in zip(_leaves(state_full.params), _leaves(state_micro.params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -86,14 +90,37 @@ def test_reference_logprobs_ignore_the_adapters_and_training_moves_the_policy():
     assert np.abs(np.asarray(adapted.logprobs - reference.logprobs)).max() > 1e-3
 
 
-def test_value_head_and_adapter_gradients_are_clipped_apart():
-    """A huge critic gradient must not shrink the policy's (one shared global-norm clip would)."""
-    from siajax.train.learner import clip_each_part_by_global_norm
+def test_value_head_and_adapters_are_optimised_apart():
+    """Each part has its own clip and learning rate: a huge critic gradient must not shrink the
+    policy's update (one shared global-norm clip would), and the critic moves at its own rate."""
+    from siajax.train.learner import default_optimizer
 
-    grads = {"lora": {"a": jnp.full((4,), 0.1)}, "value_head": {"w": jnp.full((4,), 1e3)}}
-    clipped, _ = clip_each_part_by_global_norm(1.0).update(grads, optax.EmptyState())
-    np.testing.assert_allclose(np.asarray(clipped["lora"]["a"]), 0.1)  # norm 0.2 < 1: untouched
-    np.testing.assert_allclose(float(jnp.linalg.norm(clipped["value_head"]["w"])), 1.0, rtol=1e-6)
+    params = {"lora": {"a": jnp.zeros(4)}, "value_head": {"w": jnp.zeros(4)}}
+    optimizer = default_optimizer(1e-3, critic_learning_rate=0.1)
+    sgd_like = {"lora": {"a": jnp.full((4,), 0.1)}, "value_head": {"w": jnp.full((4,), 1e3)}}
+    updates, _ = optimizer.update(sgd_like, optimizer.init(params), params)
+    # Adam's first step is -lr * sign(g) whatever the clip did to |g|: each part at its own rate.
+    np.testing.assert_allclose(np.asarray(updates["lora"]["a"]), -1e-3, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(updates["value_head"]["w"]), -0.1, rtol=1e-4)
+
+
+def test_a_part_without_gradient_stays_exactly_where_it_is():
+    """After PPO steps the value head's Adam moments are non-zero; under GRPO it gets no gradient.
+    Before, the shared Adam state kept moving it on momentum alone."""
+    from siajax.train.learner import default_optimizer
+
+    params = {"lora": {"a": jnp.ones(3)}, "value_head": {"w": jnp.ones(3)}}
+    optimizer = default_optimizer(1e-2)
+    state = optimizer.init(params)
+    for _ in range(3):  # PPO-like steps: both parts have gradients
+        updates, state = optimizer.update({"lora": {"a": jnp.ones(3)}, "value_head": {"w": jnp.ones(3)}}, state,
+                                          params)
+        params = optax.apply_updates(params, updates)
+    frozen_w = np.asarray(params["value_head"]["w"])
+    updates, _ = optimizer.update({"lora": {"a": jnp.ones(3)}, "value_head": {"w": jnp.zeros(3)}}, state, params)
+    np.testing.assert_array_equal(np.asarray(updates["value_head"]["w"]), 0.0)
+    assert np.abs(np.asarray(updates["lora"]["a"])).min() > 0
+    np.testing.assert_array_equal(np.asarray(optax.apply_updates(params, updates)["value_head"]["w"]), frozen_w)
 
 
 def test_a_step_without_signal_leaves_adam_state_and_weights_alone():

@@ -65,10 +65,21 @@ def summarise(results: dict) -> dict:
             "test_start": float(np.mean(starts)), "test_final_mean": mean, "test_final_ci95": [low, high],
             "test_final_per_seed": finals, "dev_final_per_seed": [curve(ledger, "dev")[-1] for ledger in ledgers],
             "weights_generations": [sum(e["decision"]["lever"] == "weights" for e in ledger) for ledger in ledgers],
-            "samples_spent": [sum(v for e in ledger for k, v in e["spend"].items() if k.endswith("samples"))
-                              for ledger in ledgers],
+            # what each arm drew to propose and judge changes (the budget's unit; test evaluation apart)
+            "samples_spent": [sum(e["spend"]["spent_samples"] for e in ledger) for ledger in ledgers],
+            "budget_per_generation": [ledgers[0][0]["spend"]["budget_samples"]] if ledgers else [],
         }
     return summary
+
+
+def paired_difference(summary: dict, treatment: str = "SIA-W+H", control: str = "SIA-H") -> dict:
+    """Mean over seeds of (treatment - control) final test score, with a paired-t 95% interval over
+    seeds (the seed is the unit: both arms share its start, items and keys)."""
+    differences = [a - b for a, b in zip(summary[treatment]["test_final_per_seed"],
+                                         summary[control]["test_final_per_seed"])]
+    mean, low, high = mean_confidence_interval(differences)
+    return {"per_seed": differences, "mean": mean, "ci95": [low, high],
+            "excludes_zero": bool(low > 0 or high < 0)}
 
 
 def table(summary: dict, task: str) -> str:
@@ -79,6 +90,12 @@ def table(summary: dict, task: str) -> str:
         ci = "n/a (1 seed)" if np.isnan(low) else f"[{low:.3f}, {high:.3f}]"
         seeds = ", ".join(f"{x:.3f}" for x in row["test_final_per_seed"])
         lines.append(f"| {task} | {arm} | {row['test_start']:.3f} | {row['test_final_mean']:.3f} | {ci} | {seeds} |")
+    if set(ARMS) <= set(summary) and len(summary["SIA-H"]["test_final_per_seed"]) > 1:
+        diff = paired_difference(summary)
+        low, high = diff["ci95"]
+        lines.append(f"| {task} | W+H - H (paired t over seeds) | | {diff['mean']:+.3f} | [{low:+.3f}, {high:+.3f}]"
+                     f"{' (excludes 0)' if diff['excludes_zero'] else ' (includes 0)'} | "
+                     + ", ".join(f"{x:+.3f}" for x in diff["per_seed"]) + " |")
     return "\n".join(lines)
 
 

@@ -27,9 +27,11 @@ GROUP_MINIMUM = {"ppo_gae": 1, "grpo": 2, "entropic": 3}
 class FeedbackRules:
     """The rule that steers a run, as data (written into config.json beside the results).
 
-    Significance: a lever "improved" dev when the paired bootstrap's one-sided
-    lower bound (level 1 - alpha) on the mean per-item gain is above 0; a lever
-    has "plateaued" when its last ``plateau_window`` generations did not improve.
+    Acceptance (one rule for both levers, ``siajax.loop.accept``): a change is kept
+    when the paired bootstrap's p-value of "no gain" on dev passes Holm's
+    correction at family-wise level ``alpha`` over the changes tried that
+    generation (or by the format rule below); a lever has "plateaued" when its
+    last ``plateau_window`` generations kept nothing.
     """
 
     alpha: float = 0.1
@@ -43,7 +45,6 @@ class FeedbackRules:
     temperatures: tuple[float, ...] = (0.3, 1.0)
     rare_success_rate: float = 0.1  # below it the weight lever uses entropic weighting
     recipe_by_reward: tuple[tuple[str, str], ...] = (("binary", "grpo"), ("scalar", "ppo_gae"))
-    rollback_worse_weights: bool = True  # restore the previous weights when dev got worse beyond noise
     # Keep a harness edit that makes significantly fewer dev items fail in a harness-fixable way (parse
     # errors, invalid labels) while its score is not lower on average: a format fix is judged on format,
     # since from a 0% start the score gain of the first fix is often too small to clear the noise.
@@ -140,7 +141,8 @@ def harness_problem(harness: Harness, patch: list, item_fields: set[str]) -> str
 
 
 def improved(entry: dict) -> bool:
-    return bool((entry.get("comparison") or {}).get("better"))
+    """The generation's change was kept (ledgers before the one acceptance rule: its comparison was better)."""
+    return bool(entry["kept"]) if "kept" in entry else bool((entry.get("comparison") or {}).get("better"))
 
 
 def plateaued(history: list[dict], lever: str, rules: FeedbackRules) -> bool:
@@ -162,6 +164,11 @@ def heuristic_decision(summary: dict, history: list[dict], harness: Harness, tas
     search = Decision("harness", None, candidates, "search the harness edit library on dev")
     if candidates and problem is None and fixable >= rules.min_fixable_failures and not harness_stuck:
         return dataclasses.replace(search, rationale=f"{fixable:.0%} of dev samples fail in a harness-fixable way")
+    if candidates and problem is None and summary["success_rate"] == 0 and not harness_stuck:
+        # No success on dev: every recipe's signal is a contrast between samples, and there is none to learn
+        # from (measured on a new task: entropic chosen at 0%, every step without signal, two generations lost).
+        return dataclasses.replace(search, rationale="no dev sample succeeds, so no success to learn from: "
+                                                     "search harness edits")
     if problem is None:
         if candidates and weights_stuck and not harness_stuck:
             return dataclasses.replace(search, rationale="the weights plateaued on dev; search harness edits")

@@ -131,11 +131,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def optimizer_state_shardings(optimizer: optax.GradientTransformation, opt_state, param_shardings, mesh: Mesh):
-    """Moments mirror their parameter's sharding; counters and other leaves are replicated."""
-    return optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, opt_state, param_shardings,
-        transform_non_params=lambda _: replicated(mesh),
-    )
+    """Moments mirror their parameter's sharding; counters and other leaves are replicated.
+
+    A moment is found by its path: optax states (chains, partitions, masks) hold a params-shaped
+    tree, so a moment's path ends with its parameter's path. Matched by path, not through
+    ``optax.tree_map_params``, which cannot walk a ``multi_transform``'s masked partitions.
+    ``optimizer`` is kept for the signature's sake (the state alone says where each moment goes)."""
+    del optimizer
+    by_path = {tuple(map(str, path)): sharding
+               for path, sharding in jax.tree_util.tree_leaves_with_path(param_shardings)}
+    longest = max((len(path) for path in by_path), default=0)
+
+    def place(path, leaf):
+        keys = tuple(map(str, path))
+        for length in range(min(longest, len(keys)), 0, -1):
+            sharding = by_path.get(keys[-length:])
+            if sharding is not None:
+                return sharding
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(place, opt_state)
 
 
 class StepShardings(NamedTuple):

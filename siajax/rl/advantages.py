@@ -22,6 +22,15 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     return jnp.sum(jnp.where(mask, x, 0.0), axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis, dtype=x.dtype), 1.0)
 
 
+def token_share(x: jax.Array, mask: jax.Array, token_count: jax.Array | None = None) -> jax.Array:
+    """This batch's share of the full batch's token mean: sum over the mask / ``token_count`` [B] (the
+    full batch's token count on every row). Shares of micro-batches add up to the full batch's mean;
+    without ``token_count`` it is the mean over this batch."""
+    if token_count is None:
+        return masked_mean(x, mask)
+    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(token_count[0], 1.0)
+
+
 def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
     """Population variance over the masked entries."""
     return masked_mean(jnp.square(x - masked_mean(x, mask)), mask)
@@ -64,6 +73,13 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, la
     )
     advantages = jnp.where(mask, advantages.T, 0.0)
     return advantages, jnp.where(mask, advantages + values, 0.0)
+
+
+def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:
+    """1 - Var(returns - values) / Var(returns) over the mask: 1 for a perfect critic, 0 for one that
+    predicts the mean, negative for a worse one. 0 when the returns do not vary."""
+    spread = masked_var(returns, mask)
+    return jnp.where(spread > 1e-12, 1.0 - masked_var(returns - values, mask) / jnp.maximum(spread, 1e-12), 0.0)
 
 
 def uniform_groups(rewards: jax.Array) -> jax.Array:

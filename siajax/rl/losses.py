@@ -16,7 +16,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from siajax.rl.advantages import masked_mean, masked_var
+from siajax.rl.advantages import masked_var, token_share
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -37,6 +37,9 @@ class RLBatch(NamedTuple):
     ``normaliser`` [B] holds each row's full-batch denominator (see
     :func:`aggregation_normaliser`): with it a loss over a micro-batch is that
     micro-batch's exact share of the full-batch loss, so shares add up.
+    ``token_count`` [B] is the full batch's response-token count on every row: with
+    it the token-mean metrics are shares too, so a micro-batched step reports
+    exactly what the unsplit step would.
     """
 
     mask: jax.Array
@@ -46,6 +49,7 @@ class RLBatch(NamedTuple):
     returns: jax.Array | None = None
     old_values: jax.Array | None = None
     normaliser: jax.Array | None = None
+    token_count: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +91,10 @@ class PPOConfig(SurrogateConfig):
     value_clip: float | None = None
     value_coef: float = 0.5
     gamma: float = 1.0
-    lam: float = 0.95
+    # lambda 1 (verl's and OpenRLHF's default for outcome rewards): each token's advantage is the outcome
+    # minus its value, so a critic that is still learning costs variance, not credit. At 0.95 the first
+    # token of a 256-token reply got 0.95^255 ~ 2e-6 of the outcome while V ~ 0.
+    lam: float = 1.0
     reward_kl_coef: float = 0.02  # beta of the per-token -beta*KL reward shaping
     standardise_rewards: bool = True  # outcomes -> (r - mean) / std over the batch before GAE
 
@@ -208,13 +215,17 @@ def clipped_policy_loss(policy: PolicyOutputs, batch: RLBatch, cfg: SurrogateCon
         policy.logprobs, batch.old_logprobs, batch.advantages, cfg.clip_low, cfg.clip_high
     )
     loss = reduce(pg)
+    def share(x):
+        return token_share(x, mask, batch.token_count)
+
+    # Every metric is this batch's share of the full batch's value: a micro-batched step adds them up.
     metrics = {
         "pg_loss": loss,
-        "clip_fraction": masked_mean(clipped, mask),
-        "approx_kl": masked_mean(approx_kl_to_old(policy.logprobs, batch.old_logprobs), mask),
-        "ratio_mean": masked_mean(ratio, mask),
-        "entropy": masked_mean(policy.entropy, mask),
-        "advantage_mean": masked_mean(batch.advantages, mask),
+        "clip_fraction": share(clipped),
+        "approx_kl": share(approx_kl_to_old(policy.logprobs, batch.old_logprobs)),
+        "ratio_mean": share(ratio),
+        "entropy": share(policy.entropy),
+        "advantage_mean": share(batch.advantages),
     }
     if cfg.kl_coef:
         if batch.ref_logprobs is None:
@@ -244,6 +255,4 @@ def ppo_gae_loss(policy: PolicyOutputs, batch: RLBatch, cfg: PPOConfig):
         value_err = jnp.maximum(value_err, jnp.square(values_clipped - batch.returns))
     value_loss = 0.5 * aggregate(value_err, batch.mask, cfg.aggregation, batch.normaliser)
     loss = loss + cfg.value_coef * value_loss
-    residual_var = masked_var(batch.returns - policy.values, batch.mask)
-    explained = 1.0 - residual_var / jnp.maximum(masked_var(batch.returns, batch.mask), 1e-8)
-    return loss, {**metrics, "value_loss": value_loss, "explained_variance": explained, "loss": loss}
+    return loss, {**metrics, "value_loss": value_loss, "loss": loss}

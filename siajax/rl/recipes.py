@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from siajax.rl.advantages import (
     effective_sample_size, entropic_advantages, entropic_weights, adaptive_entropic_beta, gae,
-    group_relative, masked_mean, uniform_groups, whiten,
+    explained_variance, group_relative, masked_mean, uniform_groups, whiten,
 )
 from siajax.rl.losses import EntropicConfig, GRPOConfig, PPOConfig
 
@@ -47,6 +47,8 @@ def ppo_gae_advantages(outcome, old_values, old_logprobs, ref_logprobs, mask, cf
     advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
     return {"advantages": whiten(advantages, mask), "returns": returns}, {
         "reward_mean": jnp.mean(outcome), "return_mean": masked_mean(returns, mask),
+        # of the values that made these advantages, before any step (as SB3 and CleanRL report it)
+        "explained_variance": explained_variance(old_values, returns, mask),
     }
 
 

@@ -11,6 +11,7 @@ from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from siajax.models.token_stats import token_stats
@@ -82,10 +83,14 @@ def score_responses(parts: PolicyParts, params, frozen, tokens, attention_mask, 
 
 
 def with_full_batch_normaliser(batch: TrainBatch, aggregation: str) -> TrainBatch:
-    """Fills ``batch.rl.normaliser`` from the whole batch (before any micro-batch split)."""
+    """Fills ``batch.rl.normaliser`` and ``token_count`` from the whole batch (before any micro-batch
+    split), so that each micro-batch's loss and metrics are its share of the full batch's."""
     if batch.rl.normaliser is not None:
         return batch
-    return batch._replace(rl=batch.rl._replace(normaliser=aggregation_normaliser(batch.rl.mask, aggregation)))
+    mask = batch.rl.mask
+    token_count = jnp.broadcast_to(jnp.sum(mask, dtype=jnp.float32), mask.shape[:1])
+    return batch._replace(rl=batch.rl._replace(normaliser=aggregation_normaliser(mask, aggregation),
+                                               token_count=token_count))
 
 
 def make_policy_loss(parts: PolicyParts, objective: Callable, cfg) -> Callable:

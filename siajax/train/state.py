@@ -15,6 +15,7 @@ from flax import struct
 
 from siajax.parallel.mesh import mesh_context
 from siajax.parallel.rules import StepShardings, replicated, shard_tree
+from siajax.rng import purpose_key
 
 # loss_fn(trainable_params, frozen_params, batch, key) -> (scalar, metrics dict)
 LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict]]
@@ -36,11 +37,12 @@ class TrainState:
 
 def init_train_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
     """A fresh state over a copy of ``params``: the step donates its state, and the
-    caller's arrays (often shared with a live model) must survive that."""
+    caller's arrays (often shared with a live model) must survive that. Its RNG
+    stream is the seed's "train_state" key (:func:`siajax.rng.purpose_key`)."""
     params = jax.tree.map(jnp.copy, params)
     return TrainState(
         params=params, opt_state=optimizer.init(params),
-        step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.key(seed)),
+        step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(purpose_key(seed, "train_state")),
     )
 
 
@@ -53,7 +55,8 @@ def _split_micro_batches(batch, micro_batches: int):
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, micro_batches: int = 1,
-                    prepare_batch: Callable[[Any], Any] | None = None, shardings: StepShardings | None = None):
+                    prepare_batch: Callable[[Any], Any] | None = None, shardings: StepShardings | None = None,
+                    max_approx_kl: float | None = None):
     """Returns ``train_step(state, frozen, batch) -> (state, metrics)``, jitted, state donated.
 
     With ``shardings`` (see :func:`siajax.parallel.step_shardings`) the step runs
@@ -66,7 +69,9 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     ``lax.scan`` ADDS the micro-batches' losses and gradients (memory of one
     micro-batch): each micro-batch's loss must be its share of the full-batch
     loss. Policy losses get that from ``prepare_batch=with_full_batch_normaliser``
-    (sums and counts over the full batch, divided once); metrics are averaged.
+    (sums and counts over the full batch, divided once), and metrics must be
+    shares as well: they are summed, so a split step reports what the unsplit one
+    would.
 
     A non-finite loss or gradient norm leaves params and optimizer state
     untouched (one ``lax.cond`` over the whole update) and reports
@@ -75,6 +80,11 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     and no KL or entropy term): Adam would otherwise keep moving the weights on
     momentum alone — measured: a GRPO run at reward 1.0 with zero advantages
     drifted for 6 such steps and collapsed to reward 0, where it stayed.
+
+    With ``max_approx_kl`` a step whose policy (before its update) is already
+    further than that from the sampling policy (the loss's ``approx_kl`` metric)
+    is not applied either: ``metrics["kl_stop"] = 1`` tells the caller to end the
+    update there. Checked before stepping, so no step starts past the limit.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -91,8 +101,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
 
         first = grad_fn(params, frozen, jax.tree.map(lambda x: x[0], chunks), keys[0])
         rest = jax.tree.map(lambda x: x[1:], (chunks, keys))
-        ((loss, metrics), grads), _ = jax.lax.scan(accumulate, first, rest)
-        return (loss, jax.tree.map(lambda m: m / micro_batches, metrics)), grads
+        value, _ = jax.lax.scan(accumulate, first, rest)
+        return value  # the loss, its metrics and the gradients are each a sum of shares
 
     def apply_update(operands):
         params, opt_state, grads = operands
@@ -112,10 +122,12 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         # The norm is finite iff every gradient entry is: one scalar test, not one per leaf.
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         signal = grad_norm > 0
-        apply = finite & signal
+        within_kl = True if max_approx_kl is None else metrics["approx_kl"] <= max_approx_kl
+        apply = finite & signal & within_kl
         params, opt_state = jax.lax.cond(apply, apply_update, keep, (state.params, state.opt_state, grads))
         metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32),
-                   "no_signal": (finite & ~signal).astype(jnp.int32)}
+                   "no_signal": (finite & ~signal).astype(jnp.int32),
+                   "kl_stop": (finite & signal & ~within_kl).astype(jnp.int32)}
         return TrainState(params=params, opt_state=opt_state, step=state.step + apply.astype(jnp.int32),
                           rng=jax.random.key_data(key)), metrics
 

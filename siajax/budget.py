@@ -1,0 +1,54 @@
+"""A hard per-generation budget, in samples, that both levers draw from.
+
+SIA-H and SIA-W+H are compared at equal spend only if every sample a generation
+draws to propose and judge its change counts: harness candidates' dev
+evaluations, training rollouts, and the dev evaluation of new weights, votes
+and retries included. Test evaluation is reported apart (it decides nothing).
+A draw is started only when its worst case fits, so a generation never
+exceeds the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from siajax.harness import Harness
+
+
+class BudgetError(ValueError):
+    """A lever cannot run within the generation's budget."""
+
+
+def evaluation_cost(harness: Harness, items: int) -> int:
+    """The most samples evaluating ``items`` under ``harness`` can draw: every vote retried to the limit."""
+    return items * harness.sampling.votes * harness.retry.max_attempts
+
+
+def rollout_cost(items_per_update: int, group_size: int, updates: int) -> int:
+    """Samples of the weight lever's training rollouts (one attempt each, no votes)."""
+    return items_per_update * group_size * updates
+
+
+@dataclasses.dataclass
+class SampleBudget:
+    """What one generation may still draw. ``charge`` refuses any overdraw (a bug, not a condition)."""
+
+    limit: int
+    spent: int = 0
+
+    @property
+    def left(self) -> int:
+        return self.limit - self.spent
+
+    def fits(self, cost: int) -> bool:
+        return cost <= self.left
+
+    def charge(self, samples: int) -> None:
+        if samples > self.left:
+            raise BudgetError(f"{samples} samples overdraw the generation's budget ({self.left} of {self.limit} left)")
+        self.spent += samples
+
+
+def updates_within(budget: int, items_per_update: int, group_size: int, dev_cost: int, wanted: int) -> int:
+    """How many weight updates fit beside the dev evaluation that judges them (at most ``wanted``)."""
+    return max(0, min(wanted, (budget - dev_cost) // max(items_per_update * group_size, 1)))
