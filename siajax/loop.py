@@ -48,16 +48,15 @@ from siajax.agents import LocalPolicyBackend, OpenAIBackend, run_items
 from siajax.agents.evaluation import Evaluation, evaluate
 from siajax.agents.feedback import FeedbackRules, heuristic_decision, llm_decision, summarize, weights_problem
 from siajax.agents.harness_edits import FIXABLE_FAILURES
-from siajax.budget import SampleBudget, evaluation_cost, rollout_cost, updates_within
 from siajax.agents.meta import initial_harness
+from siajax.budget import SampleBudget, evaluation_cost, rollout_cost, updates_within
 from siajax.harness import Harness, HarnessStore, patch_harness, to_json
 from siajax.harness.store import atomic_write_text
 from siajax.models import BUNDLED_TINY_MODEL, LoRAConfig, ValueHead, add_lora, from_pretrained
 from siajax.parallel import MeshConfig, make_mesh
-from siajax.stats import paired_bootstrap
-from siajax.tasks import Task, resolve_task
 from siajax.rng import purpose_key
-from siajax.stats import holm
+from siajax.stats import holm, paired_bootstrap
+from siajax.tasks import Task, resolve_task
 from siajax.train import init_train_state, restore_pytree, save_pytree, split_policy
 from siajax.train.learner import (
     DEFAULT_CRITIC_LEARNING_RATE, DEFAULT_SCHEDULES, RECIPES, STEP_OUTCOMES, Learner, UpdateSchedule, bind_learner,
@@ -212,8 +211,7 @@ class Policy:
                 raise ValueError("the SIA loop drives one process's devices; for multi-host RL use "
                                  "siajax.train.learner.rl_run (see README, 'Scale-out')")
             self.mesh = make_mesh(MeshConfig.parse(config.mesh), jax.local_devices())
-            self.state, self.frozen, self.shardings = place_on_mesh(self.state, self.frozen, self.optimizer,
-                                                                    self.mesh)
+            self.state, self.frozen, self.shardings = place_on_mesh(self.state, self.frozen, self.mesh)
         self._learners: dict[str, Learner] = {}
 
     def learner(self, recipe: str) -> Learner:
@@ -328,12 +326,17 @@ def _rescored_baseline(task: Task, harness: Harness, policy: Policy, plan: EvalP
                        budget: SampleBudget, spend: dict) -> dict:
     """The current state's dev scores under this generation's key (re-scored, and charged, unless they
     already are): what every change of the generation is compared with, item by item."""
-    if current["dev"].get("key_index") == generation:
+    if _scored_under(current, generation):
         return current
     dev = evaluate(task, harness, policy.backend(), plan.dev, plan.dev_key_at(generation), split="dev")
     budget.charge(dev.samples)
     spend.update(baseline_samples=dev.samples, baseline_tokens=dev.tokens)
     return {"dev": _dev_record(dev, generation)}
+
+
+def _scored_under(state_record: dict, generation: int) -> bool:
+    """Whether a state's dev scores were drawn with ``generation``'s dev key (no re-scoring needed)."""
+    return state_record["dev"].get("key_index") == generation
 
 
 def _kept(outcome: dict) -> bool:
@@ -517,9 +520,10 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
     group = config.samples_per_prompt
     first_harness = store.get(ledger[0]["harness_version"] if ledger else store.head)
     limit = generation_budget(config, first_harness, len(plan.dev))
-    if limit < 2 * evaluation_cost(first_harness, len(plan.dev)):
+    judge_one_change = 2 * evaluation_cost(first_harness, len(plan.dev))  # re-score the state, score the change
+    if limit < judge_one_change:
         raise ValueError(f"generation_budget={limit} samples cannot re-score and judge one change on {len(plan.dev)} "
-                         f"dev items (needs >= {2 * evaluation_cost(first_harness, len(plan.dev))})")
+                         f"dev items (needs >= {judge_one_change})")
 
     for generation in range(len(ledger), config.generations):
         if stop_after is not None and generation >= stop_after:
@@ -563,7 +567,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
                                                                      ensure_ascii=False))
         elif decision.lever == "weights":
             dev_cost = evaluation_cost(harness, len(plan.dev))
-            rescore = dev_cost if current["dev"].get("key_index") != generation else 0
+            rescore = 0 if _scored_under(current, generation) else dev_cost
             updates = updates_within(limit - rescore, config.items_per_generation, group_size, dev_cost,
                                      config.updates_per_generation)
             evaluations = None

@@ -103,7 +103,7 @@ def test_every_parameter_and_moment_is_laid_out_as_the_rules_say(policy, shape):
     sizes = dict(zip(("data", "fsdp", "tensor"), shape))
     optimizer = optax.adam(1e-3)
     state = init_train_state(params, optimizer, 0)
-    state = jax.device_put(state, train_state_shardings(state, optimizer, mesh))
+    state = jax.device_put(state, train_state_shardings(state, mesh))
     placed = {**_flat(shard_tree(frozen, mesh)), **_flat(state.params)}
     assert len(placed) == 27  # embed, final norm, 9 stacked block weights, 14 stacked adapters, value head 2
     for path, array in placed.items():
@@ -178,7 +178,7 @@ def test_train_step_matches_one_device(policy, shape):
 
     mesh = make_mesh(MeshConfig(*shape))
     state = init_train_state(params, optimizer, 0)
-    shardings = step_shardings(state, optimizer, mesh)
+    shardings = step_shardings(state, mesh)
     sharded_step = make_train_step(loss_fn, optimizer, shardings=shardings)
     sharded_state, metrics = sharded_step(jax.device_put(state, shardings.state), shard_tree(frozen, mesh), batch)
 
@@ -196,10 +196,10 @@ def test_checkpoint_saved_on_one_mesh_restores_on_another(policy, tmp_path):
     state = init_train_state(params, optimizer, 0)
     state = state.replace(opt_state=jax.tree.map(lambda x: x + 3 * jnp.ones_like(x), state.opt_state))
     saved_on = make_mesh(MeshConfig(2, 2, 2))
-    save_pytree(tmp_path / "ckpt", jax.device_put(state, train_state_shardings(state, optimizer, saved_on)))
+    save_pytree(tmp_path / "ckpt", jax.device_put(state, train_state_shardings(state, saved_on)))
 
     for target in (make_mesh(MeshConfig(8, 1, 1)), make_mesh(MeshConfig(1, 4, 2))):
-        shardings = train_state_shardings(state, optimizer, target)
+        shardings = train_state_shardings(state, target)
         restored = restore_pytree(tmp_path / "ckpt", state, shardings)
         for got, want, sharding in zip(jax.tree.leaves(restored), jax.tree.leaves(state), jax.tree.leaves(shardings)):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

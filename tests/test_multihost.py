@@ -22,7 +22,7 @@ import pytest
 from siajax.models import from_pretrained
 from siajax.parallel import MeshConfig, make_mesh, path_string, train_state_shardings
 from siajax.train import restore_pytree
-from siajax.train.learner import default_optimizer, make_learner
+from siajax.train.learner import make_learner
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "multihost_rl.py"
@@ -105,7 +105,7 @@ def test_checkpoint_from_two_processes_restores_on_another_mesh(runs):
     target_mesh = make_mesh(MeshConfig(8, 1, 1))
     model, _ = from_pretrained()
     _, like, _ = make_learner(model, "ppo_gae")
-    shardings = train_state_shardings(like, default_optimizer(), target_mesh)
+    shardings = train_state_shardings(like, target_mesh)
     restored = restore_pytree(two / "train_state", like, shardings)
     saved = np.load(two / "final_params.npz")
     flat = {path_string(p): x for p, x in jax.tree_util.tree_leaves_with_path(restored.params)}

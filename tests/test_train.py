@@ -98,10 +98,16 @@ def test_value_head_and_adapters_are_optimised_apart():
     params = {"lora": {"a": jnp.zeros(4)}, "value_head": {"w": jnp.zeros(4)}}
     optimizer = default_optimizer(1e-3, critic_learning_rate=0.1)
     sgd_like = {"lora": {"a": jnp.full((4,), 0.1)}, "value_head": {"w": jnp.full((4,), 1e3)}}
-    updates, _ = optimizer.update(sgd_like, optimizer.init(params), params)
+    updates, state = optimizer.update(sgd_like, optimizer.init(params), params)
     # Adam's first step is -lr * sign(g) whatever the clip did to |g|: each part at its own rate.
     np.testing.assert_allclose(np.asarray(updates["lora"]["a"]), -1e-3, rtol=1e-4)
     np.testing.assert_allclose(np.asarray(updates["value_head"]["w"]), -0.1, rtol=1e-4)
+    # The clip shows in Adam's first moment, (1 - b1) * clipped g: the adapters' gradient (norm 0.2) is
+    # untouched, the critic's is scaled to norm 1. One shared clip would scale the adapters' by 1/2000.
+    first_moments = {str(path[-2]): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(state)
+                     if any("mu" in str(key) for key in path)}
+    np.testing.assert_allclose(first_moments["['lora']"], 0.1 * 0.1, rtol=1e-5)
+    np.testing.assert_allclose(first_moments["['value_head']"], 0.1 * 0.5, rtol=1e-5)
 
 
 def test_a_part_without_gradient_stays_exactly_where_it_is():

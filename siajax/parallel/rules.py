@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from siajax.parallel.mesh import BATCH_AXES
@@ -130,14 +129,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def optimizer_state_shardings(optimizer: optax.GradientTransformation, opt_state, param_shardings, mesh: Mesh):
+def optimizer_state_shardings(opt_state, param_shardings, mesh: Mesh):
     """Moments mirror their parameter's sharding; counters and other leaves are replicated.
 
     A moment is found by its path: optax states (chains, partitions, masks) hold a params-shaped
     tree, so a moment's path ends with its parameter's path. Matched by path, not through
-    ``optax.tree_map_params``, which cannot walk a ``multi_transform``'s masked partitions.
-    ``optimizer`` is kept for the signature's sake (the state alone says where each moment goes)."""
-    del optimizer
+    ``optax.tree_map_params``, which cannot walk a ``multi_transform``'s masked partitions, so the
+    state alone says where each moment goes: no optimiser is needed."""
     by_path = {tuple(map(str, path)): sharding
                for path, sharding in jax.tree_util.tree_leaves_with_path(param_shardings)}
     longest = max((len(path) for path in by_path), default=0)
@@ -161,17 +159,15 @@ class StepShardings(NamedTuple):
     state: Any  # a TrainState of NamedShardings
 
 
-def train_state_shardings(state, optimizer: optax.GradientTransformation, mesh: Mesh,
-                          rules: Rules = PARTITION_RULES):
+def train_state_shardings(state, mesh: Mesh, rules: Rules = PARTITION_RULES):
     """A TrainState-shaped tree of NamedShardings for ``state`` (arrays or abstract)."""
     params = tree_shardings(state.params, mesh, rules)
     return state.replace(
-        params=params, opt_state=optimizer_state_shardings(optimizer, state.opt_state, params, mesh),
+        params=params, opt_state=optimizer_state_shardings(state.opt_state, params, mesh),
         step=replicated(mesh), rng=replicated(mesh),
     )
 
 
-def step_shardings(state, optimizer: optax.GradientTransformation, mesh: Mesh,
-                   rules: Rules = PARTITION_RULES) -> StepShardings:
-    return StepShardings(mesh, tuple(rules), train_state_shardings(state, optimizer, mesh, rules))
+def step_shardings(state, mesh: Mesh, rules: Rules = PARTITION_RULES) -> StepShardings:
+    return StepShardings(mesh, tuple(rules), train_state_shardings(state, mesh, rules))
 

@@ -2,7 +2,7 @@
 
 from siajax.rl.advantages import (
     adaptive_entropic_beta, effective_sample_size, entropic_advantages, entropic_weights, explained_variance, gae,
-    group_relative, masked_mean, token_share, uniform_groups, whiten,
+    group_relative, masked_mean, uniform_groups, whiten,
 )
 from siajax.rl.losses import (
     EntropicConfig, GRPOConfig, PolicyOutputs, PPOConfig, RLBatch, SurrogateConfig, aggregate,
@@ -18,6 +18,6 @@ __all__ = [
     "adaptive_entropic_beta", "aggregate", "aggregation_normaliser", "approx_kl_to_old", "clipped_policy_loss",
     "clipped_surrogate", "effective_sample_size", "entropic_advantages", "entropic_loss",
     "entropic_token_advantages", "entropic_weights", "explained_variance", "gae", "group_relative", "grpo_advantages", "grpo_loss",
-    "kl_estimate", "masked_mean", "ppo_gae_advantages", "ppo_gae_loss", "ppo_token_rewards", "token_share", "uniform_groups",
+    "kl_estimate", "masked_mean", "ppo_gae_advantages", "ppo_gae_loss", "ppo_token_rewards", "uniform_groups",
     "whiten",
 ]

@@ -22,15 +22,6 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     return jnp.sum(jnp.where(mask, x, 0.0), axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis, dtype=x.dtype), 1.0)
 
 
-def token_share(x: jax.Array, mask: jax.Array, token_count: jax.Array | None = None) -> jax.Array:
-    """This batch's share of the full batch's token mean: sum over the mask / ``token_count`` [B] (the
-    full batch's token count on every row). Shares of micro-batches add up to the full batch's mean;
-    without ``token_count`` it is the mean over this batch."""
-    if token_count is None:
-        return masked_mean(x, mask)
-    return jnp.sum(jnp.where(mask, x, 0.0)) / jnp.maximum(token_count[0], 1.0)
-
-
 def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
     """Population variance over the masked entries."""
     return masked_mean(jnp.square(x - masked_mean(x, mask)), mask)

@@ -16,7 +16,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from siajax.rl.advantages import masked_var, token_share
+from siajax.rl.advantages import masked_var
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -37,9 +37,9 @@ class RLBatch(NamedTuple):
     ``normaliser`` [B] holds each row's full-batch denominator (see
     :func:`aggregation_normaliser`): with it a loss over a micro-batch is that
     micro-batch's exact share of the full-batch loss, so shares add up.
-    ``token_count`` [B] is the full batch's response-token count on every row: with
-    it the token-mean metrics are shares too, so a micro-batched step reports
-    exactly what the unsplit step would.
+    ``token_count`` [B] is the full batch's token-mean normaliser (its response-token
+    count on every row): with it the token-mean metrics are shares too, so a
+    micro-batched step reports exactly what the unsplit step would.
     """
 
     mask: jax.Array
@@ -215,10 +215,10 @@ def clipped_policy_loss(policy: PolicyOutputs, batch: RLBatch, cfg: SurrogateCon
         policy.logprobs, batch.old_logprobs, batch.advantages, cfg.clip_low, cfg.clip_high
     )
     loss = reduce(pg)
-    def share(x):
-        return token_share(x, mask, batch.token_count)
 
-    # Every metric is this batch's share of the full batch's value: a micro-batched step adds them up.
+    def share(x):  # this batch's share of the full batch's token mean: a micro-batched step adds them up
+        return aggregate(x, mask, "token-mean", batch.token_count)
+
     metrics = {
         "pg_loss": loss,
         "clip_fraction": share(clipped),

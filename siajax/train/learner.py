@@ -295,9 +295,9 @@ def bind_learner(parts: PolicyParts, recipe: str, optimizer: optax.GradientTrans
     return Learner(parts, recipe, cfg, step, schedule=schedule, shardings=shardings)
 
 
-def place_on_mesh(state: TrainState, frozen, optimizer: optax.GradientTransformation, mesh, rules=PARTITION_RULES):
+def place_on_mesh(state: TrainState, frozen, mesh, rules=PARTITION_RULES):
     """-> (state, frozen, StepShardings): the train state and frozen base laid out by the rules."""
-    shardings = step_shardings(state, optimizer, mesh, rules)
+    shardings = step_shardings(state, mesh, rules)
     return jax.device_put(state, shardings.state), shard_tree(frozen, mesh, rules), shardings
 
 
@@ -313,7 +313,7 @@ def make_learner(model: Transformer, recipe: str, *, cfg=None, lora: LoRAConfig 
     optimizer = default_optimizer(learning_rate, critic_learning_rate=critic_learning_rate, parts=tuple(params))
     state, shardings = init_train_state(params, optimizer, seed), None
     if mesh is not None:
-        state, frozen, shardings = place_on_mesh(state, frozen, optimizer, mesh, rules)
+        state, frozen, shardings = place_on_mesh(state, frozen, mesh, rules)
     learner = bind_learner(parts, recipe, optimizer, cfg=cfg, schedule=schedule, shardings=shardings)
     return learner, state, frozen
 

@@ -11,7 +11,6 @@ from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from siajax.models.token_stats import token_stats
@@ -88,9 +87,8 @@ def with_full_batch_normaliser(batch: TrainBatch, aggregation: str) -> TrainBatc
     if batch.rl.normaliser is not None:
         return batch
     mask = batch.rl.mask
-    token_count = jnp.broadcast_to(jnp.sum(mask, dtype=jnp.float32), mask.shape[:1])
     return batch._replace(rl=batch.rl._replace(normaliser=aggregation_normaliser(mask, aggregation),
-                                               token_count=token_count))
+                                               token_count=aggregation_normaliser(mask, "token-mean")))
 
 
 def make_policy_loss(parts: PolicyParts, objective: Callable, cfg) -> Callable:
