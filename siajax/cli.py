@@ -155,7 +155,6 @@ RUN_OPTION_GROUPS = {
     ],
     "harness and evaluation": [
         ("--temperature", float, "sampling temperature of the initial harness"),
-        ("--eval-split", ["dev", "train"], "the split decisions read (train only for tasks without dev)"),
         ("--dev-items", int, "evaluate at most this many dev items"),
         ("--test-items", int, "evaluate at most this many test items"),
     ],

@@ -101,7 +101,6 @@ class RunConfig:
     generation_budget: int | None = None
     dev_items: int | None = None  # evaluate at most this many dev items (None: all)
     test_items: int | None = None
-    eval_split: str = "dev"  # the split decisions read ("dev"; "train" only for tasks without one)
     feedback: str = "heuristic"  # or "llm": an OpenAI-compatible endpoint decides
     feedback_model: str | None = None
     feedback_base_url: str | None = None
@@ -121,8 +120,6 @@ class RunConfig:
             raise ValueError(f"recipe must be one of {sorted(RECIPES)} (or unset), got {self.recipe!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.eval_split not in ("dev", "train"):
-            raise ValueError(f"eval_split must be 'dev' (or 'train' for a task without dev), got {self.eval_split!r}")
         if self.temperature is not None and not 0 <= self.temperature <= 5:
             raise ValueError(f"temperature must be in [0, 5], got {self.temperature}")
         positive = {"generations": self.generations, "items_per_generation": self.items_per_generation,
@@ -262,7 +259,7 @@ class EvalPlan:
 
 
 def evaluation_plan(task: Task, config: RunConfig) -> EvalPlan:
-    dev = task.items(config.eval_split) if config.eval_split == "train" else task.dev_items()
+    dev = task.dev_items()
     test = task.items("test")
     return EvalPlan(dev[:config.dev_items], test[:config.test_items],
                     purpose_key(config.seed, "dev_eval"), purpose_key(config.seed, "test_eval"))
@@ -436,6 +433,16 @@ def _train_weights(policy: Policy, task: Task, harness: Harness, recipe: str, co
             "skipped_steps": sum(h["skipped"] for h in history)}
 
 
+def checked_budget(config: RunConfig, initial_harness: Harness, dev_items: int) -> int:
+    """The generation budget, refused when it cannot re-score the state and judge one change."""
+    limit = generation_budget(config, initial_harness, dev_items)
+    judge_one_change = 2 * evaluation_cost(initial_harness, dev_items)
+    if limit < judge_one_change:
+        raise ValueError(f"generation_budget={limit} samples cannot re-score and judge one change on {dev_items} "
+                         f"dev items (needs >= {judge_one_change})")
+    return limit
+
+
 def generation_budget(config: RunConfig, initial_harness: Harness, dev_items: int) -> int:
     """The samples every generation may draw (both arms of a comparison get the same): the config's,
     or one weights generation's rollouts plus two worst-case dev evaluations under the initial
@@ -460,7 +467,11 @@ def weights_failure(trained: dict) -> str | None:
 def _resolve_start(config: RunConfig, run_dir: Path) -> tuple[Task, bool]:
     """Checks everything a run needs before anything is written; -> (task, resuming?)."""
     task = resolve_task(config.task)
-    task.dev_items(), task.items("test")  # data a task loads itself (e.g. GPQA) must exist before a run starts
+    dev = task.dev_items()[:config.dev_items]  # data a task loads itself (e.g. GPQA) must exist before a run starts
+    if len(dev) < task.min_dev_items:
+        raise ValueError(f"dev_items={config.dev_items} leaves {len(dev)} dev items; task {task.name!r} decides on "
+                         f"no fewer than {task.min_dev_items}")
+    task.items("test")
     if config.levers != "harness":
         harness = task.default_harness()
         if config.temperature is not None:
@@ -505,11 +516,13 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
         store.rollback(ledger[-1]["next_harness"])
         policy.restore(run_dir, ledger)
         current = ledger[-1]["after"]
+        limit = checked_budget(config, store.get(ledger[0]["harness_version"]), len(plan.dev))
     else:
         harness, origin = initial_harness(task, feedback_backend, purpose_key(config.seed, "meta_agent"))
         if config.temperature is not None:
             harness = dataclasses.replace(harness, sampling=dataclasses.replace(harness.sampling,
                                                                                 temperature=config.temperature))
+        limit = checked_budget(config, harness, len(plan.dev))  # before the first evaluation is spent
         store.put(harness, reason=origin)
         emit("evaluation", {"generation": -1})
         initial = evaluate_state(task, harness, policy, plan, key_index=0)
@@ -518,12 +531,6 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
         _write_jsonl(run_dir / "initial" / "eval_dev.jsonl", initial[0].records)
         _write_jsonl(run_dir / "initial" / "eval_test.jsonl", initial[1].records)
     group = config.samples_per_prompt
-    first_harness = store.get(ledger[0]["harness_version"] if ledger else store.head)
-    limit = generation_budget(config, first_harness, len(plan.dev))
-    judge_one_change = 2 * evaluation_cost(first_harness, len(plan.dev))  # re-score the state, score the change
-    if limit < judge_one_change:
-        raise ValueError(f"generation_budget={limit} samples cannot re-score and judge one change on {len(plan.dev)} "
-                         f"dev items (needs >= {judge_one_change})")
 
     for generation in range(len(ledger), config.generations):
         if stop_after is not None and generation >= stop_after:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 from functools import cached_property
@@ -25,6 +26,8 @@ from siajax.harness import Harness, HarnessError, from_json
 REQUIRED_FILES = ("task.md", "task.json", "harness.json", "verifier.py", "README.md")
 REQUIRED_DIRS = ("data/public", "data/private")
 REWARD_KINDS = ("binary", "scalar")
+REFERENCE_FIELDS = ("answer", "answers", "label", "labels", "gold", "target", "solution")
+DEFAULT_MIN_DEV_ITEMS = 4  # fewer and one item decides a generation; task.json may ask for more
 BUNDLED_TASKS = Path(__file__).resolve().parent.parent / "tasks"
 
 
@@ -64,19 +67,53 @@ class Task:
     def has_split(self, split: str) -> bool:
         return split in self.spec["splits"]
 
+    @property
+    def leak_key(self) -> str | None:
+        """The item field that names what an item asks (e.g. an arithmetic fact, a case's text): no
+        value of it may be in two splits, so a dev or test item is never a train item reworded."""
+        return self.spec.get("leak_key")
+
+    @property
+    def prompt_fields(self) -> frozenset[str]:
+        """The item fields a harness template may show the model, never the reference answer
+        (``prompt_fields`` in task.json, else the train items' fields but the id and answer fields)."""
+        if "prompt_fields" in self.spec:
+            return frozenset(self.spec["prompt_fields"])
+        return frozenset(self.train_items()[0]) - {"id", *REFERENCE_FIELDS}
+
+    @property
+    def min_dev_items(self) -> int:
+        return int(self.spec.get("min_dev_items", DEFAULT_MIN_DEV_ITEMS))
+
     def dev_items(self) -> list[dict]:
-        """The dev split, or, for a task that declares none, the train items a stable hash sets aside."""
-        if self.has_split("dev"):
-            return self.items("dev")
-        carved = [item for item in self.items("train") if _held_out(item)]
-        return carved or self.items("train")  # too few items to hold any out: decide on train
+        return list(self._roles["dev"])
 
     def train_items(self) -> list[dict]:
-        """Train items the weight lever may learn from (never the ones carved out as dev)."""
-        items = self.items("train")
+        """Train items the weight lever (and few-shot examples) may use: never a dev or test item."""
+        return list(self._roles["train"])
+
+    def items(self, split: str) -> list[dict]:
+        """Items of a declared split, after the whole task's splits passed ``check_splits``."""
+        self._roles  # noqa: B018 -- the integrity check, once per task
+        return list(self._read_split(split))
+
+    @cached_property
+    def _roles(self) -> dict[str, list[dict]]:
+        """train / dev / test as the levers use them; a task without a dev split has one carved from
+        train by a stable hash of each item's leak key (items sharing one stay together)."""
+        train = self._read_split("train")
         if self.has_split("dev"):
-            return items
-        return [item for item in items if not _held_out(item)] or items
+            roles = {"train": train, "dev": self._read_split("dev")}
+        else:
+            carved = [_held_out(self._leak_value(item)) for item in train]
+            roles = {"train": [i for i, c in zip(train, carved) if not c],
+                     "dev": [i for i, c in zip(train, carved) if c]}
+        roles["test"] = self._read_split("test") if self.has_split("test") else []
+        check_splits(self.name, roles, self.leak_key, self.min_dev_items)
+        return roles
+
+    def _leak_value(self, item: dict) -> str:
+        return _identity(item, self.leak_key or "id")
 
     @cached_property
     def loader(self):
@@ -85,13 +122,23 @@ class Task:
         name = self.spec.get("items_loader")
         return None if name is None else _load_module(self.root / name, f"siajax_task_{self.name}_loader")
 
-    def items(self, split: str) -> list[dict]:
-        """Items of a split (JSONL, one object per line with an "id" and template slots)."""
+    @cached_property
+    def _stored_splits(self) -> dict[str, tuple[dict, ...]]:
+        return {}
+
+    def _read_split(self, split: str) -> tuple[dict, ...]:
         splits = self.spec["splits"]
         if split not in splits:
             raise TaskError(f"task {self.name!r} has no split {split!r}; it has {sorted(splits)}")
+        if split not in self._stored_splits:
+            self._stored_splits[split] = self._load_split(split)
+        return self._stored_splits[split]
+
+    def _load_split(self, split: str) -> tuple[dict, ...]:
+        """A split as stored (JSONL, one object per line with an "id" and template slots)."""
+        splits = self.spec["splits"]
         if self.loader is not None:
-            return self.loader.items(split)
+            return tuple(self.loader.items(split))
         path = self.root / splits[split]
         items = []
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -100,7 +147,34 @@ class Task:
                     items.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise TaskError(f"{path}:{number}: not valid JSON ({err})") from None
-        return items
+        return tuple(items)
+
+
+def _identity(item: dict, key: str) -> str:
+    if not isinstance(item, dict) or key not in item:
+        raise TaskError(f"an item has no {key!r} field: {str(item)[:120]}")
+    return json.dumps(item[key], sort_keys=True, ensure_ascii=False)
+
+
+def check_splits(name: str, roles: dict[str, list[dict]], leak_key: str | None, min_dev_items: int) -> None:
+    """Refuses splits that could leak: an id or a leak-key value in two of train / dev / test, a
+    repeated id within a split, or a dev split too small to decide on."""
+    keys = ["id"] + ([leak_key] if leak_key and leak_key != "id" else [])
+    for key in keys:
+        values = {role: [_identity(item, key) for item in items] for role, items in roles.items()}
+        if key == "id":
+            for role, ids in values.items():
+                if len(set(ids)) != len(ids):
+                    repeated = next(i for i in ids if ids.count(i) > 1)
+                    raise TaskError(f"task {name!r}: id {repeated} appears twice in its {role} split")
+        for first, second in itertools.combinations(values, 2):
+            shared = set(values[first]) & set(values[second])
+            if shared:
+                raise TaskError(f"task {name!r}: {len(shared)} {key!r} value(s) in both {first} and {second}, "
+                                f"e.g. {sorted(shared)[0][:80]}; splits must not leak")
+    if len(roles["dev"]) < min_dev_items:
+        raise TaskError(f"task {name!r}: its dev split has {len(roles['dev'])} items, fewer than the "
+                        f"{min_dev_items} a decision needs; declare a larger dev split in task.json")
 
 
 def _load_module(path: Path, name: str):
@@ -110,9 +184,9 @@ def _load_module(path: Path, name: str):
     return module
 
 
-def _held_out(item: dict, share: float = 0.2) -> bool:
-    """Stable across runs and machines: the item's id hashed, not Python's salted hash()."""
-    digest = hashlib.sha256(f"siajax-dev:{item['id']}".encode()).digest()
+def _held_out(identity: str, share: float = 0.2) -> bool:
+    """Stable across runs and machines: the identity hashed, not Python's salted hash()."""
+    digest = hashlib.sha256(f"siajax-dev:{identity}".encode()).digest()
     return int.from_bytes(digest[:4], "big") < share * 2**32
 
 
@@ -150,6 +224,8 @@ def load_task(path: str | os.PathLike) -> Task:
         raise TaskError(f"task {root.name!r}: harness.json is invalid: {err}") from None
     if not callable(getattr(task.verifier, "score", None)):
         raise TaskError(f"task {root.name!r}: verifier.py must define score(item, answer, text)")
+    if loader is None:
+        task.items("train")  # split integrity now; a task that loads its own data checks when first read
     return task
 
 

@@ -34,11 +34,44 @@ def digits():
     return resolve_task("digits")
 
 
+@pytest.mark.parametrize("name", ["arithmetic", "lawbench", "longcot_chess", "rna_denoise", "trimul"])
+def test_bundled_splits_share_no_item_and_no_leak_key(name):
+    """Independent of the loader's check: every declared split read as stored, compared pairwise."""
+    task = resolve_task(name)
+    assert task.leak_key is not None
+    splits = {split: [json.loads(line) for line in (task.root / path).read_text().splitlines() if line.strip()]
+              for split, path in task.spec["splits"].items()}
+    assert set(splits) == {"train", "dev", "test"} and len(splits["dev"]) >= task.min_dev_items
+    for key in ("id", task.leak_key):
+        values = {split: {json.dumps(item[key], sort_keys=True) for item in items} for split, items in splits.items()}
+        assert not values["train"] & values["dev"] and not values["train"] & values["test"]
+        assert not values["dev"] & values["test"]
+    assert set(task.default_harness().slots) <= task.prompt_fields
+
+
+def test_a_harness_may_not_show_the_reference_answer(digits):
+    arithmetic = resolve_task("arithmetic")
+    assert "answer" not in arithmetic.prompt_fields and "fact" not in arithmetic.prompt_fields
+    harness, origin = initial_harness(arithmetic, ScriptedBackend(['{"template": "{question} ({answer})"}'] * 2),
+                                      jax.random.key(0))
+    assert harness == arithmetic.default_harness() and "invalid" in origin
+
+
 def test_bundled_task_loads_and_splits_are_disjoint(digits):
     train, dev, test = (digits.items(s) for s in ("train", "dev", "test"))
     assert len(train) == 64 and len(dev) == 16 and len(test) == 32
     assert not {i["id"] for i in train} & {i["id"] for i in test}
     assert str(digits.private_dir) in str(digits.root / digits.spec["splits"]["test"])
+
+
+def _append_line(target, source):
+    with open(target, "a") as handle:
+        handle.write(source.read_text().splitlines()[0] + "\n")
+
+
+def _declare(root, **fields):
+    spec = json.loads((root / "task.json").read_text())
+    (root / "task.json").write_text(json.dumps({**spec, **fields}))
 
 
 @pytest.mark.parametrize("breakage,message", [
@@ -49,6 +82,14 @@ def test_bundled_task_loads_and_splits_are_disjoint(digits):
     (lambda root: (root / "verifier.py").write_text("x = 1\n"), "must define score"),
     (lambda root: (root / "task.json").write_text(json.dumps(
         {"splits": {"test": "data/public/train.jsonl"}})), "test split must live under data/private"),
+    (lambda root: _append_line(root / "data/private/test.jsonl", (root / "data/public/train.jsonl")),
+     "'id' value.* in both train and test"),
+    (lambda root: _append_line(root / "data/public/train.jsonl", (root / "data/public/train.jsonl")),
+     "appears twice in its train split"),
+    (lambda root: _declare(root, leak_key="question"), "'question' value.* in both train and dev"),
+    (lambda root: _declare(root, min_dev_items=17), "dev split has 16 items, fewer than the 17"),
+    (lambda root: _declare(root, splits={"train": "data/public/dev.jsonl", "test": "data/private/test.jsonl"}),
+     "dev split has 3 items"),  # 16 train items, of which the hash carve holds out 3
 ])
 def test_malformed_task_dirs_name_the_broken_piece(tmp_path, breakage, message):
     root = tmp_path / "digits"

@@ -71,7 +71,7 @@ def test_run_help_groups_the_options(capsys):
     text = capsys.readouterr().out
     for group in ("weight lever:", "harness and evaluation:", "feedback agent:"):
         assert group in text
-    for flag in ("--recipe", "--temperature", "--samples-per-prompt", "--epochs", "--eval-split", "--lr-schedule",
+    for flag in ("--recipe", "--temperature", "--samples-per-prompt", "--epochs", "--dev-items", "--lr-schedule",
                  "--config"):
         assert flag in text
 

@@ -143,6 +143,18 @@ def test_sigkilled_run_resumes_to_the_same_ledger(tmp_path, levers, generations,
     assert _timeless(read_ledger(run_dir)) == _timeless(reference)
 
 
+@pytest.mark.parametrize("change,message", [
+    (dict(dev_items=3), "leaves 3 dev items; task 'digits' decides on no fewer than 4"),
+    (dict(generation_budget=10), "cannot re-score and judge one change"),
+])
+def test_a_run_that_cannot_decide_is_refused_before_it_evaluates(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        run(RunConfig(levers="both", generations=1, **SMALL, **change), tmp_path / "run")
+    assert not (tmp_path / "run" / "initial").exists()  # no evaluation was spent
+    with pytest.raises(ValueError, match="eval_split"):
+        RunConfig.from_dict({**RunConfig(**SMALL).to_dict(), "eval_split": "train"})  # decisions never read train
+
+
 def test_a_run_dir_refuses_a_different_config(tmp_path):
     run(RunConfig(levers="harness", generations=1, **SMALL), tmp_path / "run")
     with pytest.raises(ValueError, match="different config"):

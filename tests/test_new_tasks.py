@@ -66,5 +66,5 @@ def test_missing_gpqa_data_stops_with_how_to_get_it(monkeypatch, tmp_path):
 def test_new_tasks_run_in_the_loop_with_the_bundled_model(name, tmp_path, monkeypatch):
     monkeypatch.setenv("SIAJAX_GPQA", str(FIXTURE))
     ledger = run(RunConfig(task=name, levers="both", generations=1, items_per_generation=1, updates_per_generation=1,
-                           samples_per_prompt=4, dev_items=2, test_items=2, seed=0), tmp_path / "run")
+                           samples_per_prompt=4, dev_items=4, test_items=2, seed=0), tmp_path / "run")
     assert len(ledger) == 1 and ledger[0]["after"]["test"]["items"] == 2

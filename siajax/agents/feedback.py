@@ -246,7 +246,7 @@ def llm_decision(backend, summary: dict, history: list[dict], harness: Harness, 
                  rules: FeedbackRules, key, *, group_size: int, tried: set[str] = frozenset(),
                  forced_recipe: str | None = None, repairs: int = 1) -> Decision:
     """Asks an LLM; a bad reply gets ``repairs`` corrections, then the heuristic decides (logged)."""
-    fields = set(task.items("train")[0])
+    fields = task.prompt_fields
     sampling = SamplingParams(temperature=0.2, top_p=1.0, samples_per_prompt=1, max_new_tokens=512)
     messages = [{"role": "user", "content": FEEDBACK_PROMPT.format(
         levers=list(levers), fields=sorted(fields), harness=to_json(harness),

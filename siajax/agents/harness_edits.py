@@ -86,7 +86,7 @@ def few_shot(harness: Harness, task, rules):
     demonstrate = getattr(task.verifier, "demonstration", None)
     if demonstrate is None:
         return
-    train = task.items("train")
+    train = task.train_items()
     for k in rules.few_shot_k:
         if k == len(harness.few_shot) or k > len(train):
             continue

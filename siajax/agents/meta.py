@@ -32,8 +32,9 @@ def initial_harness(task, backend=None, key=None, repairs: int = 1) -> tuple[Har
         try:
             proposal = first_json_object(reply)
             harness = from_dict({**proposal, "task": task.name})
-            if harness.slots and not set(harness.slots) <= set(task.items("train")[0]):
-                raise HarnessError(f"template slots {harness.slots} are not fields of the task's items")
+            if harness.slots and not set(harness.slots) <= task.prompt_fields:
+                raise HarnessError(f"template slots {harness.slots} are not among the fields a prompt may "
+                                  f"show: {sorted(task.prompt_fields)}")
             return harness, "meta-agent (LLM)"
         except (ValueError, HarnessError, json.JSONDecodeError) as err:
             errors.append(str(err))

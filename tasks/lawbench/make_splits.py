@@ -4,7 +4,9 @@ Source: ``train.csv`` (5,332 labelled cases), ``test.csv`` + ``test_labels.csv``
 (913 cases) and ``classes.json`` (191 labels), as the official implementation
 ships them. The 913 test cases go to ``data/private/test.jsonl`` unchanged; a
 dev split is carved from train by a stable hash of the case id
-(sha256("lawbench-sia-dev:<id>") mod 100 < 5, about 5%); the rest is train.
+(sha256("lawbench-sia-dev:<id>") mod 100 < 5, about 5%); the rest is train,
+less the 18 training cases whose fact text is also a dev or test case's (the
+task's leak key is "facts": the loader refuses a split that shares one).
 
     python tasks/lawbench/make_splits.py [--source ../shared/data/lawbench-sia]
 """
@@ -43,6 +45,8 @@ def main():
     gold = {row["id"]: row["label"] for row in read_csv(args.source / "test_labels.csv")}
     for row in read_csv(args.source / "test.csv"):
         splits["test"].append({"id": f"test-{row['id']}", "facts": row["text"].strip(), "labels": [gold[row["id"]]]})
+    held_out = {item["facts"] for item in splits["dev"] + splits["test"]}
+    splits["train"] = [item for item in splits["train"] if item["facts"] not in held_out]
     for name, rows in splits.items():
         folder = "private" if name == "test" else "public"
         with open(ROOT / "data" / folder / f"{name}.jsonl", "w", encoding="utf-8") as handle:

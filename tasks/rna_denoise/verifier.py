@@ -1,5 +1,9 @@
 """Denoising verifier: the agent's denoise(counts) runs sandboxed on a fresh MCV split.
 
+The data set is simulated afresh for every score, in the regime the item names
+(``dataset``: cells, genes, latent types, depth, dispersion, dropout; DATA when
+it names none).
+
 The training counts go into the sandbox and the denoised matrix comes back as a
 framed array over a pipe (the parent opens no file the agent made). Score: the
 normalised MSE (0 = no denoising, 1 = the best classical baseline on the same
@@ -43,7 +47,7 @@ def score(item: dict, answer, text: str, seed: int | None = None) -> dict:
     if not answer:
         return _fail("parse_error", "no ```python code block defining denoise(counts) in the reply")
     seed = secrets.randbits(31) if seed is None else seed
-    counts, _ = mcv.simulate_counts(**DATA, seed=seed)
+    counts, _ = mcv.simulate_counts(**{**DATA, **item.get("dataset", {})}, seed=seed)
     train, test = mcv.split_counts(counts, seed + 1)
     result = run_sandboxed(answer, entry="denoise", arrays={"counts": train}, limits=LIMITS,
                            env={"JAX_PLATFORMS": "cpu"})

@@ -3,7 +3,8 @@
 Protocol (``siajax.sandbox.SandboxSession``): the kernel is loaded once, then
 called over a pipe. Correctness: fixed check shapes (normal and Cauchy inputs,
 with and without a mask) and a random shape outside the published list, each on
-fresh inputs, compared with the float32 reference (rtol = atol = 2e-2). Timing:
+fresh inputs, compared with the float32 reference (rtol = atol = 2e-2). Timing,
+at the shape the item names (``time_shape``; TIME_SHAPE when it names none):
 the parent's clock around each call (inputs in, output back), on a fresh,
 distinct input for every timed repeat, every timed output checked - nothing in
 the agent's process can touch the clock, replay an output or memoise an input.
@@ -87,7 +88,7 @@ def _gpu_devices() -> list[str]:
     return sorted(str(p) for p in Path("/dev").glob("nvidia*"))
 
 
-def time_kernel(source: str, seed: int, *, check: bool = True) -> tuple[dict | None, dict]:
+def time_kernel(source: str, seed: int, *, check: bool = True, time_shape: dict = TIME_SHAPE) -> tuple[dict | None, dict]:
     """-> (failure verdict or None, {"seconds": median, "times": [...]}) for one kernel source."""
     rng = np.random.default_rng(seed)
     shapes = CHECK_SHAPES + [_random_unlisted_shape(rng)] if check else []
@@ -104,10 +105,10 @@ def time_kernel(source: str, seed: int, *, check: bool = True) -> tuple[dict | N
             verdict = _checked_call(session, shape, int(rng.integers(2**31)))[0]
             if verdict is not None:
                 return verdict, {}
-        _, _ = _checked_call(session, TIME_SHAPE, int(rng.integers(2**31)))  # warm-up (compilation), untimed
+        _, _ = _checked_call(session, time_shape, int(rng.integers(2**31)))  # warm-up (compilation), untimed
         times = []
         for _ in range(REPEATS):
-            verdict, seconds = _checked_call(session, TIME_SHAPE, int(rng.integers(2**31)))
+            verdict, seconds = _checked_call(session, time_shape, int(rng.integers(2**31)))
             if verdict is not None:
                 return verdict, {}
             times.append(seconds)
@@ -144,10 +145,10 @@ def _detail(result) -> str:
 REFERENCE_SOURCE = (ROOT / "reference_kernel.py").read_text()
 
 
-@lru_cache(maxsize=4)
-def reference_seconds(seed: int) -> float:
+@lru_cache(maxsize=16)
+def reference_seconds(seed: int, time_shape: tuple = tuple(sorted(TIME_SHAPE.items()))) -> float:
     """The jnp reference timed the same way, in its own session (no agent process left)."""
-    verdict, timing = time_kernel(REFERENCE_SOURCE, seed, check=False)
+    verdict, timing = time_kernel(REFERENCE_SOURCE, seed, check=False, time_shape=dict(time_shape))
     if verdict is not None:
         raise RuntimeError(f"the reference kernel failed in the sandbox: {verdict}")
     return timing["seconds"]
@@ -157,14 +158,15 @@ def score(item: dict, answer, text: str, seed: int | None = None) -> dict:
     if not answer:
         return _fail("parse_error", "no ```python code block with custom_kernel in the reply")
     seed = secrets.randbits(31) if seed is None else seed
-    verdict, timing = time_kernel(answer, seed)
+    time_shape = {**TIME_SHAPE, **item.get("time_shape", {})}
+    verdict, timing = time_kernel(answer, seed, time_shape=time_shape)
     if verdict is not None:
         return verdict
     seconds = timing["seconds"]
-    floor = flops(TIME_SHAPE["bs"], TIME_SHAPE["seqlen"], TIME_SHAPE["dim"], TIME_SHAPE["hiddendim"]) / CPU_PEAK_FLOPS
+    floor = flops(time_shape["bs"], time_shape["seqlen"], time_shape["dim"], time_shape["hiddendim"]) / CPU_PEAK_FLOPS
     if not math.isfinite(seconds) or seconds < floor:
         return _fail("cheat", f"measured {seconds:.2e}s is below the physical floor {floor:.2e}s")
-    baseline = reference_seconds(seed)
+    baseline = reference_seconds(seed, tuple(sorted(time_shape.items())))
     speedup = baseline / seconds
     return {"reward": speed_reward(speedup), "failure": None,
             "metrics": {"seconds": seconds, "reference_seconds": baseline, "speedup": speedup,
