@@ -163,6 +163,11 @@ RUN_OPTION_GROUPS = {
         ("--feedback-model", str, "model name at the OpenAI-compatible endpoint"),
         ("--feedback-base-url", str, "the endpoint, e.g. http://127.0.0.1:8000/v1"),
     ],
+    "meta agent": [
+        ("--meta", ["default", "llm"], "who writes harness v0: the task's harness.json or an LLM from task.md"),
+        ("--meta-model", str, "the Meta-Agent's model name at its OpenAI-compatible endpoint"),
+        ("--meta-base-url", str, "the Meta-Agent's endpoint"),
+    ],
     "placement": [
         ("--mesh", str, "shard over this process's devices, e.g. data=2,fsdp=2,tensor=2"),
     ],

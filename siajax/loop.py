@@ -104,6 +104,9 @@ class RunConfig:
     feedback: str = "heuristic"  # or "llm": an OpenAI-compatible endpoint decides
     feedback_model: str | None = None
     feedback_base_url: str | None = None
+    meta: str = "default"  # who writes harness v0: the task's harness.json, or "llm" from task.md
+    meta_model: str | None = None
+    meta_base_url: str | None = None
     mesh: str | None = None  # e.g. "data=2,fsdp=2,tensor=2" over this process's devices; None = one device
     feedback_rules: FeedbackRules = FeedbackRules()
 
@@ -116,6 +119,10 @@ class RunConfig:
             raise ValueError("feedback must be 'heuristic' or 'llm'")
         if self.feedback == "llm" and not self.feedback_model:
             raise ValueError("feedback='llm' needs feedback_model (and usually feedback_base_url)")
+        if self.meta not in ("default", "llm"):
+            raise ValueError("meta must be 'default' or 'llm'")
+        if self.meta == "llm" and not self.meta_model:
+            raise ValueError("meta='llm' needs meta_model (and usually meta_base_url)")
         if self.recipe is not None and self.recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {sorted(RECIPES)} (or unset), got {self.recipe!r}")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -345,10 +352,9 @@ def _compare(after: list[float], before: list[float], rules: FeedbackRules, seed
     return paired_bootstrap(after, before, alpha=rules.alpha, resamples=rules.bootstrap_resamples, seed=seed)
 
 
-def _feedback_backend(config: RunConfig):
-    if config.feedback == "llm":
-        return OpenAIBackend(config.feedback_model, base_url=config.feedback_base_url)
-    return None
+def _agent_backend(setting: str, model: str | None, base_url: str | None):
+    """The Meta- or Feedback-Agent's LLM endpoint; None when the agent is the built-in rule."""
+    return OpenAIBackend(model, base_url=base_url) if setting == "llm" else None
 
 
 def training_harness(harness: Harness, group_size: int) -> Harness:
@@ -509,7 +515,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
     store = HarnessStore(run_dir / "harness")
     ledger = read_ledger(run_dir)
     root_key = purpose_key(config.seed, "loop")
-    feedback_backend = _feedback_backend(config)
+    feedback_backend = _agent_backend(config.feedback, config.feedback_model, config.feedback_base_url)
     plan = evaluation_plan(task, config)
 
     if ledger:
@@ -518,7 +524,8 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
         current = ledger[-1]["after"]
         limit = checked_budget(config, store.get(ledger[0]["harness_version"]), len(plan.dev))
     else:
-        harness, origin = initial_harness(task, feedback_backend, purpose_key(config.seed, "meta_agent"))
+        meta_backend = _agent_backend(config.meta, config.meta_model, config.meta_base_url)
+        harness, origin = initial_harness(task, meta_backend, purpose_key(config.seed, "meta_agent"))
         if config.temperature is not None:
             harness = dataclasses.replace(harness, sampling=dataclasses.replace(harness.sampling,
                                                                                 temperature=config.temperature))

@@ -69,7 +69,7 @@ def test_run_help_groups_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])
     text = capsys.readouterr().out
-    for group in ("weight lever:", "harness and evaluation:", "feedback agent:"):
+    for group in ("weight lever:", "harness and evaluation:", "feedback agent:", "meta agent:"):
         assert group in text
     for flag in ("--recipe", "--temperature", "--samples-per-prompt", "--epochs", "--dev-items", "--lr-schedule",
                  "--config"):
