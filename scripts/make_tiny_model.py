@@ -12,7 +12,6 @@ and Chinese; byte fallback covers everything else.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,11 +37,17 @@ def corpus_lines() -> list[str]:
     for doc in ("DESIGN.md", "STYLE.md"):
         if (shared / doc).exists():
             lines += (shared / doc).read_text(encoding="utf-8").splitlines()
-    lawbench = shared / "data" / "lawbench" / "3-3.zero_shot.json"
-    if lawbench.exists():
-        for item in json.loads(lawbench.read_text(encoding="utf-8")):
-            lines += [item["question"], item["answer"]]
+    for item in lawbench_train_cases():
+        lines += [item["facts"], *item["labels"]]
     return [line for line in lines if line.strip()]
+
+
+def lawbench_train_cases() -> list[dict]:
+    """The bundled LawBench task's train split only: no dev or test case text may reach the tiny
+    model or its tokenizer (the loader has checked that no train case text is a dev/test one)."""
+    from siajax.tasks import resolve_task
+
+    return resolve_task("lawbench").train_items()
 
 
 def build_tokenizer(lines: list[str], vocab_size: int):

@@ -13,7 +13,6 @@ jitted train step with a full-parameter cross-entropy loss.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import optax
 from flax import nnx
 from safetensors.numpy import save_file
 
+from make_tiny_model import lawbench_train_cases
 from siajax.models import from_pretrained, to_hf_tensors
 from siajax.sampling import token_logprobs
 from siajax.train import init_train_state, make_train_step
@@ -38,9 +38,7 @@ def training_texts() -> list[str]:
     for doc in ("DESIGN.md", "STYLE.md"):
         if (shared / doc).exists():
             texts.append((shared / doc).read_text(encoding="utf-8"))
-    lawbench = shared / "data" / "lawbench" / "3-3.zero_shot.json"
-    if lawbench.exists():  # case facts only: the charge labels stay out of pretraining
-        texts += [item["question"] for item in json.loads(lawbench.read_text(encoding="utf-8"))]
+    texts += [item["facts"] for item in lawbench_train_cases()]  # train facts only, without their labels
     lines = [line.strip() for text in texts for line in text.splitlines() if len(line.strip()) > 8]
     chats = [
         f"<|im_start|>user\n{a}<|im_end|>\n<|im_start|>assistant\n{b}<|im_end|>\n"
