@@ -28,7 +28,17 @@ REQUIRED_DIRS = ("data/public", "data/private")
 REWARD_KINDS = ("binary", "scalar")
 REFERENCE_FIELDS = ("answer", "answers", "label", "labels", "gold", "target", "solution")
 DEFAULT_MIN_DEV_ITEMS = 4  # fewer and one item decides a generation; task.json may ask for more
-BUNDLED_TASKS = Path(__file__).resolve().parent.parent / "tasks"
+
+
+def bundled_dir(name: str) -> Path:
+    """A top-level directory of the checkout (``tasks``, ``kernels``), or its copy inside an
+    installed wheel (``siajax/_bundled/<name>``, see pyproject.toml)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "_bundled" / name
+    return installed if installed.is_dir() else package.parent / name
+
+
+BUNDLED_TASKS = bundled_dir("tasks")
 
 
 class TaskError(ValueError):

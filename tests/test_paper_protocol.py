@@ -80,11 +80,12 @@ def test_llm_feedback_agent_good_bad_and_slot_breaking_patches(tmp_path):
 
 @pytest.mark.slow
 def test_compare_levers_writes_table_plot_and_summary(tmp_path):
-    from experiments.paper.compare_levers import main
+    from experiments.paper.compare_levers import RESULTS, main, results_rows
+
+    recorded = RESULTS.read_text()
 
     summary = main(["--task", "digits", "--model", str(BUNDLED_TINY_MODEL), "--seeds", "0", "1", "--generations", "2",
-                    "--items-per-generation", "4", "--updates-per-generation", "2", "--out", str(tmp_path),
-                    "--no-results-row"])
+                    "--items-per-generation", "4", "--updates-per-generation", "2", "--out", str(tmp_path)])
     out = tmp_path / "digits"
     assert (out / "test_by_generation.png").stat().st_size > 10_000
     table = (out / "table.md").read_text()
@@ -92,3 +93,8 @@ def test_compare_levers_writes_table_plot_and_summary(tmp_path):
     assert set(summary) == {"SIA-H", "SIA-W+H"}
     assert all(len(row["test_final_per_seed"]) == 2 for row in summary.values())
     assert summary["SIA-H"]["weights_generations"] == [0, 0]
+    assert RESULTS.read_text() == recorded  # only --record touches the tracked results
+    rows = results_rows(summary, "digits", "tiny-llama", 2).splitlines()
+    assert len(rows) == 3 and "W+H - H (paired t)" in rows[2] and "cludes 0" in rows[2]
+    spent = summary["SIA-H"]["samples_spent"]
+    assert rows[0].endswith(f"| {spent[0]}, {spent[1]} |")

@@ -6,8 +6,9 @@ lever may spend on dev evaluations of candidates what the weight lever spends
 on training rollouts, so the arms differ only in which levers they may pull.
 Writes, under ``--out/<task>/``: each run's directory, ``summary.json``, a
 markdown table (test score per arm: mean and 95% CI over seeds, plus the
-start), ``test_by_generation.png`` (both arms, mean with a band over seeds),
-and appends a row to ``experiments/paper/RESULTS.md``.
+start, and the paired difference W+H - H with its paired-t 95% interval over
+seeds), ``test_by_generation.png`` (both arms, mean with a band over seeds);
+with ``--record`` it also appends the rows to ``experiments/paper/RESULTS.md``.
 
     python experiments/paper/compare_levers.py --config experiments/main_job.toml --seeds 0 1 2
     python experiments/paper/compare_levers.py --task digits --model siajax/assets/tiny-llama --generations 6
@@ -99,6 +100,24 @@ def table(summary: dict, task: str) -> str:
     return "\n".join(lines)
 
 
+def results_rows(summary: dict, task: str, model: str, generations: int) -> str:
+    """RESULTS.md rows: each arm's final test score with its interval and per-seed spend, then the
+    paired difference (paired t over seeds) and whether its interval excludes 0."""
+    stamp, rows = datetime.date.today().isoformat(), []
+    for arm, row in summary.items():
+        low, high = row["test_final_ci95"]
+        spent = ", ".join(str(x) for x in row["samples_spent"])
+        rows.append(f"| {stamp} | {task} | {model} | {arm} | {len(row['test_final_per_seed'])} | {generations} | "
+                    f"{row['test_start']:.3f} | {row['test_final_mean']:.3f} | [{low:.3f}, {high:.3f}] | {spent} |")
+    if set(ARMS) <= set(summary):
+        diff = paired_difference(summary)
+        low, high = diff["ci95"]
+        rows.append(f"| {stamp} | {task} | {model} | W+H - H (paired t) | {len(diff['per_seed'])} | {generations} | "
+                    f"| {diff['mean']:+.3f} | [{low:+.3f}, {high:+.3f}] "
+                    f"{'excludes 0' if diff['excludes_zero'] else 'includes 0'} | |")
+    return "".join(row + "\n" for row in rows)
+
+
 def plot(results: dict, path: Path, task: str) -> Path:
     import matplotlib
 
@@ -132,8 +151,8 @@ def main(argv=None):
     parser.add_argument("--updates-per-generation", type=int, default=None)
     parser.add_argument("--dev-items", type=int, default=None)
     parser.add_argument("--test-items", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path("experiments/paper/out"))
-    parser.add_argument("--no-results-row", action="store_true", help="do not append to experiments/paper/RESULTS.md")
+    parser.add_argument("--out", type=Path, default=Path("experiments/out/paper"))
+    parser.add_argument("--record", action="store_true", help="append the rows to experiments/paper/RESULTS.md")
     args = parser.parse_args(argv)
 
     settings = {"task": "digits", "generations": 6, "model": default_model()}
@@ -156,15 +175,9 @@ def main(argv=None):
     png = plot(results, out / "test_by_generation.png", Path(args.task).name)
     print(rendered)
     print(f"wrote {out}/summary.json, table.md and {png.name}")
-    if not args.no_results_row:
+    if args.record:
         with open(RESULTS, "a", encoding="utf-8") as handle:
-            stamp = datetime.date.today().isoformat()
-            model = Path(base.model).name
-            for arm, row in summary.items():
-                low, high = row["test_final_ci95"]
-                handle.write(f"| {stamp} | {Path(args.task).name} | {model} | {arm} | {len(args.seeds)} | "
-                             f"{args.generations} | {row['test_start']:.3f} | {row['test_final_mean']:.3f} | "
-                             f"[{low:.3f}, {high:.3f}] |\n")
+            handle.write(results_rows(summary, Path(args.task).name, Path(base.model).name, args.generations))
     return summary
 
 
