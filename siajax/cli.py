@@ -151,6 +151,7 @@ RUN_OPTION_GROUPS = {
         ("--lr-schedule", ["constant", "cosine"], "learning-rate schedule (cosine decays over the run)"),
         ("--warmup-steps", int, "linear warm-up steps"),
         ("--lora-rank", int, "LoRA rank (alpha = 2 x rank)"),
+        ("--loss", str, "package.module:function replacing the recipe's loss (the loss signature)"),
         ("--dtype", ["float32", "bfloat16"], "parameter and activation dtype"),
     ],
     "harness and evaluation": [

@@ -54,21 +54,18 @@ from siajax.harness import Harness, HarnessStore, patch_harness, to_json
 from siajax.harness.store import atomic_write_text
 from siajax.models import BUNDLED_TINY_MODEL, LoRAConfig, ValueHead, add_lora, from_pretrained
 from siajax.parallel import MeshConfig, make_mesh
+from siajax.rl.custom_loss import load_loss
 from siajax.rng import purpose_key
 from siajax.stats import holm, paired_bootstrap
 from siajax.tasks import Task, resolve_task
 from siajax.train import init_train_state, restore_pytree, save_pytree, split_policy
 from siajax.train.learner import (
     DEFAULT_CRITIC_LEARNING_RATE, DEFAULT_SCHEDULES, RECIPES, STEP_OUTCOMES, Learner, UpdateSchedule, bind_learner,
-    default_learning_rate, default_optimizer, place_on_mesh,
+    default_learning_rate, default_optimizer, place_on_mesh, recipe_config,
 )
 
 LEVER_MODES = {"harness": ("harness",), "weights": ("weights",), "both": ("harness", "weights")}
 UNTIMED_LEDGER_KEYS = ("wall_seconds",)
-# What the ledger keeps of each weight update (learner.update's metrics).
-TRAIN_HISTORY_KEYS = ("loss", "pg_loss", "kl_ref", "value_loss", "explained_variance", "grad_norm", "clip_fraction",
-                      "approx_kl", "entropy", "logprob_mismatch", "optimizer_steps", "applied_steps", "skipped",
-                      "no_signal", "kl_stop")
 LAYOUT_ONLY_FIELDS = ("mesh",)  # may change on resume: where arrays live, not what is computed
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -84,6 +81,7 @@ class RunConfig:
     updates_per_generation: int = 6  # weight updates per weights generation
     samples_per_prompt: int | None = None  # training group size; None: the harness's
     recipe: str | None = None  # force the weight lever's recipe; None: the Feedback-Agent's rule
+    loss: str | None = None  # "package.module:function" replacing every recipe's loss (siajax.rl.custom_loss)
     temperature: float | None = None  # sets the initial harness's sampling temperature
     epochs: int | None = None  # None: the recipe's default schedule
     minibatches: int | None = None
@@ -220,7 +218,8 @@ class Policy:
 
     def learner(self, recipe: str) -> Learner:
         if recipe not in self._learners:
-            self._learners[recipe] = bind_learner(self.parts, recipe, self.optimizer,
+            objective = None if self.config.loss is None else load_loss(self.config.loss, [recipe_config(recipe)])
+            self._learners[recipe] = bind_learner(self.parts, recipe, self.optimizer, objective=objective,
                                                   schedule=self.config.schedule(recipe), shardings=self.shardings)
         return self._learners[recipe]
 
@@ -429,7 +428,7 @@ def _train_weights(policy: Policy, task: Task, harness: Harness, recipe: str, co
         spend["train_tokens"] += response_tokens * metrics["optimizer_steps"] // learner.schedule.minibatches
         records += [{**r, "update": update} for r in rollout.records]
         history.append({"update": update, "reward": float(np.mean(rollout.rewards)),
-                        **{k: metrics[k] for k in TRAIN_HISTORY_KEYS if k in metrics}})
+                        **metrics})  # every metric of the learner and its loss (a configured loss's too)
         if metrics["skipped"]:
             emit("warning", {"generation": generation, "message": f"update {update}: {metrics['skipped']:.0f} of "
                              f"{metrics['optimizer_steps']} steps skipped (non-finite loss or gradient)"})
@@ -489,6 +488,8 @@ def _resolve_start(config: RunConfig, run_dir: Path) -> tuple[Task, bool]:
             raise ValueError(f"--recipe {config.recipe}: {problem}")
         for recipe in recipes:
             config.schedule(recipe).check_rows(config.items_per_generation * group)
+        if config.loss is not None:  # before the model loads: a loss that cannot serve costs nothing
+            load_loss(config.loss, [recipe_config(recipe) for recipe in recipes])
     config_path = run_dir / "config.json"
     if not config_path.exists():
         return task, False

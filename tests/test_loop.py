@@ -155,6 +155,30 @@ def test_a_run_that_cannot_decide_is_refused_before_it_evaluates(tmp_path, chang
         RunConfig.from_dict({**RunConfig(**SMALL).to_dict(), "eval_split": "train"})  # decisions never read train
 
 
+def test_the_weight_lever_trains_with_a_loss_named_in_the_config(tmp_path, monkeypatch):
+    """loss = "my_losses:reinforce" (a module of the user's): every update reports the loss's own metric
+    and applies steps; a spec that does not resolve stops the run before the model loads."""
+    from siajax.rl.custom_loss import LossSpecError
+
+    (tmp_path / "my_losses.py").write_text(
+        "import jax.numpy as jnp\n\n"
+        "def reinforce(policy, batch, cfg):\n"
+        "    term = -jnp.sum(jnp.where(batch.mask, batch.advantages * policy.logprobs, 0.0)) / jnp.sum(batch.mask)\n"
+        "    return term, {'reinforce_term': term}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    lenient = {"parser": {"kind": "regex", "pattern": "\\s*(\\d+)\\s*", "pick": "last", "format_hint": "42"}}
+    base = dict(task=str(_digits_task_with(tmp_path, "lenient", harness_patch=lenient)), levers="weights",
+                generations=1, items_per_generation=2, updates_per_generation=1, recipe="grpo",
+                samples_per_prompt=4, dev_items=4, test_items=4, seed=1)
+    with pytest.raises(LossSpecError, match="has no function nope"):
+        run(RunConfig(**base, loss="my_losses:nope"), tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    [entry] = run(RunConfig(**base, loss="my_losses:reinforce"), tmp_path / "run")
+    [update] = entry["train"]["updates"]
+    assert "reinforce_term" in update and update["applied_steps"] >= 1, update
+    assert update["approx_kl"] >= 0
+
+
 def test_a_run_dir_refuses_a_different_config(tmp_path):
     run(RunConfig(levers="harness", generations=1, **SMALL), tmp_path / "run")
     with pytest.raises(ValueError, match="different config"):

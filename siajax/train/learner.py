@@ -282,12 +282,14 @@ def default_optimizer(learning_rate: float = 1e-2, *, critic_learning_rate: floa
 
 
 def bind_learner(parts: PolicyParts, recipe: str, optimizer: optax.GradientTransformation, *, cfg=None,
-                 schedule: UpdateSchedule | None = None, shardings: StepShardings | None = None) -> Learner:
-    """The recipe's loss and update schedule (defaults unless given) compiled into a train step for
-    ``parts`` (SPMD over ``shardings.mesh`` when given)."""
+                 schedule: UpdateSchedule | None = None, shardings: StepShardings | None = None,
+                 objective: Callable | None = None) -> Learner:
+    """The recipe's loss (or ``objective``, any function with the loss signature) and update schedule
+    (defaults unless given) compiled into a train step for ``parts`` (SPMD over ``shardings.mesh``)."""
     cfg = recipe_config(recipe) if cfg is None else cfg
     schedule = DEFAULT_SCHEDULES[recipe] if schedule is None else schedule
-    step = make_train_step(make_policy_loss(parts, RECIPES[recipe][0], cfg), optimizer,
+    objective = RECIPES[recipe][0] if objective is None else objective
+    step = make_train_step(make_policy_loss(parts, objective, cfg), optimizer,
                            micro_batches=schedule.micro_batches,
                            prepare_batch=partial(with_full_batch_normaliser, aggregation=cfg.aggregation),
                            shardings=shardings,
@@ -303,7 +305,8 @@ def place_on_mesh(state: TrainState, frozen, mesh, rules=PARTITION_RULES):
 
 def make_learner(model: Transformer, recipe: str, *, cfg=None, lora: LoRAConfig = LoRAConfig(),
                  learning_rate: float = 1e-2, critic_learning_rate: float = DEFAULT_CRITIC_LEARNING_RATE,
-                 schedule: UpdateSchedule | None = None, seed: int = 0, mesh=None, rules=PARTITION_RULES):
+                 schedule: UpdateSchedule | None = None, seed: int = 0, mesh=None, rules=PARTITION_RULES,
+                 objective: Callable | None = None):
     """Adds adapters (and a value head for PPO) and returns (learner, state, frozen).
     With a ``mesh``, state and frozen base are sharded by ``rules`` and the step runs SPMD."""
     if not jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
@@ -314,7 +317,8 @@ def make_learner(model: Transformer, recipe: str, *, cfg=None, lora: LoRAConfig 
     state, shardings = init_train_state(params, optimizer, seed), None
     if mesh is not None:
         state, frozen, shardings = place_on_mesh(state, frozen, mesh, rules)
-    learner = bind_learner(parts, recipe, optimizer, cfg=cfg, schedule=schedule, shardings=shardings)
+    learner = bind_learner(parts, recipe, optimizer, cfg=cfg, schedule=schedule, shardings=shardings,
+                           objective=objective)
     return learner, state, frozen
 
 
