@@ -250,6 +250,14 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from siajax.export import export_run
+
+    out = args.out or Path(args.run_dir) / f"export-{args.format}"
+    print(f"wrote {export_run(_require_run(args.run_dir), out, args.generation, args.format)}")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from siajax.report import report
 
@@ -307,6 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--generation", type=int, default=None, help="default: the last one")
     evaluate.add_argument("--split", default="test", choices=["dev", "test"])
     evaluate.set_defaults(func=_cmd_eval)
+
+    export = sub.add_parser("export", help="a run's weights as a PEFT adapter or a merged HF checkpoint")
+    export.add_argument("run_dir")
+    export.add_argument("--generation", type=int, default=None, help="default: the last one")
+    export.add_argument("--format", default="peft", choices=["peft", "merged"])
+    export.add_argument("--out", default=None, help="default: <run_dir>/export-<format>")
+    export.set_defaults(func=_cmd_export)
 
     report = sub.add_parser("report", help="per-generation table and score plot of a run")
     report.add_argument("run_dir")
