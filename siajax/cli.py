@@ -171,6 +171,7 @@ RUN_OPTION_GROUPS = {
     ],
     "placement": [
         ("--mesh", str, "shard over this process's devices, e.g. data=2,fsdp=2,tensor=2"),
+        ("--trackers", str, "comma-separated metric writers beside the ledger: tensorboard, wandb"),
     ],
 }
 

@@ -58,6 +58,7 @@ from siajax.rl.custom_loss import load_loss
 from siajax.rng import purpose_key
 from siajax.stats import holm, paired_bootstrap
 from siajax.tasks import Task, resolve_task
+from siajax.tracking import TRACKERS, Trackers
 from siajax.train import init_train_state, restore_pytree, save_pytree, split_policy
 from siajax.train.learner import (
     DEFAULT_CRITIC_LEARNING_RATE, DEFAULT_SCHEDULES, RECIPES, STEP_OUTCOMES, Learner, UpdateSchedule, bind_learner,
@@ -105,6 +106,7 @@ class RunConfig:
     meta: str = "default"  # who writes harness v0: the task's harness.json, or "llm" from task.md
     meta_model: str | None = None
     meta_base_url: str | None = None
+    trackers: str = ""  # comma-separated: "tensorboard", "wandb" (siajax.tracking); the ledger is always written
     mesh: str | None = None  # e.g. "data=2,fsdp=2,tensor=2" over this process's devices; None = one device
     feedback_rules: FeedbackRules = FeedbackRules()
 
@@ -117,6 +119,9 @@ class RunConfig:
             raise ValueError("feedback must be 'heuristic' or 'llm'")
         if self.feedback == "llm" and not self.feedback_model:
             raise ValueError("feedback='llm' needs feedback_model (and usually feedback_base_url)")
+        unknown = set(self.tracker_names) - set(TRACKERS)
+        if unknown:
+            raise ValueError(f"unknown trackers {sorted(unknown)}; choose from {TRACKERS}")
         if self.meta not in ("default", "llm"):
             raise ValueError("meta must be 'default' or 'llm'")
         if self.meta == "llm" and not self.meta_model:
@@ -148,6 +153,10 @@ class RunConfig:
         default = DEFAULT_SCHEDULES[recipe]
         return UpdateSchedule(epochs=self.epochs or default.epochs, minibatches=self.minibatches or default.minibatches,
                               micro_batches=self.micro_batches, target_kl=self.target_kl)
+
+    @property
+    def tracker_names(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.trackers.split(",") if name.strip())
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -510,7 +519,13 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
     config_path = run_dir / "config.json"
     if not resuming or json.loads(config_path.read_text()) != config.to_dict():
         atomic_write_text(config_path, json.dumps(config.to_dict(), indent=1))
-    emit = on_event or (lambda *_: None)
+    trackers = Trackers(config.tracker_names, run_dir, config.to_dict(), config.updates_per_generation)
+
+    def emit(kind: str, payload: dict) -> None:
+        trackers.on_event(kind, payload)
+        if on_event is not None:
+            on_event(kind, payload)
+
     rules = config.feedback_rules
     levers = LEVER_MODES[config.levers]
     store = HarnessStore(run_dir / "harness")
@@ -648,6 +663,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
         ledger.append(entry)
         current = after
         emit("generation", entry)
+    trackers.close()
     return ledger
 
 

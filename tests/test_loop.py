@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from siajax.agents import FeedbackRules
@@ -155,9 +156,13 @@ def test_a_run_that_cannot_decide_is_refused_before_it_evaluates(tmp_path, chang
         RunConfig.from_dict({**RunConfig(**SMALL).to_dict(), "eval_split": "train"})  # decisions never read train
 
 
-def test_the_weight_lever_trains_with_a_loss_named_in_the_config(tmp_path, monkeypatch):
+def test_a_loss_named_in_the_config_trains_and_tensorboard_gets_every_series(tmp_path, monkeypatch):
     """loss = "my_losses:reinforce" (a module of the user's): every update reports the loss's own metric
-    and applies steps; a spec that does not resolve stops the run before the model loads."""
+    and applies steps; a spec that does not resolve stops the run before the model loads. With
+    trackers = "tensorboard" the event file, read back by TensorBoard's own reader, holds each update's
+    metrics and the generation's scores and spend, equal to the ledger's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from siajax.rl.custom_loss import LossSpecError
 
     (tmp_path / "my_losses.py").write_text(
@@ -168,15 +173,25 @@ def test_the_weight_lever_trains_with_a_loss_named_in_the_config(tmp_path, monke
     monkeypatch.syspath_prepend(str(tmp_path))
     lenient = {"parser": {"kind": "regex", "pattern": "\\s*(\\d+)\\s*", "pick": "last", "format_hint": "42"}}
     base = dict(task=str(_digits_task_with(tmp_path, "lenient", harness_patch=lenient)), levers="weights",
-                generations=1, items_per_generation=2, updates_per_generation=1, recipe="grpo",
-                samples_per_prompt=4, dev_items=4, test_items=4, seed=1)
+                generations=1, items_per_generation=2, updates_per_generation=2, recipe="grpo",
+                samples_per_prompt=4, dev_items=4, test_items=4, seed=1, trackers="tensorboard")
     with pytest.raises(LossSpecError, match="has no function nope"):
         run(RunConfig(**base, loss="my_losses:nope"), tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
     [entry] = run(RunConfig(**base, loss="my_losses:reinforce"), tmp_path / "run")
-    [update] = entry["train"]["updates"]
-    assert "reinforce_term" in update and update["applied_steps"] >= 1, update
-    assert update["approx_kl"] >= 0
+    updates = entry["train"]["updates"]
+    assert all("reinforce_term" in u and u["applied_steps"] >= 1 and u["approx_kl"] >= 0 for u in updates), updates
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/reinforce_term", "train/grad_norm", "dev/score", "test/score", "spend/spent_samples"} <= tags
+    logged = [e.value for e in events.Scalars("train/reinforce_term")]
+    np.testing.assert_allclose(logged, [u["reinforce_term"] for u in updates], rtol=1e-6)
+    assert [e.step for e in events.Scalars("train/reinforce_term")] == [0, 1]
+    [score] = events.Scalars("test/score")
+    assert score.step == 0 and score.value == pytest.approx(entry["after"]["test"]["score"])
+    assert events.Tags()["tensors"] == ["decision/text_summary"]  # the decision, as text
 
 
 def test_a_run_dir_refuses_a_different_config(tmp_path):
