@@ -45,12 +45,12 @@ def test_gpqa_scoring_counts_outcomes_and_domains(gpqa):
 def test_gpqa_json_in_the_official_shape_loads_too(tmp_path, monkeypatch):
     rows = [{"id": f"q{i}", "question": f"SYNTHETIC {i}: pick the vowel", "options": {"A": "b", "B": "a", "C": "c",
                                                                                     "D": "d"}, "answer": "B"}
-            for i in range(12)]
+            for i in range(80)]
     (tmp_path / "gpqa.json").write_text(json.dumps(rows))
     monkeypatch.setenv("SIAJAX_GPQA", str(tmp_path / "gpqa.json"))
     task = resolve_task("gpqa")
     items = [i for split in ("train", "dev", "test") for i in task.items(split)]
-    assert len(items) == 12 and all(i[i["answer"]] == "a" for i in items)
+    assert len(items) == 80 and all(i[i["answer"]] == "a" for i in items)
 
 
 def test_missing_gpqa_data_stops_with_how_to_get_it(monkeypatch, tmp_path):
