@@ -399,17 +399,17 @@ def _search_harness(decision, store: HarnessStore, task: Task, policy: Policy, p
     for record, (candidate, dev, verdict, version), ruling in zip(tried, judged, accept([j[2] for j in judged], rules)):
         record["kept_by"] = ruling["kept_by"]
         if ruling["keep"] and (best is None or ruling["rank"] > best[4]):
-            best = (candidate, dev, verdict["comparison"], version, ruling["rank"])
+            best = (candidate, dev, verdict["comparison"], version, ruling["rank"], ruling["kept_by"])
     store.rollback(head)
     outcome = {"candidates": tried, "spend": {"candidate_samples": spent, "candidate_tokens": tokens}}
     if best is None:
         return {**outcome, "after": current, "comparison": None, "rolled_back": True, "accepted_patch": None}
-    candidate, dev, comparison, version, _ = best
+    candidate, dev, comparison, version, _, kept_by = best
     store.rollback(version)
     test = evaluate(task, store.get(), backend, plan.test, plan.test_key, split="test")
     outcome["spend"].update(test_samples=test.samples, test_tokens=test.tokens)
     return {**outcome, "after": _state_record(dev, test, key_index), "comparison": comparison.to_dict(),
-            "rolled_back": False,
+            "rolled_back": False, "kept_by": kept_by,
             "accepted_patch": candidate.patch, "eval": (dev, test)}
 
 
@@ -651,6 +651,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
             "before": current, "after": after,
             "comparison": outcome.get("comparison"), "rolled_back": outcome.get("rolled_back", False),
             "failed": outcome.get("failed"), "kept": _kept(outcome),
+            "kept_by": outcome.get("kept_by") if _kept(outcome) else None,  # "score" or "format" (accept)
             "baseline_dev_score": outcome.get("baseline_dev_score"),  # the entering state under this gen's key
             "accepted_patch": outcome.get("accepted_patch"), "candidates": outcome["candidates"],
             "train": None if outcome["train"] is None else {k: v for k, v in outcome["train"].items()},

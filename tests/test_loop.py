@@ -56,6 +56,7 @@ def test_both_levers_run_scored_on_dev_and_test_every_generation(tmp_path):
     for entry in ledger:
         for split in ("dev", "test"):
             assert {"score", "pass_at_1", "samples", "tokens"} <= set(entry["after"][split])
+        assert (entry["kept_by"] in ("score", "format")) == entry["kept"]  # why it was kept, in the ledger
         spend = entry["spend"]
         assert spend["spent_samples"] <= spend["budget_samples"]  # a hard budget, evaluation included
         assert spend["spent_samples"] == (spend["candidate_samples"] + spend["rollout_samples"]
