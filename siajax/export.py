@@ -102,16 +102,7 @@ def export_model(model, base: str, out: str | Path, fmt: str = "peft") -> Path:
 
 def export_run(run_dir: str | Path, out: str | Path, generation: int | None = None, fmt: str = "peft") -> Path:
     """Exports the weights a run kept after ``generation`` (the last by default)."""
-    from siajax.loop import Policy, load_config, read_ledger
+    from siajax.loop import saved_policy
 
-    run_dir = Path(run_dir)
-    config, ledger = load_config(run_dir), read_ledger(run_dir)
-    if not ledger:
-        raise FileNotFoundError(f"{run_dir} has no finished generation to export")
-    generation = len(ledger) - 1 if generation is None else generation
-    if not 0 <= generation < len(ledger):
-        raise ValueError(f"generation {generation} is not in {run_dir} (it has 0..{len(ledger) - 1})")
-    policy = Policy(config)
-    policy.restore(run_dir, ledger[:generation + 1])
-    model = nnx.merge(policy.parts.graphdef, policy.state.params["lora"], policy.frozen)
-    return export_model(model, config.model, out, fmt)
+    config, _, _, policy = saved_policy(run_dir, generation)
+    return export_model(policy.model(), config.model, out, fmt)

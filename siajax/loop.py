@@ -58,7 +58,7 @@ from siajax.rl.custom_loss import load_loss
 from siajax.rng import purpose_key
 from siajax.stats import holm, paired_bootstrap
 from siajax.tasks import Task, resolve_task
-from siajax.tracking import TRACKERS, Trackers
+from siajax.tracking import Trackers, check_tracker_names
 from siajax.train import init_train_state, restore_pytree, save_pytree, split_policy
 from siajax.train.learner import (
     DEFAULT_CRITIC_LEARNING_RATE, DEFAULT_SCHEDULES, RECIPES, STEP_OUTCOMES, Learner, UpdateSchedule, bind_learner,
@@ -119,9 +119,7 @@ class RunConfig:
             raise ValueError("feedback must be 'heuristic' or 'llm'")
         if self.feedback == "llm" and not self.feedback_model:
             raise ValueError("feedback='llm' needs feedback_model (and usually feedback_base_url)")
-        unknown = set(self.tracker_names) - set(TRACKERS)
-        if unknown:
-            raise ValueError(f"unknown trackers {sorted(unknown)}; choose from {TRACKERS}")
+        check_tracker_names(self.tracker_names)
         if self.meta not in ("default", "llm"):
             raise ValueError("meta must be 'default' or 'llm'")
         if self.meta == "llm" and not self.meta_model:
@@ -247,9 +245,12 @@ class Policy:
         """A copy of the train state that survives the donating train step (for a rollback)."""
         return jax.tree.map(jnp.copy, self.state)
 
+    def model(self):
+        """The policy as one model: the frozen base with the current adapters."""
+        return nnx.merge(self.parts.graphdef, self.state.params["lora"], self.frozen)
+
     def backend(self) -> LocalPolicyBackend:
-        model = nnx.merge(self.parts.graphdef, self.state.params["lora"], self.frozen)
-        return LocalPolicyBackend(model, self.tokenizer, mesh=self.mesh)
+        return LocalPolicyBackend(self.model(), self.tokenizer, mesh=self.mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -688,19 +689,27 @@ def resume(run_dir: str | os.PathLike, **kwargs) -> list[dict]:
     return run(load_config(run_dir), run_dir, **kwargs)
 
 
-def evaluate_saved(run_dir: str | os.PathLike, generation: int | None = None, split: str = "test") -> dict:
-    """Re-scores a saved generation's harness and weights (the last one by default) on ``split``."""
+def saved_policy(run_dir: str | os.PathLike, generation: int | None = None):
+    """A finished generation of a run (the last by default) with its weights loaded;
+    -> (config, ledger, generation, policy)."""
     run_dir = Path(run_dir)
     config = load_config(run_dir)
     ledger = read_ledger(run_dir)
     if not ledger:
-        raise FileNotFoundError(f"{run_dir} has no finished generation to evaluate")
+        raise FileNotFoundError(f"{run_dir} has no finished generation")
     generation = len(ledger) - 1 if generation is None else generation
     if not 0 <= generation < len(ledger):
         raise ValueError(f"generation {generation} is not in {run_dir} (it has 0..{len(ledger) - 1})")
-    task = resolve_task(config.task)
     policy = Policy(config)
     policy.restore(run_dir, ledger[:generation + 1])
+    return config, ledger, generation, policy
+
+
+def evaluate_saved(run_dir: str | os.PathLike, generation: int | None = None, split: str = "test") -> dict:
+    """Re-scores a saved generation's harness and weights (the last one by default) on ``split``."""
+    run_dir = Path(run_dir)
+    config, ledger, generation, policy = saved_policy(run_dir, generation)
+    task = resolve_task(config.task)
     harness = HarnessStore(run_dir / "harness").get(ledger[generation]["next_harness"])
     plan = evaluation_plan(task, config)
     dev_key = plan.dev_key_at(ledger[generation]["after"]["dev"].get("key_index", 0))

@@ -14,9 +14,6 @@ import json
 import math
 from pathlib import Path
 
-TRACKERS = ("tensorboard", "wandb")
-
-
 class TensorBoardWriter:
     """TensorBoard event files under ``<run_dir>/tensorboard`` (tensorboardX's writer)."""
 
@@ -66,6 +63,16 @@ class WandbWriter:
         self.run.finish()
 
 
+WRITERS = {"tensorboard": lambda run_dir, config: TensorBoardWriter(run_dir), "wandb": WandbWriter}
+TRACKERS = tuple(WRITERS)
+
+
+def check_tracker_names(names) -> None:
+    unknown = set(names) - set(WRITERS)
+    if unknown:
+        raise ValueError(f"unknown trackers {sorted(unknown)}; choose from {TRACKERS}")
+
+
 def generation_scalars(entry: dict) -> dict[str, float]:
     """A ledger row's per-generation series."""
     after, spend = entry["after"], entry["spend"]
@@ -94,11 +101,8 @@ class Trackers:
     """The writers a run asked for, fed one ledger row per finished generation."""
 
     def __init__(self, names, run_dir: Path, config: dict, updates_per_generation: int):
-        unknown = set(names) - set(TRACKERS)
-        if unknown:
-            raise ValueError(f"unknown trackers {sorted(unknown)}; choose from {TRACKERS}")
-        self.writers = [TensorBoardWriter(run_dir) if name == "tensorboard" else WandbWriter(run_dir, config)
-                        for name in names]
+        check_tracker_names(names)
+        self.writers = [WRITERS[name](Path(run_dir), config) for name in names]
         self.updates_per_generation = updates_per_generation
 
     def on_event(self, kind: str, payload: dict) -> None:

@@ -88,7 +88,7 @@ def with_step_monitors(function: Callable) -> Callable:
         value, metrics = function(policy, batch, cfg)
         monitors = {"approx_kl": aggregate(approx_kl_to_old(policy.logprobs, batch.old_logprobs), batch.mask,
                                            "token-mean", batch.token_count),
-                    "clip_fraction": jnp.zeros(()), "loss": value}
+                    "clip_fraction": jnp.zeros(())}
         return value, {**monitors, **metrics}
 
     return loss
