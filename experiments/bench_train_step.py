@@ -13,7 +13,10 @@ import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: experiments.* imports
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +26,7 @@ import torch
 from flax import nnx
 from transformers import AutoModelForCausalLM
 
-from siajax.benchmarking import median_seconds
+from experiments.benchmarking import median_seconds
 from siajax.models import BUNDLED_TINY_MODEL, LoRAConfig, add_lora, from_pretrained
 from siajax.rl import GRPOConfig, RLBatch, grpo_loss
 from siajax.train import TrainBatch, init_train_state, make_policy_loss, make_train_step, split_policy

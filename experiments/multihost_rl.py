@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     from siajax.parallel import MeshConfig, make_mesh, path_string
     from siajax.parallel.distributed import gather_to_host, is_primary
     from siajax.train import save_pytree
-    from siajax.train.learner import make_learner, rl_updates
-    from siajax.train import toy_rewards
+    from siajax.train.rollouts import make_learner, rl_updates
+    from experiments import toy_rewards
 
     mesh = make_mesh(MeshConfig.parse(args.mesh))
     out = Path(args.out).resolve()

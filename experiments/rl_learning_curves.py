@@ -14,13 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: experiments.* imports
 
 import numpy as np
 
 from siajax.models import BUNDLED_TINY_MODEL, from_pretrained
-from siajax.train.learner import recipe_config, rl_run
-from siajax.train.toy_rewards import at_least_k_digits_reward, digit_token_table, token_fraction_reward
+from siajax.rl import recipe_config
+from siajax.train.rollouts import rl_run
+from experiments.toy_rewards import at_least_k_digits_reward, digit_token_table, token_fraction_reward
 
 PROMPTS = ["Count to ten.", "What year is it?", "Give me some numbers.", "List the digits you know."]
 

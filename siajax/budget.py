@@ -52,3 +52,24 @@ class SampleBudget:
 def updates_within(budget: int, items_per_update: int, group_size: int, dev_cost: int, wanted: int) -> int:
     """How many weight updates fit beside the dev evaluation that judges them (at most ``wanted``)."""
     return max(0, min(wanted, (budget - dev_cost) // max(items_per_update * group_size, 1)))
+
+
+@dataclasses.dataclass
+class Spend:
+    """What one generation drew, by purpose: samples and the tokens they generated (``train_tokens``:
+    response tokens the optimiser stepped on). Test evaluation is counted apart from the budget."""
+
+    candidate_samples: int = 0
+    candidate_tokens: int = 0
+    rollout_samples: int = 0
+    rollout_tokens: int = 0
+    train_tokens: int = 0
+    baseline_samples: int = 0
+    baseline_tokens: int = 0
+    dev_eval_samples: int = 0
+    dev_eval_tokens: int = 0
+    test_samples: int = 0
+    test_tokens: int = 0
+
+    def to_dict(self, budget: SampleBudget) -> dict:
+        return {**dataclasses.asdict(self), "budget_samples": budget.limit, "spent_samples": budget.spent}

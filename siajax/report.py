@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from siajax.loop import read_ledger
+from siajax.rundir import read_ledger
 
 
 def verdict(entry: dict) -> str:

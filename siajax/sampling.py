@@ -162,6 +162,34 @@ def kv_span_segments(prompt_len: int, steps: int, first: int = 128) -> list[int]
     return ends + [total]
 
 
+def _draw(spec: DecodeSpec, automaton, temperature, top_p, logits, step_key, automaton_state):
+    """One token per row, within the automaton's allowed set when constrained; -> ((token, logprob), allowed)."""
+    if not spec.constrained:
+        return sample_next_token(logits, step_key, temperature, top_p, spec.top_k), None
+    allowed = allowed_tokens(automaton, automaton_state)
+    return sample_next_token(logits, step_key, temperature, top_p, spec.top_k, allowed), allowed
+
+
+def _first_token_state(draw, logits, key, spec: DecodeSpec, automaton, live_rows, stop_ids):
+    """The decode loop's buffers after the prefill's token (padding rows start, and stay, finished);
+    -> (done, tokens, logprobs, allowed_log, lengths, automaton_state)."""
+    batch, steps = logits.shape[0], spec.max_new_tokens
+    width = automaton.tokens.shape[1] if spec.constrained else 0
+    automaton_state = jnp.zeros((batch,), jnp.int32)
+    (token, logprob), allowed = draw(logits, key, automaton_state)
+    if spec.constrained:
+        automaton_state = advance(automaton, automaton_state, token)
+    done = jnp.arange(batch) >= live_rows
+    token = jnp.where(done, spec.pad_token_id, token)
+    tokens = jnp.full((batch, steps), spec.pad_token_id, jnp.int32).at[:, 0].set(token)
+    logprobs = jnp.zeros((batch, steps), jnp.float32).at[:, 0].set(jnp.where(done, 0.0, logprob))
+    allowed_log = jnp.full((batch, steps, width), -1, jnp.int32)
+    if spec.constrained:
+        allowed_log = allowed_log.at[:, 0].set(jnp.where(done[:, None], -1, allowed))
+    lengths = (~done).astype(jnp.int32)
+    return done | jnp.isin(token, stop_ids), tokens, logprobs, allowed_log, lengths, automaton_state
+
+
 @partial(jax.jit, static_argnames=("graphdef", "spec", "rules"))
 def _generate(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p, limit,
               spec: DecodeSpec, automaton: TokenAutomaton | None = None, rules: Rules | None = None):
@@ -175,28 +203,9 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, tempe
                 head="last")
     next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     key, first_key = jax.random.split(key)
-    width = automaton.tokens.shape[1] if spec.constrained else 0
-
-    def draw(logits, step_key, automaton_state):
-        if not spec.constrained:
-            return sample_next_token(logits, step_key, temperature, top_p, spec.top_k), None
-        allowed = allowed_tokens(automaton, automaton_state)
-        return sample_next_token(logits, step_key, temperature, top_p, spec.top_k, allowed), allowed
-
-    automaton_state = jnp.zeros((batch,), jnp.int32)
-    (token, logprob), allowed = draw(out.logits[:, -1], first_key, automaton_state)
-    if spec.constrained:
-        automaton_state = advance(automaton, automaton_state, token)
-
-    done = jnp.arange(batch) >= live_rows  # padding rows start (and stay) finished
-    token = jnp.where(done, spec.pad_token_id, token)
-    tokens = jnp.full((batch, steps), spec.pad_token_id, jnp.int32).at[:, 0].set(token)
-    logprobs = jnp.zeros((batch, steps), jnp.float32).at[:, 0].set(jnp.where(done, 0.0, logprob))
-    allowed_log = jnp.full((batch, steps, width), -1, jnp.int32)
-    if spec.constrained:
-        allowed_log = allowed_log.at[:, 0].set(jnp.where(done[:, None], -1, allowed))
-    lengths = (~done).astype(jnp.int32)
-    done = done | jnp.isin(token, stop_ids)
+    draw = partial(_draw, spec, automaton, temperature, top_p)
+    done, tokens, logprobs, allowed_log, lengths, automaton_state = _first_token_state(
+        draw, out.logits[:, -1], first_key, spec, automaton, live_rows, stop_ids)
 
     unstacked = model.unstacked_layers() if model.config.decode_unroll else None
 

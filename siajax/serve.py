@@ -119,76 +119,91 @@ def _stream_events(payload: dict):
         yield {**base, "choices": [{"index": index, "delta": {}, "finish_reason": choice["finish_reason"]}]}
 
 
+class _ChatHandler(BaseHTTPRequestHandler):
+    """One HTTP exchange; what it serves (backend, harness, limits) is on its :class:`_ChatServer`."""
+
+    protocol_version = "HTTP/1.1"
+    server: _ChatServer
+
+    def log_message(self, *args):  # quiet by default
+        pass
+
+    def _send(self, status: int, payload: dict):
+        body = json.dumps(payload).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, status: int, message: str, kind: str = "invalid_request_error"):
+        self._send(status, {"error": {"message": message, "type": kind, "param": None, "code": status}})
+
+    def _stream(self, payload: dict):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for event in _stream_events(payload):
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+        self.close_connection = True
+
+    def do_GET(self):
+        if self.path.rstrip("/") == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
+                                                         "owned_by": "siajax"}]})
+        else:
+            self._error(404, f"no route {self.path}", "not_found_error")
+
+    def do_POST(self):
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            return self._error(404, f"no route {self.path}", "not_found_error")
+        try:
+            size = int(self.headers.get("Content-Length", 0))
+            request = json.loads(self.rfile.read(size) or b"{}")
+            if not isinstance(request, dict):
+                raise RequestError("the body must be a JSON object")
+            messages, sampling, options = parse_request(request, self.server.max_tokens_limit)
+        except (RequestError, ValueError) as err:
+            return self._error(400, f"bad request: {err}")
+        try:
+            payload = self.server.complete(messages, sampling, options)
+        except Exception as err:  # the backend failed: a 500 the client can read, and the server stays up
+            return self._error(500, f"the policy failed to answer: {type(err).__name__}: {err}", "server_error")
+        if options["stream"]:
+            return self._stream(payload)
+        self._send(200, payload)
+
+
+class _ChatServer(ThreadingHTTPServer):
+    """The OpenAI-compatible endpoint of one backend: requests are answered one at a time (one lock),
+    each seeded by its ``seed`` or by its arrival number."""
+
+    daemon_threads = True
+
+    def __init__(self, address, backend, model_name: str, harness: Harness | None, max_tokens_limit: int):
+        super().__init__(address, _ChatHandler)
+        self.backend, self.model_name, self.harness = backend, model_name, harness
+        self.max_tokens_limit = max_tokens_limit
+        self.lock, self.requests = threading.Lock(), 0
+
+    def complete(self, messages, sampling, options) -> dict:
+        conversation = apply_harness(self.harness, messages)
+        with self.lock:
+            self.requests += 1
+            seed = options["seed"] if options["seed"] is not None else self.requests
+            completions = self.backend.complete([conversation], sampling, jax.random.key(seed))[0]
+            prompt_tokens = len(self.backend.prompt_ids(conversation))
+        return _completion_payload(self.backend, self.model_name, completions, prompt_tokens, options)
+
+
 def make_server(backend, *, host: str = "127.0.0.1", port: int = 0, model_name: str = "siajax-policy",
                 harness: Harness | None = None, max_tokens_limit: int = 2048) -> ThreadingHTTPServer:
     """Binds (port 0 picks a free one); call ``serve_forever`` or run it in a thread."""
-    lock = threading.Lock()
-    counter = {"requests": 0}
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):  # quiet by default
-            pass
-
-        def _send(self, status: int, payload: dict):
-            body = json.dumps(payload).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _error(self, status: int, message: str, kind: str = "invalid_request_error"):
-            self._send(status, {"error": {"message": message, "type": kind, "param": None, "code": status}})
-
-        def _stream(self, payload: dict):
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            for event in _stream_events(payload):
-                self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-            self.close_connection = True
-
-        def do_GET(self):
-            if self.path.rstrip("/") == "/v1/models":
-                self._send(200, {"object": "list", "data": [{"id": model_name, "object": "model",
-                                                             "owned_by": "siajax"}]})
-            else:
-                self._error(404, f"no route {self.path}", "not_found_error")
-
-        def do_POST(self):
-            if self.path.rstrip("/") != "/v1/chat/completions":
-                return self._error(404, f"no route {self.path}", "not_found_error")
-            try:
-                size = int(self.headers.get("Content-Length", 0))
-                request = json.loads(self.rfile.read(size) or b"{}")
-                if not isinstance(request, dict):
-                    raise RequestError("the body must be a JSON object")
-                messages, sampling, options = parse_request(request, max_tokens_limit)
-            except (RequestError, ValueError) as err:
-                return self._error(400, f"bad request: {err}")
-            try:
-                conversation = apply_harness(harness, messages)
-                with lock:
-                    counter["requests"] += 1
-                    seed = options["seed"] if options["seed"] is not None else counter["requests"]
-                    completions = backend.complete([conversation], sampling, jax.random.key(seed))[0]
-                    prompt_tokens = len(backend.prompt_ids(conversation))
-                payload = _completion_payload(backend, model_name, completions, prompt_tokens, options)
-            except Exception as err:  # the backend failed: a 500 the client can read, and the server stays up
-                return self._error(500, f"the policy failed to answer: {type(err).__name__}: {err}", "server_error")
-            if options["stream"]:
-                return self._stream(payload)
-            self._send(200, payload)
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    return _ChatServer((host, port), backend, model_name, harness, max_tokens_limit)
 
 
 def serve_from_args(args) -> int:
@@ -200,12 +215,10 @@ def serve_from_args(args) -> int:
     harness = None
     if args.run:
         from siajax.harness import HarnessStore
-        from siajax.loop import Policy, load_config, read_ledger
+        from siajax.rundir import saved_policy
 
         run_dir = Path(args.run)
-        policy = Policy(load_config(run_dir))
-        policy.restore(run_dir, read_ledger(run_dir))
-        backend = policy.backend()
+        backend = saved_policy(run_dir)[3].backend()
         harness = HarnessStore(run_dir / "harness").get()
     else:
         from siajax.models import from_pretrained

@@ -56,10 +56,6 @@ class Task:
         return (self.root / "task.md").read_text(encoding="utf-8")
 
     @property
-    def public_dir(self) -> Path:
-        return self.root / "data" / "public"
-
-    @property
     def private_dir(self) -> Path:
         return self.root / "data" / "private"
 

@@ -1,11 +1,17 @@
-"""Shared fixtures: tiny random HF checkpoints written by transformers (PyTorch)."""
+"""Shared fixtures: tiny random HF checkpoints written by transformers (PyTorch, imported only by
+the tests that use them: the JAX-only tests run without torch, ``SIAJAX_HIDE_TORCH=1`` proves it)."""
 
 from __future__ import annotations
 
 import atexit
 import os
 import shutil
+import sys
 import tempfile
+
+HIDE_TORCH = os.environ.get("SIAJAX_HIDE_TORCH") == "1"
+if HIDE_TORCH:  # as if torch were not installed: `import torch` fails,
+    sys.modules["torch"] = None  # and find_spec (transformers' availability check) returns None
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache for the session, shared with the CLI subprocesses the tests start:
@@ -22,17 +28,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-torch.set_num_threads(2)
-
-from transformers import (  # noqa: E402
-    LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
-)
-
 FAMILIES = {
-    "llama": (LlamaConfig, LlamaForCausalLM),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
 }
 BASE = dict(
     vocab_size=211, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
@@ -43,7 +42,11 @@ BASE = dict(
 
 def make_hf_checkpoint(directory, family: str, seed: int = 0, **overrides):
     """Writes a random-initialised HF checkpoint; returns the eval-mode torch model."""
-    config_cls, model_cls = FAMILIES[family]
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(2)
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, name) for name in FAMILIES[family])
     torch.manual_seed(seed)
     model = model_cls(config_cls(**{**BASE, **overrides})).eval()
     model.save_pretrained(directory)
@@ -74,3 +77,23 @@ def left_padded_batch(rng: np.random.RandomState, lengths, vocab: int, pad: int 
         ids[row, width - n:] = rng.randint(3, vocab, n)
         mask[row, width - n:] = 1
     return ids, mask
+
+
+_skipped_without_torch: list[str] = []
+
+
+def pytest_collectreport(report):
+    if HIDE_TORCH and report.skipped:
+        _skipped_without_torch.append(report.nodeid)
+
+
+def pytest_runtest_logreport(report):
+    if HIDE_TORCH and report.skipped:
+        _skipped_without_torch.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """With torch hidden, a skip is a failure: the JAX-only tests must run, not skip, without torch."""
+    if _skipped_without_torch:
+        print(f"\nskipped with SIAJAX_HIDE_TORCH=1 (these must run without torch): {_skipped_without_torch}")
+        session.exitstatus = 1

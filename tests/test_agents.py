@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from siajax.agents import (
-    Completion, Decision, FeedbackRules, heuristic_decision, llm_decision, run_items, summarize, validate_decision,
+    Completion, Decision, DecisionRule, final_records, DevSummary, EditGrid, llm_decide, run_items, sample_profile,
+    validate_decision,
 )
+from siajax.agents.decide import decide
+from siajax.agents.harness_edits import candidate_edits
 from siajax.agents.meta import initial_harness
 from siajax.harness import patch_harness
 from siajax.tasks import BUNDLED_TASKS, TaskError, load_task, resolve_task
@@ -111,17 +114,31 @@ def test_task_agent_parses_verifies_and_retries(digits):
     assert firsts[1]["failure"] == "parse_error"
     retry = [r for r in rollout.records if r["attempt"] == 2]
     assert len(retry) == 1 and retry[0]["answer"] == "9" and retry[0]["reward"] == 1.0
-    summary = summarize(rollout.records)
-    assert summary["score"] == 1.0 and summary["retries"] == 1  # the retry fixed the only failure
+    profile = sample_profile(rollout.records)
+    assert profile["retries"] == 1 and profile["binary_rewards"]
+    assert [r["reward"] for r in final_records(rollout.records)] == [1.0] * 4  # the retry fixed the only failure
 
 
 def _summary(success, parse_error=0.0):
-    return {"score": success, "success_rate": success, "failure_rates": {"parse_error": parse_error} if parse_error
-            else {}, "samples": 32, "retries": 0, "examples": {}}
+    return DevSummary(score=success, success_rate=success, pass_at_1=success,
+                      failure_rates={"parse_error": parse_error} if parse_error else {}, items=32, samples=32,
+                      binary_rewards=True, retries=0, examples={})
 
 
-RULES = FeedbackRules()
+RULES = DecisionRule()
+GRID = EditGrid()
 BOTH = ("harness", "weights")
+
+
+def heuristic_decision(summary, history, harness, task, levers, rule, *, group_size):
+    """The built-in decision with the edit library's untried candidates, as the loop builds them."""
+    return decide(summary, history, harness, task, levers, rule, group_size=group_size,
+                  candidates=tuple(candidate_edits(harness, task, GRID)))
+
+
+def llm_decision(backend, summary, history, harness, task, levers, rule, key, *, group_size):
+    return llm_decide(backend, summary, history, harness, task, levers, rule, key, group_size=group_size,
+                      candidates=tuple(candidate_edits(harness, task, GRID)))
 
 
 def _entry(generation, lever, better):
@@ -186,19 +203,17 @@ def test_llm_decision_sees_the_history_is_validated_repaired_then_falls_back(dig
 
 
 def test_generic_harness_edits_apply_to_any_task(digits):
-    from siajax.agents.harness_edits import candidate_edits
-
-    kinds = [c.kind for c in candidate_edits(digits.default_harness(), digits, RULES)]
+    kinds = [c.kind for c in candidate_edits(digits.default_harness(), digits, GRID)]
     assert kinds[:2] == ["lenient_parser", "format_instruction"] and "few_shot" in kinds
-    few_shot = next(c for c in candidate_edits(digits.default_harness(), digits, RULES) if c.kind == "few_shot")
+    few_shot = next(c for c in candidate_edits(digits.default_harness(), digits, GRID) if c.kind == "few_shot")
     shots = few_shot.patch[0]["value"]
     pairs = {(item["question"], digits.verifier.demonstration(item)) for item in digits.items("train")}
     assert len(shots) == 3 and all((shot["input"], shot["output"]) in pairs for shot in shots)
     labelled = resolve_task("lawbench")
-    assert "constrained_decoding" in [c.kind for c in candidate_edits(labelled.default_harness(), labelled, RULES)]
+    assert "constrained_decoding" in [c.kind for c in candidate_edits(labelled.default_harness(), labelled, GRID)]
     tried = {patch_harness(digits.default_harness(), c.patch).version
-             for c in candidate_edits(digits.default_harness(), digits, RULES)[:2]}
-    assert [c.kind for c in candidate_edits(digits.default_harness(), digits, RULES, tried)][0] != "lenient_parser"
+             for c in candidate_edits(digits.default_harness(), digits, GRID)[:2]}
+    assert [c.kind for c in candidate_edits(digits.default_harness(), digits, GRID, tried)][0] != "lenient_parser"
 
 
 def test_paired_bootstrap_separates_a_real_gain_from_noise():

@@ -51,11 +51,11 @@ def test_a_toml_config_file_with_flags_on_top(capsys, tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(f'task = "digits"\nmodel = "{BUNDLED_TINY_MODEL}"\nlevers = "harness"\ngenerations = 1\n'
                       'seed = 1\nitems_per_generation = 4\ndev_items = 4\ntest_items = 4\n\n'
-                      '[feedback_rules]\nalpha = 0.2\n')
+                      '[acceptance_rule]\nalpha = 0.2\n')
     code, err = cli(capsys, "run", "--config", str(config), "--seed", "5", "--run-dir", str(tmp_path / "run"))
     assert code == 0, err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["seed"] == 5 and saved["generations"] == 1 and saved["feedback_rules"]["alpha"] == 0.2
+    assert saved["seed"] == 5 and saved["generations"] == 1 and saved["acceptance_rule"]["alpha"] == 0.2
     broken = tmp_path / "broken.toml"
     broken.write_text("task = \n")
     assert cli(capsys, "run", "--config", str(broken), "--run-dir", str(tmp_path / "r2"))[0] == 2

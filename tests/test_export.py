@@ -9,11 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 from siajax.export import export_model
 from siajax.models import BUNDLED_TINY_MODEL, LoRAConfig, add_lora, from_pretrained
+
+torch = pytest.importorskip("torch")  # these tests compare against PyTorch
 
 IDS = np.array([[5, 17, 230, 41, 9, 1200, 3, 77]])
 
@@ -62,7 +63,8 @@ def test_the_peft_adapter_loads_on_the_base_with_the_policys_logits(trained, tmp
 
 def test_siajax_export_writes_a_runs_kept_weights(tmp_path, capsys):
     from siajax.cli import main
-    from siajax.loop import RunConfig, run
+    from siajax.config import RunConfig
+    from siajax.loop import run
 
     run(RunConfig(task="digits", model=str(BUNDLED_TINY_MODEL), levers="harness", generations=1, dev_items=4,
                   test_items=4, seed=1), tmp_path / "run")

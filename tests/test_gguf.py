@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from siajax.models import decoding_ids, from_pretrained, to_hf_tensors
 from siajax.models.gguf_import import GGUFError, smollm2_gguf, unpermute_rotary_rows
 from siajax.sampling import generate
+
+torch = pytest.importorskip("torch")  # these tests compare against PyTorch
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. It's 2026, isn't it?",

@@ -81,9 +81,10 @@ def test_constrained_decoding_only_writes_valid_label_answers(tiny):
 
 
 def test_unconstrained_tiny_model_fails_to_parse_and_feedback_turns_constraints_on(tmp_path):
-    from siajax.loop import RunConfig, run
+    from siajax.config import RunConfig
+    from siajax.loop import run
 
-    ledger = run(RunConfig(task="lawbench", levers="both", generations=1, items_per_generation=2,
+    ledger = run(RunConfig(task="lawbench", model=str(BUNDLED_TINY_MODEL), levers="both", generations=1, items_per_generation=2,
                            updates_per_generation=1, seed=0, dev_items=8, test_items=8), tmp_path / "run")
     decision = ledger[0]["decision"]
     assert decision["lever"] == "harness" and decision["candidates"][0]["patch"] == [

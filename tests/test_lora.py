@@ -100,7 +100,7 @@ def test_bad_lora_config_is_rejected():
 def test_value_head_is_a_linear_map_of_the_hidden_state(hf_checkpoint, tokens):
     _, directory = hf_checkpoint("llama")
     model = load_weights(read_hf_config(directory), iter_checkpoint_tensors(directory))
-    head = ValueHead(model.config.hidden_size, rngs=nnx.Rngs(0))
+    head = ValueHead(model.config.hidden_size)
     head.kernel.set_value(jnp.linspace(-1, 1, model.config.hidden_size))
     head.bias.set_value(jnp.float32(0.5))
     hidden = model(tokens).hidden

@@ -68,7 +68,7 @@ def _flat(tree) -> dict[str, jax.Array]:
 def policy():
     model, _ = from_pretrained(BUNDLED_TINY_MODEL)
     add_lora(model, LoRAConfig(rank=4), key=jax.random.key(0))
-    parts, params, frozen = split_policy(model, ValueHead(model.config.hidden_size, rngs=nnx.Rngs(0)))
+    parts, params, frozen = split_policy(model, ValueHead(model.config.hidden_size))
     # Nonzero adapters (B = 0 at init) so sampling and the loss go through them.
     params = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), params)
     return nnx.merge(parts.graphdef, params["lora"], frozen), parts, params, frozen

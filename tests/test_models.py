@@ -7,7 +7,6 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from conftest import BASE, left_padded_batch
 from siajax.models import (
@@ -15,6 +14,8 @@ from siajax.models import (
     read_hf_config, to_hf_tensors,
 )
 from siajax.models.hf_import import hf_name_to_path
+
+torch = pytest.importorskip("torch")  # these tests compare against PyTorch
 
 PARITY_CASES = [
     ("llama", {}),

@@ -22,7 +22,7 @@ import pytest
 from siajax.models import from_pretrained
 from siajax.parallel import MeshConfig, make_mesh, path_string, train_state_shardings
 from siajax.train import restore_pytree
-from siajax.train.learner import make_learner
+from siajax.train.rollouts import make_learner
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "multihost_rl.py"

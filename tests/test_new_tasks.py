@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from siajax.loop import RunConfig, run
+from siajax.config import RunConfig
+from siajax.models import BUNDLED_TINY_MODEL
+from siajax.loop import run
 from siajax.tasks import resolve_task
 
 FIXTURE = __import__("pathlib").Path(__file__).resolve().parent / "fixtures" / "gpqa_synthetic.csv"
@@ -58,13 +60,13 @@ def test_missing_gpqa_data_stops_with_how_to_get_it(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="huggingface.co/datasets/Idavidrein/gpqa"):
         resolve_task("gpqa").items("test")
     with pytest.raises(FileNotFoundError, match="Idavidrein"):
-        run(RunConfig(task="gpqa", generations=1), tmp_path / "run")
+        run(RunConfig(task="gpqa", model=str(BUNDLED_TINY_MODEL), generations=1), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing was written
 
 
 @pytest.mark.parametrize("name", ["longcot_chess", "gpqa", "arithmetic"])
 def test_new_tasks_run_in_the_loop_with_the_bundled_model(name, tmp_path, monkeypatch):
     monkeypatch.setenv("SIAJAX_GPQA", str(FIXTURE))
-    ledger = run(RunConfig(task=name, levers="both", generations=1, items_per_generation=1, updates_per_generation=1,
+    ledger = run(RunConfig(task=name, model=str(BUNDLED_TINY_MODEL), levers="both", generations=1, items_per_generation=1, updates_per_generation=1,
                            samples_per_prompt=4, dev_items=4, test_items=2, seed=0), tmp_path / "run")
     assert len(ledger) == 1 and ledger[0]["after"]["test"]["items"] == 2

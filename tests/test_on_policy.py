@@ -17,7 +17,9 @@ from siajax.harness.constrained import label_automaton
 from siajax.models import BUNDLED_TINY_MODEL, LoRAConfig, add_lora, decoding_ids, from_pretrained
 from siajax.models.token_stats import token_stats
 from siajax.sampling import generate
-from siajax.train.learner import UpdateSchedule, make_learner, recipe_config
+from siajax.rl import recipe_config
+from siajax.train.learner import UpdateSchedule
+from siajax.train.rollouts import make_learner
 
 LABELS = ["盗窃", "诈骗", "故意伤害", "受贿", "单位受贿"]
 

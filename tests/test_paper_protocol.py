@@ -10,10 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from siajax.loop import RunConfig, run
+from siajax.config import RunConfig
+from siajax.loop import run
 from siajax.models import BUNDLED_TINY_MODEL
 
-SMALL = dict(task="digits", items_per_generation=4, updates_per_generation=2, seed=1)  # see tests/test_loop.py
+SMALL = dict(task="digits", model=str(BUNDLED_TINY_MODEL), items_per_generation=4, updates_per_generation=2, seed=1)  # see tests/test_loop.py
 
 
 class ScriptedOpenAI:

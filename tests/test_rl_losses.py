@@ -140,7 +140,7 @@ def tiny_policy_batch(seed=0, with_value=False):
     add_lora(model, LoRAConfig(rank=2), key=jax.random.key(seed))
     for index, (_, var) in enumerate(nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))):
         var.set_value(0.1 * jax.random.normal(jax.random.fold_in(jax.random.key(seed), index), var.shape))
-    value_head = ValueHead(TINY.hidden_size, rngs=nnx.Rngs(0)) if with_value else None
+    value_head = ValueHead(TINY.hidden_size) if with_value else None
     if value_head is not None:
         value_head.kernel.set_value(0.1 * jnp.ones(TINY.hidden_size))
     parts, params, frozen = split_policy(model, value_head)

@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from siajax.models import iter_checkpoint_tensors, load_weights, read_hf_config
 from siajax.sampling import _generate, generate, left_pad, sample_next_token
+
+torch = pytest.importorskip("torch")  # these tests compare against PyTorch
 
 PROMPTS = [[5, 9, 33, 17, 8], [44, 12], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [100]]
 

@@ -93,7 +93,7 @@ def test_reference_logprobs_ignore_the_adapters_and_training_moves_the_policy():
 def test_value_head_and_adapters_are_optimised_apart():
     """Each part has its own clip and learning rate: a huge critic gradient must not shrink the
     policy's update (one shared global-norm clip would), and the critic moves at its own rate."""
-    from siajax.train.learner import default_optimizer
+    from siajax.train.optim import default_optimizer
 
     params = {"lora": {"a": jnp.zeros(4)}, "value_head": {"w": jnp.zeros(4)}}
     optimizer = default_optimizer(1e-3, critic_learning_rate=0.1)
@@ -113,7 +113,7 @@ def test_value_head_and_adapters_are_optimised_apart():
 def test_a_part_without_gradient_stays_exactly_where_it_is():
     """After PPO steps the value head's Adam moments are non-zero; under GRPO it gets no gradient.
     Before, the shared Adam state kept moving it on momentum alone."""
-    from siajax.train.learner import default_optimizer
+    from siajax.train.optim import default_optimizer
 
     params = {"lora": {"a": jnp.ones(3)}, "value_head": {"w": jnp.ones(3)}}
     optimizer = default_optimizer(1e-2)

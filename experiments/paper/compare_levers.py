@@ -24,13 +24,12 @@ import dataclasses
 import datetime
 import json
 import time
-import tomllib
 from pathlib import Path
 
 import numpy as np
 
-from siajax.cli import default_model
-from siajax.loop import RunConfig, run
+from siajax.config import RunConfig, load_settings
+from siajax.loop import run
 from siajax.stats import mean_confidence_interval
 
 ARMS = {"SIA-H": "harness", "SIA-W+H": "both"}
@@ -155,10 +154,7 @@ def main(argv=None):
     parser.add_argument("--record", action="store_true", help="append the rows to experiments/paper/RESULTS.md")
     args = parser.parse_args(argv)
 
-    settings = {"task": "digits", "generations": 6, "model": default_model()}
-    if args.config is not None:
-        with open(args.config, "rb") as handle:
-            settings.update(tomllib.load(handle))
+    settings = {} if args.config is None else load_settings(args.config)  # defaults: RunConfig's
     for name in ("task", "generations", "model", "items_per_generation", "updates_per_generation", "dev_items",
                  "test_items"):
         if getattr(args, name) is not None:

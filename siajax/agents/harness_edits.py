@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from siajax.harness import Harness, HarnessError, patch_harness, render_messages
+
+if TYPE_CHECKING:
+    from siajax.agents.rules import EditGrid
 
 EDIT_KINDS = ("constrained_decoding", "lenient_parser", "format_instruction", "few_shot", "retries",
               "self_consistency", "temperature", "task_hints")
@@ -43,7 +47,7 @@ def _replace(path: str, value) -> dict:
     return {"op": "replace", "path": path, "value": value}
 
 
-def constrained_decoding(harness: Harness, task, rules):
+def constrained_decoding(harness: Harness, task, grid):
     if harness.parser.labels and not harness.parser.constrained:
         yield Candidate("constrained_decoding", [_replace("/parser/constrained", True)],
                         "decode only within the label set, so every answer names valid labels")
@@ -54,7 +58,7 @@ def unanchored(pattern: str) -> str:
     return re.sub(r"(\\Z|\$)$", "", re.sub(r"^(\^|\\A)", "", pattern))
 
 
-def lenient_parser(harness: Harness, task, rules):
+def lenient_parser(harness: Harness, task, grid):
     parser = harness.parser
     if parser.kind != "regex" or not parser.pattern:
         return
@@ -75,22 +79,22 @@ def format_instruction_text(harness: Harness) -> str | None:
     return None
 
 
-def format_instruction(harness: Harness, task, rules):
+def format_instruction(harness: Harness, task, grid):
     text = format_instruction_text(harness)
     if text and text not in harness.system_prompt:
         yield Candidate("format_instruction", [_replace("/system_prompt", (harness.system_prompt + " " + text).strip())],
                         "state the answer format the parser expects")
 
 
-def few_shot(harness: Harness, task, rules):
+def few_shot(harness: Harness, task, grid):
     demonstrate = getattr(task.verifier, "demonstration", None)
     if demonstrate is None:
         return
     train = task.train_items()
-    for k in rules.few_shot_k:
+    for k in grid.few_shot_k:
         if k == len(harness.few_shot) or k > len(train):
             continue
-        picks = np.random.default_rng(rules.few_shot_seed + k).choice(len(train), size=k, replace=False)
+        picks = np.random.default_rng(grid.few_shot_seed + k).choice(len(train), size=k, replace=False)
         shots = []
         for index in sorted(picks):
             item = train[index]
@@ -104,29 +108,29 @@ def few_shot(harness: Harness, task, rules):
             yield Candidate("few_shot", [_replace("/few_shot", shots)], f"show {len(shots)} solved train example(s)")
 
 
-def retries(harness: Harness, task, rules):
+def retries(harness: Harness, task, grid):
     if harness.retry.max_attempts < 2:
         yield Candidate("retries", [_replace("/retry/max_attempts", 2),
                                     _replace("/retry/retry_on", list(FIXABLE_FAILURES))],
                         "retry samples whose answer does not parse, once")
 
 
-def self_consistency(harness: Harness, task, rules):
-    for votes in rules.vote_counts:
+def self_consistency(harness: Harness, task, grid):
+    for votes in grid.vote_counts:
         if votes > harness.sampling.votes and harness.sampling.temperature > 0:
             yield Candidate("self_consistency", [_replace("/sampling/votes", votes)],
                             f"answer by majority over {votes} samples")
             return
 
 
-def temperature(harness: Harness, task, rules):
-    for value in rules.temperatures:
+def temperature(harness: Harness, task, grid):
+    for value in grid.temperatures:
         if abs(value - harness.sampling.temperature) > 1e-9:
             yield Candidate("temperature", [_replace("/sampling/temperature", value)],
                             f"sample at temperature {value}")
 
 
-def task_hints(harness: Harness, task, rules):
+def task_hints(harness: Harness, task, grid):
     hints = task.spec.get("harness_hints", {})
     pattern = hints.get("lenient_answer_pattern")
     if harness.parser.kind == "regex" and pattern and harness.parser.pattern != pattern:
@@ -142,12 +146,12 @@ LIBRARY = {"constrained_decoding": constrained_decoding, "lenient_parser": lenie
            "self_consistency": self_consistency, "temperature": temperature, "task_hints": task_hints}
 
 
-def candidate_edits(harness: Harness, task, rules, tried: set[str] = frozenset()) -> list[Candidate]:
-    """Valid candidates in ``rules.edit_order``, skipping any whose result was tried before
+def candidate_edits(harness: Harness, task, grid: EditGrid, tried: set[str] = frozenset()) -> list[Candidate]:
+    """Valid candidates in ``grid.edit_order``, skipping any whose result was tried before
     (by harness version) and any that would not validate."""
     out, seen = [], set(tried)
-    for kind in rules.edit_order:
-        for candidate in LIBRARY[kind](harness, task, rules):
+    for kind in grid.edit_order:
+        for candidate in LIBRARY[kind](harness, task, grid):
             try:
                 version = patch_harness(harness, candidate.patch).version
             except HarnessError:

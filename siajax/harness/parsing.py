@@ -26,14 +26,7 @@ def parse_answer(parser: AnswerParser, text: str):
         match = matches[0] if parser.pick == "first" else matches[-1]
         return match.group(1) if match.groups() else match.group(0)
     if parser.kind == "json":
-        decoder = json.JSONDecoder()
-        for start in (m.start() for m in re.finditer(r"\{", text)):
-            try:
-                value, _ = decoder.raw_decode(text[start:])
-                return value
-            except json.JSONDecodeError:
-                continue
-        return None
+        return first_json_object(text)
     if parser.kind == "label_set":
         found, remaining = [], text
         for label in sorted(parser.labels, key=len, reverse=True):
@@ -42,3 +35,14 @@ def parse_answer(parser: AnswerParser, text: str):
                 remaining = remaining.replace(label, "\0")
         return found or None
     raise ValueError(f"unknown parser kind {parser.kind!r}")
+
+
+def first_json_object(text: str) -> dict | None:
+    """The first decodable JSON object in ``text`` (prose around it allowed); None when there is none."""
+    decoder = json.JSONDecoder()
+    for start in (m.start() for m in re.finditer(r"\{", text)):
+        try:
+            return decoder.raw_decode(text[start:])[0]
+        except json.JSONDecodeError:
+            continue
+    return None

@@ -80,15 +80,6 @@ class ModelConfig:
     def jnp_dtype(self):
         return jnp.dtype(self.dtype)
 
-    @property
-    def num_params(self) -> int:
-        """Parameter count of the base model (no LoRA, no value head)."""
-        attn = self.hidden_size * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
-        mlp = 3 * self.hidden_size * self.intermediate_size
-        per_layer = attn + mlp + 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
-        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed + self.hidden_size
-
 
 def _rope_from_hf(cfg: dict[str, Any]) -> RopeConfig:
     """Reads rope settings from either the v5 ``rope_parameters`` or the older keys."""

@@ -358,7 +358,7 @@ class ValueHead(nnx.Module):
     with h·w an Adam step of lr on every w_i moves V by about lr·E.
     """
 
-    def __init__(self, hidden_size: int, *, rngs: nnx.Rngs):
+    def __init__(self, hidden_size: int):  # zero-initialised: V = 0 until the critic learns
         self.kernel = nnx.Param(jnp.zeros((hidden_size,), jnp.float32))
         self.bias = nnx.Param(jnp.zeros((), jnp.float32))
 

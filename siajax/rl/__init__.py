@@ -10,11 +10,12 @@ from siajax.rl.losses import (
     kl_estimate, ppo_gae_loss,
 )
 from siajax.rl.recipes import (
-    entropic_token_advantages, grpo_advantages, ppo_gae_advantages, ppo_token_rewards,
+    RECIPES, Recipe, entropic_token_advantages, grpo_advantages, ppo_gae_advantages, ppo_token_rewards, get_recipe,
+    recipe_config,
 )
 
 __all__ = [
-    "EntropicConfig", "GRPOConfig", "PPOConfig", "PolicyOutputs", "RLBatch", "SurrogateConfig",
+    "RECIPES", "Recipe", "get_recipe", "recipe_config", "EntropicConfig", "GRPOConfig", "PPOConfig", "PolicyOutputs", "RLBatch", "SurrogateConfig",
     "adaptive_entropic_beta", "aggregate", "aggregation_normaliser", "approx_kl_to_old", "clipped_policy_loss",
     "clipped_surrogate", "effective_sample_size", "entropic_advantages", "entropic_loss",
     "entropic_token_advantages", "entropic_weights", "explained_variance", "gae", "group_relative", "grpo_advantages", "grpo_loss",

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 LN2 = math.log(2.0)
+LOO_MIN_GROUP = 3  # entropic "loo": with 2 samples the ln 2 tilt is only a supremum (beta -> infinity)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
@@ -78,8 +79,8 @@ def uniform_groups(rewards: jax.Array) -> jax.Array:
 
     Such a group has no contrast, so its advantages must be exactly 0: the float
     error of a mean or a logsumexp (1e-7) is otherwise a gradient whose direction
-    is noise, and Adam, blind to scale, takes a full step along it (measured:
-    entropic runs that had found the sparse reward drifted back to 0).
+    is noise, and Adam, blind to scale, takes a full step along it
+    (experiments/RESULTS.md, "A float-noise bug").
     """
     return jnp.all(rewards == rewards[:, :1], axis=1, keepdims=True)
 
@@ -177,8 +178,8 @@ def entropic_advantages(
         return jnp.where(no_contrast, 0.0, advantages)
     if form != "loo":
         raise ValueError(f"unknown entropic form {form!r}; use 'loo' or 'rs'")
-    if g < 3:
-        raise ValueError(f"entropic form 'loo' needs at least 3 samples per prompt, got {g}; raise "
+    if g < LOO_MIN_GROUP:
+        raise ValueError(f"entropic form 'loo' needs at least {LOO_MIN_GROUP} samples per prompt, got {g}; raise "
                          "samples_per_prompt or use form='rs'")
     beta = adaptive_entropic_beta(rewards, target_kl) if beta is None else jnp.asarray(beta, jnp.float32)
     beta = jnp.broadcast_to(beta, rewards.shape[:1])[:, None]

@@ -16,7 +16,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from siajax.rl.advantages import masked_var
+from siajax.rl.advantages import LN2, masked_var
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -59,8 +59,8 @@ class SurrogateConfig:
     ``clip_low``/``clip_high`` give the asymmetric (DAPO clip-higher) ratio clip;
     ``kl_coef`` adds a KL-to-reference penalty with ``kl_estimator``, each token's
     estimate capped at ``kl_max`` (k3 grows like exp(ref - logp): one token the policy
-    has pushed 20 nats below the reference would otherwise outweigh the whole batch —
-    measured on SmolLM2 at lr 4e-3, loss 998 and grad norm 2.5e4 in one minibatch);
+    has pushed 20 nats below the reference would otherwise outweigh the whole batch:
+    experiments/RESULTS.md, "Defaults and why");
     ``entropy_coef`` an entropy bonus; ``aggregation`` reduces tokens to a scalar.
     """
 
@@ -114,14 +114,13 @@ class GRPOConfig(SurrogateConfig):
 class EntropicConfig(SurrogateConfig):
     """Entropic advantage weighting; ``beta=None`` solves beta per group (TTT-Discover).
 
-    form "loo" needs groups of at least 3 samples (with 2, the ln 2 tilt is only a
-    supremum and beta runs off to infinity); form "rs" needs a fixed beta != 0.
+    form "loo" needs groups of at least ``LOO_MIN_GROUP`` samples; form "rs" needs a fixed beta != 0.
     Advantages are capped at ``max_advantage`` (they are >= -1 by construction).
     """
 
     form: str = "loo"
     beta: float | None = None
-    target_kl: float = 0.6931471805599453
+    target_kl: float = LN2
     max_advantage: float = 100.0
 
     def __post_init__(self):

@@ -1,20 +1,25 @@
-"""From rollout rewards to token advantages, one function per recipe.
+"""The recipes: rollout rewards -> token advantages, one function each, and the registry.
 
-Each returns an :class:`~siajax.rl.losses.RLBatch`-ready dict of [B, T] arrays
-plus metrics. Rows are laid out group-major: row b belongs to prompt b // G.
+Each advantage function returns an :class:`~siajax.rl.losses.RLBatch`-ready dict
+of [B, T] arrays plus metrics. Rows are laid out group-major: row b belongs to
+prompt b // G. :data:`RECIPES` is the one place a recipe's name, loss, config,
+advantages and group minimum are written.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Callable
 
 import chex
 import jax
 import jax.numpy as jnp
 
 from siajax.rl.advantages import (
-    effective_sample_size, entropic_advantages, entropic_weights, adaptive_entropic_beta, gae,
+    LOO_MIN_GROUP, effective_sample_size, entropic_advantages, entropic_weights, adaptive_entropic_beta, gae,
     explained_variance, group_relative, masked_mean, uniform_groups, whiten,
 )
-from siajax.rl.losses import EntropicConfig, GRPOConfig, PPOConfig
+from siajax.rl.losses import EntropicConfig, GRPOConfig, PPOConfig, entropic_loss, grpo_loss, ppo_gae_loss
 
 
 def _per_token(sequence_values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -79,3 +84,50 @@ def entropic_token_advantages(rewards: jax.Array, mask: jax.Array, cfg: Entropic
     return {"advantages": _per_token(advantages.reshape(-1), mask)}, {
         "reward_mean": jnp.mean(rewards), "beta_mean": jnp.mean(beta), "weight_ess": jnp.mean(ess),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """A weight-lever recipe: its loss and config type, and how its advantages are made.
+
+    ``advantages(cfg, rewards [B], old, ref, mask, group_size) -> (RLBatch fields, metrics)``
+    reads the old and reference policies' :class:`~siajax.rl.losses.PolicyOutputs`.
+    """
+
+    name: str
+    loss: Callable
+    config_type: type
+    advantages: Callable
+    min_group_size: int  # samples per prompt below which its advantages are undefined
+    uses_critic: bool = False
+
+
+def _ppo_gae(cfg, rewards, old, ref, mask, group_size: int):
+    return ppo_gae_advantages(rewards, old.values, old.logprobs, ref.logprobs, mask, cfg)
+
+
+def _grpo(cfg, rewards, old, ref, mask, group_size: int):
+    return grpo_advantages(rewards.reshape(-1, group_size), mask, cfg)
+
+
+def _entropic(cfg, rewards, old, ref, mask, group_size: int):
+    return entropic_token_advantages(rewards.reshape(-1, group_size), mask, cfg)
+
+
+RECIPES: dict[str, Recipe] = {
+    "ppo_gae": Recipe("ppo_gae", ppo_gae_loss, PPOConfig, _ppo_gae, min_group_size=1, uses_critic=True),
+    "grpo": Recipe("grpo", grpo_loss, GRPOConfig, _grpo, min_group_size=2),
+    "entropic": Recipe("entropic", entropic_loss, EntropicConfig, _entropic, min_group_size=LOO_MIN_GROUP),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The registered recipe ``name``; unknown names fail loudly."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
+def recipe_config(name: str, **overrides):
+    """The default config of a recipe, with overrides."""
+    return get_recipe(name).config_type(**overrides)

@@ -68,7 +68,7 @@ def prctl(option: int, value: int) -> None:
     _check(_libc.prctl(option, ctypes.c_ulong(value), 0, 0, 0), f"prctl {option}")
 
 
-# ---------------------------------------------------------------- Landlock (ctypes; x86-64/arm64 numbers)
+# Landlock (ctypes; x86-64/arm64 numbers)
 FS_READ = (1 << 0) | (1 << 2) | (1 << 3)  # execute, read file, read dir
 FS_WRITE_ALL = ((1 << 1) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10)
                 | (1 << 11) | (1 << 12))  # write, remove dir/file, make char/dir/reg/sock/fifo/block/sym
@@ -121,7 +121,7 @@ def landlock(read_only: list[str], writable: list[str]) -> dict:
     return {"abi": abi, "tcp_denied": abi >= 4, "scoped_signals_and_abstract_sockets": abi >= 6}
 
 
-# ---------------------------------------------------------------- the jail's filesystem
+# the jail's filesystem
 def _ensure(path: str, directory: bool) -> None:
     if directory:
         os.makedirs(path, exist_ok=True)
@@ -175,7 +175,7 @@ def build_jail(spec: dict) -> None:
     mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
-# ---------------------------------------------------------------- launch
+# launch
 def _reachable_by_others(path: str) -> bool:
     """Whether an unprivileged user can reach and run ``path`` (every parent searchable)."""
     real = os.path.realpath(path)

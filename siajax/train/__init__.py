@@ -1,14 +1,15 @@
-"""Training: TrainState, the jitted step, policy glue, orbax checkpoints."""
+"""Training: TrainState, the jitted step, the optimiser, policy glue and surgery, the rollout driver,
+orbax checkpoints."""
 
 from siajax.train.checkpoint import restore_pytree, save_pytree
 from siajax.train.policy import (
-    PolicyParts, TrainBatch, evaluate_responses, make_policy_loss, score_responses,
+    PolicyParts, TrainBatch, attach_trainable, evaluate_responses, make_policy_loss, score_responses,
     split_policy, with_full_batch_normaliser,
 )
 from siajax.train.state import TrainState, init_train_state, make_train_step
 
 __all__ = [
-    "PolicyParts", "TrainBatch", "TrainState", "evaluate_responses", "init_train_state",
+    "PolicyParts", "TrainBatch", "TrainState", "attach_trainable", "evaluate_responses", "init_train_state",
     "make_policy_loss", "make_train_step", "restore_pytree", "save_pytree", "score_responses", "split_policy",
     "with_full_batch_normaliser",
 ]

@@ -13,9 +13,11 @@ from typing import Callable, NamedTuple
 import jax
 from flax import nnx
 
+from siajax.models.lora import LoRAConfig, add_lora
 from siajax.models.token_stats import token_stats
 from siajax.models.transformer import Transformer, ValueHead
 from siajax.rl.losses import PolicyOutputs, RLBatch, aggregation_normaliser
+from siajax.rng import purpose_key
 
 
 class TrainBatch(NamedTuple):
@@ -51,6 +53,15 @@ def split_policy(model: Transformer, value_head: ValueHead | None = None):
     if value_head is not None:
         value_graphdef, params["value_head"] = nnx.split(value_head)
     return PolicyParts(graphdef, value_graphdef), params, frozen
+
+
+def attach_trainable(model: Transformer, lora: LoRAConfig, *, seed: int, value_head: bool = True):
+    """The weight lever's model surgery: LoRA adapters (unless the model has some already, keyed by
+    the seed's "lora_init" purpose) and, for a critic, a zero value head; -> :func:`split_policy`'s
+    (PolicyParts, trainable params, frozen base)."""
+    if not jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
+        add_lora(model, lora, key=purpose_key(seed, "lora_init"))
+    return split_policy(model, ValueHead(model.config.hidden_size) if value_head else None)
 
 
 def evaluate_responses(parts: PolicyParts, params, frozen, tokens, attention_mask, response_len: int, *,

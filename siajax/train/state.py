@@ -54,55 +54,61 @@ def _split_micro_batches(batch, micro_batches: int):
     return jax.tree.map(split, batch)
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, micro_batches: int = 1,
-                    prepare_batch: Callable[[Any], Any] | None = None, shardings: StepShardings | None = None,
-                    max_approx_kl: float | None = None):
-    """Returns ``train_step(state, frozen, batch) -> (state, metrics)``, jitted, state donated.
-
-    With ``shardings`` (see :func:`siajax.parallel.step_shardings`) the step runs
-    SPMD over their mesh: the state keeps its rule layout from step to step, each
-    batch is split over ``data`` x ``fsdp`` on the way in, and ``frozen`` is
-    expected already placed (``siajax.parallel.shard_tree``).
-
-    ``prepare_batch`` runs on the whole batch inside the step, before anything
-    else. With ``micro_batches > 1`` the batch's leading axis is split and a
-    ``lax.scan`` ADDS the micro-batches' losses and gradients (memory of one
-    micro-batch): each micro-batch's loss must be its share of the full-batch
-    loss. Policy losses get that from ``prepare_batch=with_full_batch_normaliser``
-    (sums and counts over the full batch, divided once), and metrics must be
-    shares as well: they are summed, so a split step reports what the unsplit one
-    would.
-
-    A non-finite loss or gradient norm leaves params and optimizer state
-    untouched (one ``lax.cond`` over the whole update) and reports
-    ``metrics["skipped"] = 1``; the caller decides whether to stop. So does an
-    exactly zero gradient (``metrics["no_signal"] = 1``: e.g. every advantage zero
-    and no KL or entropy term): Adam would otherwise keep moving the weights on
-    momentum alone — measured: a GRPO run at reward 1.0 with zero advantages
-    drifted for 6 such steps and collapsed to reward 0, where it stayed.
-
-    With ``max_approx_kl`` a step whose policy (before its update) is already
-    further than that from the sampling policy (the loss's ``approx_kl`` metric)
-    is not applied either: ``metrics["kl_stop"] = 1`` tells the caller to end the
-    update there. Checked before stepping, so no step starts past the limit.
-    """
+def _gradient_fn(loss_fn: LossFn, micro_batches: int):
+    """(params, frozen, batch, key) -> ((loss, metrics), grads); with ``micro_batches > 1`` a
+    ``lax.scan`` adds the micro-batches' values (memory of one micro-batch): each is a share."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if micro_batches == 1:
+        return grad_fn
 
     def gradients(params, frozen, batch, key):
-        if micro_batches == 1:
-            return grad_fn(params, frozen, batch, key)
         chunks = _split_micro_batches(batch, micro_batches)
         keys = jax.random.split(key, micro_batches)
 
         def accumulate(total, inputs):
             chunk, chunk_key = inputs
-            value = grad_fn(params, frozen, chunk, chunk_key)
-            return jax.tree.map(jnp.add, total, value), None
+            return jax.tree.map(jnp.add, total, grad_fn(params, frozen, chunk, chunk_key)), None
 
         first = grad_fn(params, frozen, jax.tree.map(lambda x: x[0], chunks), keys[0])
-        rest = jax.tree.map(lambda x: x[1:], (chunks, keys))
-        value, _ = jax.lax.scan(accumulate, first, rest)
-        return value  # the loss, its metrics and the gradients are each a sum of shares
+        value, _ = jax.lax.scan(accumulate, first, jax.tree.map(lambda x: x[1:], (chunks, keys)))
+        return value
+
+    return gradients
+
+
+def _step_outcomes(loss, grad_norm, metrics: dict, max_approx_kl: float | None):
+    """-> (apply?, the counts of why not): a non-finite loss or gradient (``skipped``), an exactly zero
+    gradient (``no_signal``), or a policy already past the KL limit before stepping (``kl_stop``)."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # the norm is finite iff every entry is
+    signal = grad_norm > 0
+    within_kl = True if max_approx_kl is None else metrics["approx_kl"] <= max_approx_kl
+    counts = {"skipped": (~finite).astype(jnp.int32), "no_signal": (finite & ~signal).astype(jnp.int32),
+              "kl_stop": (finite & signal & ~within_kl).astype(jnp.int32)}
+    return finite & signal & within_kl, counts
+
+
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, micro_batches: int = 1,
+                    prepare_batch: Callable[[Any], Any] | None = None, shardings: StepShardings | None = None,
+                    max_approx_kl: float | None = None):
+    """Returns ``train_step(state, frozen, batch) -> (state, metrics)``, jitted, state donated.
+
+    ``prepare_batch`` runs on the whole batch inside the step, before anything
+    else. With ``micro_batches > 1`` the micro-batches' losses, metrics and
+    gradients are added, so each must be its share of the full batch's (policy
+    losses get that from ``prepare_batch=with_full_batch_normaliser``).
+
+    A step is applied only when its loss and gradient are finite, its gradient
+    is not exactly zero (Adam would move on momentum alone) and, with
+    ``max_approx_kl``, the policy before it is within that KL of the sampling
+    policy; otherwise params and optimiser state are left as they were (one
+    ``lax.cond``, for any optimiser) and ``metrics`` counts why (``skipped``,
+    ``no_signal``, ``kl_stop``). ``state.step`` counts applied steps.
+
+    With ``shardings`` (:func:`siajax.parallel.step_shardings`) the step runs SPMD
+    over their mesh: the state keeps its rule layout, each batch is split over
+    ``data`` x ``fsdp`` on the way in, and ``frozen`` is expected already placed.
+    """
+    gradients = _gradient_fn(loss_fn, micro_batches)
 
     def apply_update(operands):
         params, opt_state, grads = operands
@@ -119,20 +125,19 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
         (loss, metrics), grads = gradients(state.params, frozen, batch, step_key)
         grad_norm = optax.tree.norm(grads)
-        # The norm is finite iff every gradient entry is: one scalar test, not one per leaf.
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        signal = grad_norm > 0
-        within_kl = True if max_approx_kl is None else metrics["approx_kl"] <= max_approx_kl
-        apply = finite & signal & within_kl
+        apply, counts = _step_outcomes(loss, grad_norm, metrics, max_approx_kl)
         params, opt_state = jax.lax.cond(apply, apply_update, keep, (state.params, state.opt_state, grads))
-        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32),
-                   "no_signal": (finite & ~signal).astype(jnp.int32),
-                   "kl_stop": (finite & signal & ~within_kl).astype(jnp.int32)}
+        metrics = {**metrics, "loss": loss, "grad_norm": grad_norm, **counts}
         return TrainState(params=params, opt_state=opt_state, step=state.step + apply.astype(jnp.int32),
                           rng=jax.random.key_data(key)), metrics
 
     if shardings is None:
         return jax.jit(train_step, donate_argnums=0)
+    return _sharded(train_step, shardings)
+
+
+def _sharded(train_step, shardings: StepShardings):
+    """The step jitted SPMD: state keeps its layout, metrics replicated, the batch placed on the way in."""
     mesh = shardings.mesh
     jitted = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings.state, replicated(mesh)))
 

@@ -1,0 +1,174 @@
+"""A run directory: what is written where, and how a finished generation is read back.
+
+    runs/<run_id>/
+      config.json         the run's RunConfig, rules included (a resume checks and reads it)
+      ledger.jsonl        one fsynced line per finished generation (append-only)
+      initial/            eval_dev.jsonl, eval_test.jsonl of harness v0 with the base weights
+      harness/            HarnessStore: every harness version tried, parent, patch, why kept or rolled back
+      gen_<g>/            harness.json (entering), decision.json, candidates.json, trajectory.jsonl
+                          (training rollouts), eval_dev.jsonl / eval_test.jsonl (the evaluation
+                          after the lever), train_state/ (orbax) when the weights moved
+
+A generation counts once its ledger line is written; a resume restores the
+harness HEAD, train state and dev scores named by the last line and redoes the
+interrupted generation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+from siajax.agents.decide import Decision
+from siajax.agents.evaluation import evaluate
+from siajax.budget import SampleBudget, Spend
+from siajax.config import LAYOUT_ONLY_FIELDS, RunConfig
+from siajax.harness import Harness, HarnessStore
+from siajax.harness.store import atomic_write_text
+from siajax.levers import LeverOutcome
+from siajax.protocol import evaluation_plan
+from siajax.tasks import resolve_task
+from siajax.train.trainable import TrainablePolicy
+
+
+def read_ledger(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "ledger.jsonl"
+    if not path.exists():
+        return []
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a torn last line from a crash: that generation did not finish
+    return lines
+
+
+def append_ledger(run_dir: Path, entry: dict) -> None:
+    with open(run_dir / "ledger.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def write_json(path: Path, value) -> None:
+    atomic_write_text(path, json.dumps(value, indent=1, ensure_ascii=False))
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_config(run_dir: str | os.PathLike) -> RunConfig:
+    config_path = Path(run_dir) / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a siajax run (no config.json)")
+    return RunConfig.from_dict(json.loads(config_path.read_text()))
+
+
+def is_resume(config: RunConfig, run_dir: Path) -> bool:
+    """Whether ``run_dir`` already holds this run; refuses a directory started with another config
+    (only where arrays live, ``LAYOUT_ONLY_FIELDS``, may change)."""
+    if not (run_dir / "config.json").exists():
+        return False
+    stored = load_config(run_dir)
+    if dataclasses.replace(stored, **{name: getattr(config, name) for name in LAYOUT_ONLY_FIELDS}) != config:
+        raise ValueError(f"{run_dir} was started with a different config; use `siajax resume {run_dir}`")
+    return True
+
+
+def save_config(config: RunConfig, run_dir: Path) -> None:
+    """Writes config.json unless it already says exactly this (a resume on a new mesh rewrites it)."""
+    path = run_dir / "config.json"
+    if not path.exists() or json.loads(path.read_text()) != config.to_dict():
+        write_json(path, config.to_dict())
+
+
+def fresh_generation_dir(run_dir: Path, generation: int) -> Path:
+    """gen_<g>/, emptied of an interrupted attempt's leftovers."""
+    gen_dir = run_dir / f"gen_{generation:03d}"
+    if gen_dir.exists():
+        shutil.rmtree(gen_dir)
+    gen_dir.mkdir()
+    return gen_dir
+
+
+def write_evaluations(directory: Path, evaluations) -> None:
+    """eval_dev.jsonl and eval_test.jsonl of a (dev, test) evaluation pair."""
+    directory.mkdir(exist_ok=True)
+    write_jsonl(directory / "eval_dev.jsonl", evaluations[0].records)
+    write_jsonl(directory / "eval_test.jsonl", evaluations[1].records)
+
+
+def current_dev_records(run_dir: Path, ledger: list[dict]) -> list[dict]:
+    """The dev evaluation records of the current state (for failure examples in the summary)."""
+    return read_jsonl(run_dir / (ledger[-1]["eval_records_from"] if ledger else "initial") / "eval_dev.jsonl")
+
+
+def tried_versions(ledger: list[dict]) -> set[str]:
+    """Every harness version some generation already evaluated as a candidate."""
+    return {c["version"] for entry in ledger for c in entry.get("candidates", [])}
+
+
+def ledger_row(generation: int, decision: Decision, harness: Harness, store: HarnessStore, before: dict,
+               outcome: LeverOutcome, spend: Spend, budget: SampleBudget, ledger: list[dict],
+               wall_seconds: float) -> dict:
+    """The ledger line of a finished generation. ``checkpoint`` names the train state the run continues
+    from (the latest kept), ``eval_records_from`` the directory holding the current state's records."""
+    previous = ledger[-1] if ledger else {"eval_records_from": "initial"}
+    kept_weights = outcome.kept and outcome.trained_state is not None
+    return {
+        "generation": generation, "decision": decision.to_dict(), "harness_version": harness.version,
+        "next_harness": store.head, "checkpoint": outcome.trained_state if kept_weights else previous.get("checkpoint"),
+        "trained_state": outcome.trained_state, "before": before, "after": outcome.after,
+        "comparison": outcome.comparison, "rolled_back": outcome.rolled_back, "failed": outcome.failed,
+        "kept": outcome.kept, "kept_by": outcome.kept_by if outcome.kept else None,
+        "baseline_dev_score": outcome.baseline_dev_score, "accepted_patch": outcome.accepted_patch,
+        "candidates": outcome.candidates, "train": outcome.train,
+        "logprob_mismatch": None if outcome.train is None else outcome.train["logprob_mismatch"],
+        "spend": spend.to_dict(budget),
+        "eval_records_from": f"gen_{generation:03d}" if outcome.evaluations is not None else
+        previous["eval_records_from"],
+        "wall_seconds": round(wall_seconds, 3),
+    }
+
+
+def saved_policy(run_dir: str | os.PathLike, generation: int | None = None):
+    """A finished generation of a run (the last by default) with its weights loaded;
+    -> (config, ledger, generation, policy)."""
+    run_dir = Path(run_dir)
+    config = load_config(run_dir)
+    ledger = read_ledger(run_dir)
+    if not ledger:
+        raise FileNotFoundError(f"{run_dir} has no finished generation")
+    generation = len(ledger) - 1 if generation is None else generation
+    if not 0 <= generation < len(ledger):
+        raise ValueError(f"generation {generation} is not in {run_dir} (it has 0..{len(ledger) - 1})")
+    policy = TrainablePolicy(config)
+    policy.restore(run_dir, ledger[:generation + 1])
+    return config, ledger, generation, policy
+
+
+def evaluate_saved(run_dir: str | os.PathLike, generation: int | None = None, split: str = "test") -> dict:
+    """Re-scores a saved generation's harness and weights (the last one by default) on ``split``,
+    with the key the run scored it with."""
+    if split not in ("dev", "test"):
+        raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
+    run_dir = Path(run_dir)
+    config, ledger, generation, policy = saved_policy(run_dir, generation)
+    task = resolve_task(config.task)
+    harness = HarnessStore(run_dir / "harness").get(ledger[generation]["next_harness"])
+    plan = evaluation_plan(task, config)
+    dev_key = plan.dev_key_at(ledger[generation]["after"]["dev"].get("key_index", 0))
+    items, key = (plan.dev, dev_key) if split == "dev" else (plan.test, plan.test_key)
+    return {"generation": generation, "harness": harness.version,
+            **evaluate(task, harness, policy.backend(), items, key, split=split).summary()}
