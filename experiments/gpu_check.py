@@ -42,7 +42,7 @@ def step_environment() -> dict:
 
 
 def step_cuda_build() -> dict:
-    from kernels.trimul.cuda_ffi import build_library
+    from siajax._bundled.kernels.trimul.cuda_ffi import build_library
 
     start = time.perf_counter()
     library = build_library(force=True)
@@ -50,7 +50,7 @@ def step_cuda_build() -> dict:
 
 
 def step_trimul_check() -> dict:
-    from kernels.trimul.bench import SHAPES, check, implementations
+    from siajax._bundled.kernels.trimul.bench import SHAPES, check, implementations
 
     import jax
 
@@ -66,8 +66,8 @@ def step_trimul_check() -> dict:
 def step_trimul_bench(repeats: int = 10) -> dict:
     import jax
 
-    from kernels.trimul.bench import SHAPES, device_inputs, implementations, time_median
-    from kernels.trimul.limits import floors
+    from siajax._bundled.kernels.trimul.bench import SHAPES, device_inputs, implementations, time_median
+    from siajax._bundled.kernels.trimul.limits import floors
 
     shapes = json.loads(SHAPES.read_text())["benchmarks"]
     table = {}

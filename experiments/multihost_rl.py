@@ -16,8 +16,10 @@ Process 0 writes metrics.json and final_params.npz (the gathered params).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -41,6 +43,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where every thread is (a hung collective)
     from siajax.parallel.distributed import DistributedConfig, initialize
 
     config = DistributedConfig.from_env()

@@ -79,6 +79,10 @@ class RunConfig:
         return UpdateSchedule(epochs=self.epochs or default.epochs, minibatches=self.minibatches or default.minibatches,
                               micro_batches=self.micro_batches, target_kl=self.target_kl)
 
+    def group_size(self, harness) -> int:
+        """Samples per training prompt: the run's ``samples_per_prompt``, else the harness's."""
+        return self.samples_per_prompt or harness.sampling.samples_per_prompt
+
     @property
     def lever_names(self) -> tuple[str, ...]:
         return LEVER_MODES[self.levers]

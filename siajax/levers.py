@@ -125,7 +125,7 @@ def weights_generation(decision: Decision, policy: TrainablePolicy, task: Task, 
                        key: jax.Array, emit, run_dir) -> tuple[LeverOutcome, list[dict]]:
     """Trains for the updates the budget allows, then keeps the new weights only when the acceptance
     rule does (else the train state is restored); -> (outcome, the training rollouts' records)."""
-    group_size = config.samples_per_prompt or harness.sampling.samples_per_prompt
+    group_size = config.group_size(harness)
     dev_cost = evaluation_cost(harness, len(plan.dev))
     rescore = 0 if scored_under(entering, generation) else dev_cost
     updates = updates_within(budget.limit - rescore, config.items_per_generation, group_size, dev_cost,
@@ -168,7 +168,7 @@ def train_weights(policy: TrainablePolicy, task: Task, harness: Harness, recipe:
     """``updates`` rounds of fresh train rollouts (the rollout driver) -> one learner update each;
     -> (the ``train`` ledger field, the rollouts' records)."""
     learner = policy.learner(recipe)
-    group = config.samples_per_prompt or harness.sampling.samples_per_prompt
+    group = config.group_size(harness)
     sampling_harness = training_harness(harness, group)
     train_items = task.train_items()
     records, response_tokens = [], []

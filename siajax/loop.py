@@ -116,7 +116,7 @@ def decide_next(run: RunContext, harness: Harness, ledger: list[dict], entering:
     summary = dev_summary(entering["dev"], current_dev_records(run.run_dir, ledger))
     candidates = tuple(candidate_edits(harness, run.task, config.edit_grid, tried_versions(ledger))) \
         if "harness" in levers else ()
-    inputs = dict(candidates=candidates, group_size=config.samples_per_prompt or harness.sampling.samples_per_prompt,
+    inputs = dict(candidates=candidates, group_size=config.group_size(harness),
                   forced_recipe=config.recipe)
     if run.feedback_backend is None:
         return decide(summary, ledger, harness, run.task, levers, config.decision_rule, **inputs)
@@ -179,7 +179,7 @@ def check_start(config: RunConfig, run_dir: Path) -> Task:
 
 def _check_weight_lever(config: RunConfig, harness: Harness) -> None:
     """The forced recipe can run, every recipe's schedule splits the batch, a custom loss loads."""
-    group = config.samples_per_prompt or harness.sampling.samples_per_prompt
+    group = config.group_size(harness)
     recipes = [config.recipe] if config.recipe else sorted(RECIPES)
     if config.recipe and (problem := weights_problem(config.recipe, harness, group)):
         raise ValueError(f"--recipe {config.recipe}: {problem}")

@@ -83,7 +83,7 @@ def generation_budget(config: RunConfig, initial_harness: Harness, dev_items: in
     harness (the entering state re-scored under the generation's key, and the new weights)."""
     if config.generation_budget is not None:
         return config.generation_budget
-    group = config.samples_per_prompt or initial_harness.sampling.samples_per_prompt
+    group = config.group_size(initial_harness)
     return (rollout_cost(config.items_per_generation, group, config.updates_per_generation)
             + 2 * evaluation_cost(initial_harness, dev_items))
 

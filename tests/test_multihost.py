@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -62,9 +64,12 @@ def _wait(procs: list[subprocess.Popen], timeout: float) -> None:
     try:
         logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
     except subprocess.TimeoutExpired:
+        for proc in procs:  # each prints its threads' stacks (faulthandler), then dies
+            proc.send_signal(signal.SIGUSR1)
+        time.sleep(5)
         for proc in procs:
             proc.kill()
-        printed = [proc.communicate()[0][-1500:] for proc in procs]
+        printed = [proc.communicate()[0][-6000:] for proc in procs]
         pytest.fail(f"multi-process run hung after {timeout:.0f} s; it printed: {printed}")
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log[-3000:]
@@ -82,7 +87,7 @@ def runs(tmp_path_factory):
     one = tmp_path_factory.mktemp("one_process")
     two = tmp_path_factory.mktemp("two_processes")
     assert main([*ARGS, "--out", str(one)]) == 0
-    _wait(_start_processes(two, 2, 4), timeout=600)
+    _wait(_start_processes(two, 2, 4), timeout=420)
     return [(out, json.loads((out / "metrics.json").read_text())) for out in (one, two)]
 
 

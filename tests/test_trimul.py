@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.trimul.cuda_ffi import build_library, cuda_available, trimul_cuda
-from kernels.trimul.pallas import trimul_pallas
-from kernels.trimul.reference import generate_inputs, trimul_reference
-from kernels.trimul.bench import SHAPES
+from siajax._bundled.kernels.trimul.cuda_ffi import build_library, cuda_available, trimul_cuda
+from siajax._bundled.kernels.trimul.pallas import trimul_pallas
+from siajax._bundled.kernels.trimul.reference import generate_inputs, trimul_reference
+from siajax._bundled.kernels.trimul.bench import SHAPES
 
 torch = pytest.importorskip("torch")  # these tests compare against PyTorch
 
@@ -92,7 +92,7 @@ def test_cuda_wrapper_says_clearly_that_it_needs_a_gpu():
 
 
 def test_pallas_pads_any_n_and_picks_blocks_per_shape():
-    from kernels.trimul.pallas import block_sizes
+    from siajax._bundled.kernels.trimul.pallas import block_sizes
 
     assert block_sizes(32, "gpu") == (32, 32) and block_sizes(1024, "gpu") == (128, 64)
     assert block_sizes(256, "tpu") == (128, 128)  # TPU tiles stay multiples of 128 lanes
@@ -105,7 +105,7 @@ def test_cuda_calls_lower_to_the_tensor_core_target_with_a_poisoned_aliased_outp
     """Lowered for CUDA without a GPU: the bf16 WMMA handler, bf16 workspaces, and the NaN-filled
     output buffer aliased to the result (an unwritten output cannot return a stale result)."""
 
-    from kernels.trimul.cuda_ffi import _trimul_cuda_call
+    from siajax._bundled.kernels.trimul.cuda_ffi import _trimul_cuda_call
 
     x, mask, w = generate_inputs(32, 1, 16, 8, seed=0, nomask=True)
     for tensor_cores, target, operand in ((True, "siajax_trimul_tc", "bf16"), (False, "siajax_trimul", "f32")):
@@ -130,8 +130,8 @@ def test_modelled_kernel_times_never_beat_the_physical_floor():
     modelled time may fall below the shape's bf16 floor, and an fp32-only kernel not below the fp32 one."""
     import json
 
-    from kernels.trimul.bench import SHAPES
-    from kernels.trimul.limits import KERNEL_MODELS, expected_us, floors
+    from siajax._bundled.kernels.trimul.bench import SHAPES
+    from siajax._bundled.kernels.trimul.limits import KERNEL_MODELS, expected_us, floors
 
     for shape in json.loads(SHAPES.read_text())["benchmarks"]:
         floor = floors(shape)

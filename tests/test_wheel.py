@@ -67,7 +67,19 @@ def test_the_installed_package_lists_the_bundled_tasks_and_runs_a_generation(ins
     assert entry["after"]["test"]["items"] == 4
     config = json.loads((cwd / "run" / "config.json").read_text())
     assert config["task"] == "digits"
-    imported = subprocess.run([sys.executable, "-c", "import siajax, siajax.tasks as t; "
-                               "print(siajax.__file__); print(t.resolve_task('trimul').verifier.REPO)"],
+    imported = subprocess.run([sys.executable, "-c", "import siajax, siajax.tasks as t; t.resolve_task('trimul'); "
+                               "import siajax._bundled.kernels.trimul.reference as r; "
+                               "print(siajax.__file__); print(r.__file__)"],
                               env=installed[2], cwd=cwd, capture_output=True, text=True, check=True).stdout
     assert all(line.startswith(str(site)) for line in imported.split())  # not the checkout
+
+
+def test_the_checkout_does_not_shadow_the_hugging_face_kernels_package():
+    """transformers imports Hugging Face's ``kernels``; run from the repo root (``python -m siajax``,
+    pytest), a top-level ``kernels`` package of ours would be imported in its place and break it."""
+    probe = ("import kernels, transformers; transformers.LlamaConfig(); "
+             "import siajax._bundled.kernels.trimul.reference as r; print(kernels.__file__); print(r.__file__)")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    theirs, ours = result.stdout.split()
+    assert "site-packages" in theirs and ours == str(REPO / "kernels" / "trimul" / "reference.py")

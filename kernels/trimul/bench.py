@@ -7,8 +7,8 @@ warm-up excluded, median over repeats, cycling through several input sets so
 caches don't flatter. Reports per-shape medians and the geometric mean (the
 GPU MODE score) and writes JSON.
 
-    python -m kernels.trimul.bench                      # benchmark shapes, all implementations available
-    python -m kernels.trimul.bench --max-seqlen 256     # CPU: skip shapes too large for it
+    python -m siajax._bundled.kernels.trimul.bench                      # benchmark shapes, all implementations available
+    python -m siajax._bundled.kernels.trimul.bench --max-seqlen 256     # CPU: skip shapes too large for it
 
 On CPU, Pallas runs in interpret mode (a correctness check, far from speed),
 so it is checked on a small shape and not timed; CUDA is skipped without a GPU.
@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.trimul.cuda_ffi import cuda_available, trimul_cuda
-from kernels.trimul.pallas import trimul_pallas
-from kernels.trimul.reference import flops, generate_inputs, min_bytes, trimul_reference
+from .cuda_ffi import cuda_available, trimul_cuda
+from .pallas import trimul_pallas
+from .reference import flops, generate_inputs, min_bytes, trimul_reference
 
 SHAPES = Path(__file__).resolve().parent / "shapes.json"
 TOLERANCE = 2e-2

@@ -73,7 +73,7 @@ def trimul_cuda(x, mask, weights, *, tensor_cores: bool = True, library: Path | 
     """Same contract as the reference; runs the CUDA kernel on the default GPU."""
     if not cuda_available():
         raise RuntimeError("trimul_cuda needs a CUDA GPU visible to JAX (jax.devices('cuda') is empty); "
-                           "use kernels.trimul.pallas.trimul_pallas or the reference on this machine")
+                           "use siajax._bundled.kernels.trimul.pallas.trimul_pallas or the reference on this machine")
     _register(str(build_library(library)))
     return _trimul_cuda_call(x, mask, weights, tensor_cores=tensor_cores)
 

@@ -9,7 +9,7 @@ of the unit it runs on), its bytes, intermediates included / (efficiency x HBM))
 the units and efficiencies in ``KERNEL_MODELS``. The efficiencies are assumptions
 (typical of a simple kernel of that kind), written down so a GPU run can refute them.
 
-    python -m kernels.trimul.limits
+    python -m siajax._bundled.kernels.trimul.limits
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from __future__ import annotations
 import json
 import math
 
-from kernels.trimul.bench import SHAPES
-from kernels.trimul.reference import flops, min_bytes
+from .bench import SHAPES
+from .reference import flops, min_bytes
 
 H100_SXM = {"bf16_dense_flops": 989e12, "fp32_flops": 67e12, "hbm_bytes_per_s": 3.35e12}
 

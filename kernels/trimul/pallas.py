@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kernels.trimul.reference import LAYER_NORM_EPS
+from .reference import LAYER_NORM_EPS
 
 
 def _layer_norm_rows(x, weight, bias):
@@ -94,7 +94,7 @@ def padded_length(n: int, block: int) -> int:
 
 def trimul_pallas(x, mask, weights, *, matmul_dtype=jnp.float32, block_rows: int = 128, block_ij: int | None = None,
                   block_k: int | None = None, interpret: bool = False):
-    """Same contract as :func:`kernels.trimul.reference.trimul_reference`.
+    """Same contract as :func:`siajax._bundled.kernels.trimul.reference.trimul_reference`.
 
     Block sizes default to :func:`block_sizes` for the backend; N is zero-padded (mask 0) up to a
     multiple of the contraction tile, so any N lowers on GPUs and TPUs (Triton and Mosaic want

@@ -48,12 +48,17 @@ class DistributedConfig:
 def initialize(config: DistributedConfig = DistributedConfig()) -> None:
     """Joins this process to the job (once; later calls are no-ops). Call before any other JAX work.
 
-    On CPU the collectives go through gloo, so the same launch works for tests.
+    On CPU the collectives go through gloo, so the same launch works for tests, and
+    programs run one at a time in the order issued: with asynchronous dispatch two
+    independent programs (say the old and the reference policy's scoring) can run at
+    once, and their collectives pair up in a different order on each process and wait
+    on each other for ever (a CI run hung so, once in several runs, on 2 busy cores).
     """
     if jax.distributed.is_initialized():
         return
     if jax.config.jax_platforms in (None, "", "cpu"):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     jax.distributed.initialize(
         coordinator_address=config.coordinator_address, num_processes=config.num_processes,
         process_id=config.process_id, local_device_ids=config.local_device_ids,

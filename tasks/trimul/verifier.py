@@ -28,20 +28,16 @@ from __future__ import annotations
 
 import math
 import secrets
-import sys
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
-REPO = ROOT.parent.parent
-if str(REPO) not in sys.path:  # the verifier (not the agent) uses the repo's reference
-    sys.path.append(str(REPO))
+from siajax._bundled.kernels.trimul.reference import flops, generate_inputs, trimul_reference
+from siajax.sandbox import SandboxLimits, SandboxSession, failure_kind
+from siajax.tasks import failed_verdict
 
-from kernels.trimul.reference import flops, generate_inputs, trimul_reference  # noqa: E402
-from siajax.sandbox import SandboxLimits, SandboxSession, failure_kind  # noqa: E402
-from siajax.tasks import failed_verdict  # noqa: E402
+ROOT = Path(__file__).resolve().parent
 
 CHECK_SHAPES = [dict(seqlen=32, bs=1, dim=128, hiddendim=128, nomask=True, distribution="normal"),
                 dict(seqlen=32, bs=1, dim=128, hiddendim=128, nomask=False, distribution="cauchy")]
