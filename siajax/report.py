@@ -83,4 +83,26 @@ def report(run_dir: str | Path, console=None) -> Path:
     if not console.is_terminal:
         console.width = max(console.width, 170)
     console.print(table)
+    if any("time" in entry for entry in ledger):
+        console.print(time_table(ledger))
     return plot_scores(ledger, run_dir / "score.png")
+
+
+def time_table(ledger: list[dict]):
+    """Where each generation's wall time went: seconds per phase (they add up to the wall), the
+    compiles, and the sampler's and trainer's token rates."""
+    from rich.table import Table
+
+    from siajax.timing import PHASES
+
+    table = Table(title="where the time went (seconds; phases add up to the wall time)")
+    for column in ("gen", "wall", *PHASES, "compiles", "gen tok/s", "train tok/s"):
+        table.add_column(column, justify="right")
+    for entry in ledger:
+        time = entry.get("time")
+        if time is None:  # a ledger written before siajax.timing
+            continue
+        rates = [f"{time[name]:.0f}" if time[name] else "-" for name in ("generated_tokens_per_s", "train_tokens_per_s")]
+        table.add_row(str(entry["generation"]), f"{time['wall']:.1f}", *(f"{time['phases'][p]:.1f}" for p in PHASES),
+                      str(time["counts"]["compiles"]), *rates)
+    return table

@@ -34,6 +34,9 @@ from siajax.tasks import resolve_task
 from siajax.train.trainable import TrainablePolicy
 
 
+TIMING_FIELDS = ("wall_seconds", "time")  # the ledger fields a replay of the same run does not repeat
+
+
 def read_ledger(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "ledger.jsonl"
     if not path.exists():
@@ -120,10 +123,10 @@ def tried_versions(ledger: list[dict]) -> set[str]:
 
 
 def ledger_row(generation: int, decision: Decision, harness: Harness, store: HarnessStore, before: dict,
-               outcome: LeverOutcome, spend: Spend, budget: SampleBudget, ledger: list[dict],
-               wall_seconds: float) -> dict:
+               outcome: LeverOutcome, spend: Spend, budget: SampleBudget, ledger: list[dict], time: dict) -> dict:
     """The ledger line of a finished generation. ``checkpoint`` names the train state the run continues
-    from (the latest kept), ``eval_records_from`` the directory holding the current state's records."""
+    from (the latest kept), ``eval_records_from`` the directory holding the current state's records,
+    ``time`` where the generation's wall time went (``siajax.timing.PhaseClock.summary``)."""
     previous = ledger[-1] if ledger else {"eval_records_from": "initial"}
     kept_weights = outcome.kept and outcome.trained_state is not None
     return {
@@ -138,7 +141,7 @@ def ledger_row(generation: int, decision: Decision, harness: Harness, store: Har
         "spend": spend.to_dict(budget),
         "eval_records_from": f"gen_{generation:03d}" if outcome.evaluations is not None else
         previous["eval_records_from"],
-        "wall_seconds": round(wall_seconds, 3),
+        "wall_seconds": time["wall"], "time": time,
     }
 
 

@@ -1,4 +1,4 @@
-"""Batched, jitted sampling: one prefill, then ``lax.while_loop`` decode steps.
+"""Batched, jitted sampling: one prefill program, then a decode program of ``lax.while_loop`` steps.
 
 Every shape that reaches the compiler is bucketed so that a new request rarely
 compiles a new program: rows are padded to a power of two (padding rows start
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from siajax import timing
 from siajax.harness.constrained import TokenAutomaton, advance, allowed_tokens, mask_logits
 from siajax.models.transformer import KVCache, Transformer
 from siajax.parallel.distributed import global_max, to_global
@@ -191,14 +192,14 @@ def _first_token_state(draw, logits, key, spec: DecodeSpec, automaton, live_rows
 
 
 @partial(jax.jit, static_argnames=("graphdef", "spec", "rules"))
-def _generate(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p, limit,
-              spec: DecodeSpec, automaton: TokenAutomaton | None = None, rules: Rules | None = None):
+def _prefill(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p,
+             spec: DecodeSpec, automaton: TokenAutomaton | None = None, rules: Rules | None = None):
+    """The prompt's forward pass into a fresh KV cache and the first token; -> (cache, the rest of the
+    decode loop's carry)."""
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_tokens.shape
-    steps = spec.max_new_tokens
     stop_ids = jnp.asarray(spec.stop_token_ids or (-1,), jnp.int32)
-
-    cache = _constrain_cache(KVCache.empty(model.config, batch, prompt_len + steps), rules)
+    cache = _constrain_cache(KVCache.empty(model.config, batch, prompt_len + spec.max_new_tokens), rules)
     out = model(prompt_tokens, attention_mask=prompt_mask, cache=cache, kv_span=prompt_len, lora=spec.lora,
                 head="last")
     next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
@@ -206,7 +207,20 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, tempe
     draw = partial(_draw, spec, automaton, temperature, top_p)
     done, tokens, logprobs, allowed_log, lengths, automaton_state = _first_token_state(
         draw, out.logits[:, -1], first_key, spec, automaton, live_rows, stop_ids)
+    return _constrain_cache(out.cache, rules), (jnp.ones((), jnp.int32), next_position, done, tokens, logprobs,
+                                                allowed_log, lengths, key, automaton_state)
 
+
+@partial(jax.jit, static_argnames=("graphdef", "spec", "rules"), donate_argnames=("cache",))
+def _decode(graphdef, state, cache, carry, prompt_tokens, prompt_mask, temperature, top_p, limit,
+            spec: DecodeSpec, automaton: TokenAutomaton | None = None, rules: Rules | None = None):
+    """Token after token from the prefill's cache and carry until every row stops; -> (result, the
+    final cache: returned only so that the donated cache is updated in place, not copied)."""
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = prompt_tokens.shape
+    steps = spec.max_new_tokens
+    stop_ids = jnp.asarray(spec.stop_token_ids or (-1,), jnp.int32)
+    draw = partial(_draw, spec, automaton, temperature, top_p)
     unstacked = model.unstacked_layers() if model.config.decode_unroll else None
 
     def decode_step(span, carry):
@@ -227,8 +241,8 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, tempe
         cache = _constrain_cache(out.cache, rules)
         return step + 1, cache, position + 1, done, tokens, logprobs, allowed_log, lengths, key, automaton_state
 
-    carry = (jnp.ones((), jnp.int32), _constrain_cache(out.cache, rules), next_position, done, tokens, logprobs,
-             allowed_log, lengths, key, automaton_state)
+    step, *rest = carry
+    carry = (step, cache, *rest)
     for span in kv_span_segments(prompt_len, steps):
         # Step s writes slot P + s - 1 and reads slots [0, P + s): this segment covers P + s <= span.
         def keep_going(carry, span=span):
@@ -236,10 +250,24 @@ def _generate(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, tempe
             return (step < limit) & (prompt_len + step <= span) & ~jnp.all(done)
 
         carry = jax.lax.while_loop(keep_going, partial(decode_step, span), carry)
-    _, _, _, _, tokens, logprobs, allowed_log, lengths, _, _ = carry
+    _, cache, _, _, tokens, logprobs, allowed_log, lengths, _, _ = carry
     mask = jnp.arange(steps)[None, :] < lengths[:, None]
     return GenerationResult(tokens, logprobs, mask, lengths, prompt_tokens, prompt_mask, temperature, top_p,
-                            jnp.int32(spec.top_k), allowed_log if spec.constrained else None)
+                            jnp.int32(spec.top_k), allowed_log if spec.constrained else None), cache
+
+
+def _prefill_then_decode(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p, limit,
+                         spec: DecodeSpec, automaton=None, rules=None) -> GenerationResult:
+    """Two programs, timed apart (``siajax.timing``): the prefill, then the decode loop."""
+    with timing.phase("prefill"):
+        cache, carry = jax.block_until_ready(_prefill(graphdef, state, prompt_tokens, prompt_mask, live_rows, key,
+                                                      temperature, top_p, spec, automaton, rules))
+    with timing.phase("decode"):
+        result, _ = jax.block_until_ready(_decode(graphdef, state, cache, carry, prompt_tokens, prompt_mask,
+                                                  temperature, top_p, limit, spec, automaton, rules))
+        if result.lengths.is_fully_addressable:
+            timing.count("generated_tokens", int(jnp.sum(result.lengths)))
+    return result
 
 
 def validate_sampling(*, max_new_tokens: int, temperature: float, top_p: float, top_k: int, pad_token_id) -> None:
@@ -342,8 +370,8 @@ def generate(
     if mesh is None:
         padded = prompts + [prompts[-1]] * (row_bucket(rows) - rows)
         tokens, mask = left_pad(padded, pad_token_id)
-        result = _generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.int32(rows), key,
-                           *scalars, spec, constraint)
+        result = _prefill_then_decode(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.int32(rows),
+                                      key, *scalars, spec, constraint)
         return _take_rows(result, rows, max_new_tokens)
     padded = _pad_rows_for_mesh(prompts, mesh)
     tokens, mask = left_pad(padded, pad_token_id, global_max(bucket_length(max(len(p) for p in padded))))
@@ -351,8 +379,8 @@ def generate(
     placed = to_global({"tokens": tokens, "mask": mask}, mesh, rules, prefix="batch")
     live = rows if jax.process_count() == 1 else len(padded) * jax.process_count()
     with mesh_context(mesh):
-        result = _generate(graphdef, state, placed["tokens"], placed["mask"], jnp.int32(live), key, *scalars,
-                           spec, constraint, tuple(rules))
+        result = _prefill_then_decode(graphdef, state, placed["tokens"], placed["mask"], jnp.int32(live), key,
+                                      *scalars, spec, constraint, tuple(rules))
     if jax.process_count() > 1:
         return result
     return _take_rows(result, rows, max_new_tokens)

@@ -83,7 +83,17 @@ def generation_scalars(entry: dict) -> dict[str, float]:
     values.update({f"spend/{key}": value for key, value in spend.items()})
     values.update({"generation/kept": float(bool(entry["kept"])), "generation/failed": float(bool(entry["failed"])),
                    "generation/wall_seconds": entry["wall_seconds"]})
+    values.update(time_scalars(entry.get("time") or {}))
     return {name: float(value) for name, value in values.items() if _is_number(value)}
+
+
+def time_scalars(time: dict) -> dict:
+    """Where a generation's time went (the ledger's ``time``): seconds per phase and stage, compiles, rates."""
+    values = {f"time/{phase}": seconds for phase, seconds in time.get("phases", {}).items()}
+    values.update({f"time/stage/{stage}": seconds for stage, seconds in time.get("stages", {}).items()})
+    values.update({f"time/{name}": count for name, count in time.get("counts", {}).items()})
+    values.update({f"time/{rate}": time.get(rate) for rate in ("generated_tokens_per_s", "train_tokens_per_s")})
+    return values
 
 
 def update_scalars(entry: dict) -> list[dict[str, float]]:

@@ -4,12 +4,17 @@ without a pad token and with several end-of-turn ids."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import pytest
 
 from siajax.cli import main
+from siajax.rundir import TIMING_FIELDS, read_ledger
 from siajax.models import BUNDLED_TINY_MODEL, decoding_ids, from_pretrained
 from siajax.sampling import generate
 
@@ -100,3 +105,22 @@ def test_a_llama3_style_tokenizer_without_pad_and_with_several_stop_ids(tmp_path
         generate(model, [prompt], key=jax.random.key(0), max_new_tokens=4, pad_token_id=None)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, [prompt], key=jax.random.key(0), max_new_tokens=4, top_p=0.0)
+
+
+def test_a_second_run_of_the_same_config_loads_its_programs_from_the_compilation_cache(tmp_path):
+    """`siajax run` turns JAX's persistent compilation cache on under $SIAJAX_CACHE: the second run of a
+    config reads its programs back (the ledger counts the cache hits) and computes the same ledger."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+    env["SIAJAX_CACHE"] = str(tmp_path / "cache")
+    argv = [sys.executable, "-m", "siajax", "run", "--task", "digits", "--model", str(BUNDLED_TINY_MODEL),
+            "--levers", "harness", "--generations", "1", "--dev-items", "4", "--test-items", "4"]
+    ledgers = []
+    for name in ("first", "second"):
+        done = subprocess.run([*argv, "--run-dir", str(tmp_path / name)], env=env, cwd=Path(__file__).parent.parent,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        ledgers.append(read_ledger(tmp_path / name))
+    hits = [ledger[0]["time"]["counts"]["cache_hits"] for ledger in ledgers]
+    assert hits[1] > hits[0] and any((tmp_path / "cache" / "xla").iterdir()), hits
+    assert [{k: v for k, v in e.items() if k not in TIMING_FIELDS} for e in ledgers[0]] == \
+        [{k: v for k, v in e.items() if k not in TIMING_FIELDS} for e in ledgers[1]]

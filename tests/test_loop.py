@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from siajax.agents import DecisionRule
 from siajax.config import RunConfig
 from siajax.loop import run
 from siajax.models import BUNDLED_TINY_MODEL
-from siajax.rundir import read_ledger
+from siajax.rundir import TIMING_FIELDS, read_ledger
 from siajax.report import report
 
 # Seed 1: the lenient-parser edit scores 4-7 of 16 dev items under seeds 0-2's dev keys but 1 of 16 under
@@ -40,7 +41,7 @@ def _digits_task_with(tmp_path, name: str, harness_patch: dict | None = None, ve
 
 
 def _timeless(ledger):
-    return [{k: v for k, v in entry.items() if k != "wall_seconds"} for entry in ledger]
+    return [{k: v for k, v in entry.items() if k not in TIMING_FIELDS} for entry in ledger]
 
 
 @pytest.mark.slow
@@ -195,6 +196,26 @@ def test_a_loss_named_in_the_config_trains_and_tensorboard_gets_every_series(tmp
     [score] = events.Scalars("test/score")
     assert score.step == 0 and score.value == pytest.approx(entry["after"]["test"]["score"])
     assert events.Tags()["tensors"] == ["decision/text_summary"]  # the decision, as text
+    assert events.Scalars("time/train_step")[0].value == pytest.approx(entry["time"]["phases"]["train_step"])
+    _check_time_accounting(entry)
+    console = Console(record=True, width=250, force_terminal=False)
+    report(tmp_path / "run", console=console)
+    printed = console.export_text()
+    assert "where the time went" in printed and f"{entry['time']['phases']['train_step']:.1f}" in printed
+
+
+def _check_time_accounting(entry: dict) -> None:
+    """The ledger's time breakdown of a weights generation that trained, saved and evaluated: every phase
+    it went through has time, the phases add up to the wall time, and the token counts equal what the
+    records of every draw hold (the spend, counted from the records' token ids)."""
+    time = entry["time"]
+    phases = time["phases"]
+    assert all(phases[name] > 0 for name in ("prefill", "decode", "score", "train_step", "checkpoint")), time
+    assert sum(phases.values()) == pytest.approx(entry["wall_seconds"], rel=0.05)
+    assert time["stages"]["training"] > phases["train_step"] and time["stages"]["evaluation"] > 0
+    drawn = [name for name in entry["spend"] if name.endswith("_tokens") and name != "train_tokens"]
+    assert time["counts"]["generated_tokens"] == sum(entry["spend"][name] for name in drawn)  # from the records
+    assert time["counts"]["train_tokens"] == entry["spend"]["train_tokens"]
 
 
 def test_a_run_dir_refuses_a_different_config(tmp_path):

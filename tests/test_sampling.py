@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from siajax.models import iter_checkpoint_tensors, load_weights, read_hf_config
-from siajax.sampling import _generate, generate, left_pad, sample_next_token
+from siajax.sampling import _decode, _prefill, generate, left_pad, sample_next_token
 
 torch = pytest.importorskip("torch")  # these tests compare against PyTorch
 
@@ -86,10 +86,10 @@ def test_a_fixed_key_reproduces_samples_and_another_key_does_not(models):
 def test_temperature_and_top_p_changes_do_not_recompile(models):
     _, model = models
     generate(model, PROMPTS, key=jax.random.key(0), max_new_tokens=8, temperature=0.9, top_p=0.9)
-    compiled = _generate._cache_size()
+    compiled = (_prefill._cache_size(), _decode._cache_size())
     for temperature, top_p in ((0.3, 1.0), (1.5, 0.5), (0.0, 0.8)):
         generate(model, PROMPTS, key=jax.random.key(1), max_new_tokens=8, temperature=temperature, top_p=top_p)
-    assert _generate._cache_size() == compiled
+    assert (_prefill._cache_size(), _decode._cache_size()) == compiled
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():

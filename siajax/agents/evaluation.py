@@ -16,6 +16,7 @@ import json
 
 import jax
 
+from siajax import timing
 from siajax.agents.task_agent import final_records, run_items
 from siajax.harness import Harness
 
@@ -67,7 +68,8 @@ def evaluate(task, harness: Harness, backend, items: list[dict], key: jax.Array,
     """Scores ``items`` under ``harness`` with ``backend``; ``key`` fixes the decoding noise."""
     voting = dataclasses.replace(harness, sampling=dataclasses.replace(
         harness.sampling, samples_per_prompt=harness.sampling.votes))
-    rollout = run_items(task, voting, backend, items, key)
+    with timing.stage("evaluation"):
+        rollout = run_items(task, voting, backend, items, key)
     finals = final_records(rollout.records)
     scores, first, chosen = [], [], []
     for item in items:

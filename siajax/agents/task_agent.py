@@ -19,6 +19,7 @@ import re
 
 import jax
 
+from siajax import timing
 from siajax.harness import Harness, render_messages
 from siajax.harness.parsing import parse_answer
 
@@ -50,7 +51,9 @@ def call_tool(task, harness: Harness, text: str) -> dict | None:
     if name not in tools:
         return {"name": name, "arguments": arguments, "error": f"the task does not implement tool {name!r}"}
     try:
-        return {"name": name, "arguments": arguments, "result": tools[name](**arguments)}
+        with timing.phase("verify"):
+            result = tools[name](**arguments)
+        return {"name": name, "arguments": arguments, "result": result}
     except Exception as err:  # a failing tool is the policy's problem to handle, not a crash
         return {"name": name, "arguments": arguments, "error": f"{type(err).__name__}: {err}"}
 
@@ -74,7 +77,8 @@ def _follow_tool_calls(task, harness: Harness, backend, messages: list[dict], te
 def _verify(task, harness: Harness, item: dict, text: str) -> dict:
     answer = parse_answer(harness.parser, text)
     try:
-        verdict = task.verifier.score(item, answer, text)
+        with timing.phase("verify"):
+            verdict = task.verifier.score(item, answer, text)
         reward = float(verdict["reward"])
     except Exception as err:  # a verifier fault fails closed: the task's failure reward, logged, never fatal
         return {"answer": answer, "reward": float(getattr(task.verifier, "FAILURE_REWARD", 0.0)),

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from siajax.cache import cache_root
+
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
 # The quant types this importer is tested with; others the gguf package can dequantise are allowed too.
 TESTED_QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
@@ -198,10 +200,6 @@ def build_tokenizer(reader):
         eos_token=token_at("tokenizer.ggml.eos_token_id"), unk_token=token_at("tokenizer.ggml.unknown_token_id"),
         pad_token=token_at("tokenizer.ggml.padding_token_id"),
         chat_template=_field(reader, "tokenizer.chat_template"), clean_up_tokenization_spaces=False)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("SIAJAX_CACHE", Path.home() / ".cache" / "siajax"))
 
 
 def _cache_dir(path: Path) -> Path:

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from siajax import timing
 from siajax.models import Transformer
 from siajax.parallel import PARTITION_RULES, StepShardings, batch_shard_count, mesh_context, shard_tree, step_shardings
 from siajax.parallel.distributed import to_global
@@ -115,11 +116,11 @@ class Learner:
         if self.shardings is not None:
             tokens, attention, temperature = shard_tree((tokens, attention, temperature), self.mesh,
                                                         self.shardings.rules, prefix="batch")
-        with mesh_context(self.mesh):
+        with mesh_context(self.mesh), timing.phase("score"):
             old = score_responses(self.parts, state.params, frozen, tokens, attention, n, temperature,
                                   samples.allowed)
-            ref = score_responses(self.parts, state.params, frozen, tokens, attention, n, temperature,
-                                  samples.allowed, lora=False)
+            ref = jax.block_until_ready(score_responses(self.parts, state.params, frozen, tokens, attention, n,
+                                                        temperature, samples.allowed, lora=False))
         rewards = np.asarray(rewards, np.float32)
         rewards = jnp.asarray(rewards) if self.mesh is None else to_global(rewards, self.mesh, self.shardings.rules)
         extra, metrics = get_recipe(self.recipe).advantages(self.cfg, rewards, old, ref, samples.mask, group_size)
@@ -147,8 +148,11 @@ class Learner:
         shuffle = np.random.default_rng(int(jax.device_get(state.step)))
         steps = []
         for minibatch in self._minibatches(batch, rows, step_rows, shuffle):
-            state, step_metrics = self.train_step(state, frozen, minibatch)
-            steps.append({k: float(v) for k, v in step_metrics.items()})
+            with timing.phase("train_step"):
+                state, step_metrics = self.train_step(state, frozen, minibatch)
+                steps.append({k: float(v) for k, v in step_metrics.items()})  # waits for the step
+            if minibatch.rl.mask.is_fully_addressable:
+                timing.count("train_tokens", int(jnp.sum(minibatch.rl.mask)))
             if steps[-1]["kl_stop"]:
                 break
         averaged = {k: float(np.mean([m[k] for m in steps])) for k in steps[0]}

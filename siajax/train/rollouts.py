@@ -13,6 +13,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from siajax import timing
 from siajax.models import LoRAConfig, Transformer
 from siajax.parallel import PARTITION_RULES
 from siajax.parallel.distributed import global_mean, host_rows, to_host_local
@@ -36,8 +37,10 @@ def drive_updates(learner: Learner, state: TrainState, frozen, rollout_fn: Rollo
     history = []
     for update in range(updates):
         key, sample_key = jax.random.split(key)
-        samples, rewards, info = rollout_fn(update, learner.policy(state, frozen), sample_key)
-        state, metrics = learner.update(state, frozen, samples, rewards, group_size)
+        with timing.stage("rollouts"):
+            samples, rewards, info = rollout_fn(update, learner.policy(state, frozen), sample_key)
+        with timing.stage("training"):
+            state, metrics = learner.update(state, frozen, samples, rewards, group_size)
         history.append({"update": update, **info, **metrics})
         if on_update is not None:
             on_update(update, history[-1])
