@@ -191,24 +191,59 @@ def _first_token_state(draw, logits, key, spec: DecodeSpec, automaton, live_rows
     return done | jnp.isin(token, stop_ids), tokens, logprobs, allowed_log, lengths, automaton_state
 
 
+class DistinctPrompts(NamedTuple):
+    """A call's distinct prompts, prefilled once each: tokens / mask [U, P] (left-padded, U a power
+    of two) and, for each of the call's B rows, the index of its prompt among them [B]."""
+
+    tokens: jax.Array
+    mask: jax.Array
+    row_source: jax.Array
+
+
+def distinct_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int, length: int) -> DistinctPrompts | None:
+    """The distinct prompts of a call, or None when sharing would not shrink the prefill (the
+    distinct rows round up to as many rows as the call has)."""
+    index: dict[tuple[int, ...], int] = {}
+    row_source = np.asarray([index.setdefault(tuple(p), len(index)) for p in prompts], np.int32)
+    if row_bucket(len(index)) >= len(prompts):
+        return None
+    firsts = [list(p) for p in index]
+    firsts += [firsts[-1]] * (row_bucket(len(firsts)) - len(firsts))
+    tokens, mask = left_pad(firsts, pad_token_id, length)
+    return DistinctPrompts(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(row_source))
+
+
+def _share_rows(cache: KVCache, logits: jax.Array, row_source: jax.Array | None):
+    """The distinct prompts' cache and last logits copied out to the rows that continue them."""
+    if row_source is None:
+        return cache, logits
+    return KVCache(cache.keys[:, row_source], cache.values[:, row_source], cache.valid[row_source],
+                   cache.index), logits[row_source]
+
+
 @partial(jax.jit, static_argnames=("graphdef", "spec", "rules"))
 def _prefill(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p,
-             spec: DecodeSpec, automaton: TokenAutomaton | None = None, rules: Rules | None = None):
+             spec: DecodeSpec, automaton: TokenAutomaton | None = None, rules: Rules | None = None,
+             row_source: jax.Array | None = None):
     """The prompt's forward pass into a fresh KV cache and the first token; -> (cache, the rest of the
-    decode loop's carry)."""
+    decode loop's carry). With ``row_source`` the prompts are a call's distinct ones: each is run
+    once and its cache broadcast to the rows that sample it (a prompt sampled G times costs one)."""
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompt_tokens.shape
     stop_ids = jnp.asarray(spec.stop_token_ids or (-1,), jnp.int32)
     cache = _constrain_cache(KVCache.empty(model.config, batch, prompt_len + spec.max_new_tokens), rules)
     out = model(prompt_tokens, attention_mask=prompt_mask, cache=cache, kv_span=prompt_len, lora=spec.lora,
                 head="last")
+    cache, logits = _share_rows(out.cache, out.logits[:, -1], row_source)
     next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
+    if row_source is not None:
+        next_position = next_position[row_source]
     key, first_key = jax.random.split(key)
     draw = partial(_draw, spec, automaton, temperature, top_p)
     done, tokens, logprobs, allowed_log, lengths, automaton_state = _first_token_state(
-        draw, out.logits[:, -1], first_key, spec, automaton, live_rows, stop_ids)
-    return _constrain_cache(out.cache, rules), (jnp.ones((), jnp.int32), next_position, done, tokens, logprobs,
-                                                allowed_log, lengths, key, automaton_state)
+        draw, logits, first_key, spec, automaton, live_rows, stop_ids)
+    return _constrain_cache(cache, rules), (jnp.ones((), jnp.int32), next_position, done, tokens, logprobs,
+                                            allowed_log, lengths, key, automaton_state)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "spec", "rules"), donate_argnames=("cache",))
@@ -257,11 +292,15 @@ def _decode(graphdef, state, cache, carry, prompt_tokens, prompt_mask, temperatu
 
 
 def _prefill_then_decode(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p, limit,
-                         spec: DecodeSpec, automaton=None, rules=None) -> GenerationResult:
-    """Two programs, timed apart (``siajax.timing``): the prefill, then the decode loop."""
+                         spec: DecodeSpec, automaton=None, rules=None,
+                         distinct: DistinctPrompts | None = None) -> GenerationResult:
+    """Two programs, timed apart (``siajax.timing``): the prefill (of the distinct prompts when
+    given), then the decode loop over every row."""
+    prefill_tokens, prefill_mask, row_source = (prompt_tokens, prompt_mask, None) if distinct is None else distinct
     with timing.phase("prefill"):
-        cache, carry = jax.block_until_ready(_prefill(graphdef, state, prompt_tokens, prompt_mask, live_rows, key,
-                                                      temperature, top_p, spec, automaton, rules))
+        cache, carry = jax.block_until_ready(_prefill(graphdef, state, prefill_tokens, prefill_mask, live_rows, key,
+                                                      temperature, top_p, spec, automaton, rules, row_source))
+        timing.count("prefill_tokens", prefill_tokens.size)
     with timing.phase("decode"):
         result, _ = jax.block_until_ready(_decode(graphdef, state, cache, carry, prompt_tokens, prompt_mask,
                                                   temperature, top_p, limit, spec, automaton, rules))
@@ -344,6 +383,7 @@ def generate(
     constraint: TokenAutomaton | None = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: Rules = PARTITION_RULES,
+    share_prompts: bool = True,
 ) -> GenerationResult:
     """Samples continuations for a batch of prompts.
 
@@ -354,7 +394,8 @@ def generate(
     ``mesh``, weights, prompts and the KV cache are laid out by ``rules`` and
     decoding runs SPMD. With several processes, each passes only its own
     prompts and gets global arrays back (``siajax.parallel.to_host_local``
-    returns its rows).
+    returns its rows). ``share_prompts`` prefills each distinct prompt of the call once (a group of
+    G samples of one prompt, or votes) and copies its KV cache to its rows; without a mesh only.
     """
     validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=int(top_k or 0),
                       pad_token_id=pad_token_id)
@@ -370,8 +411,9 @@ def generate(
     if mesh is None:
         padded = prompts + [prompts[-1]] * (row_bucket(rows) - rows)
         tokens, mask = left_pad(padded, pad_token_id)
+        distinct = distinct_prompts(padded, pad_token_id, tokens.shape[1]) if share_prompts else None
         result = _prefill_then_decode(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.int32(rows),
-                                      key, *scalars, spec, constraint)
+                                      key, *scalars, spec, constraint, distinct=distinct)
         return _take_rows(result, rows, max_new_tokens)
     padded = _pad_rows_for_mesh(prompts, mesh)
     tokens, mask = left_pad(padded, pad_token_id, global_max(bucket_length(max(len(p) for p in padded))))

@@ -29,6 +29,7 @@ from jax import monitoring
 
 PHASES = ("compile", "prefill", "decode", "verify", "score", "train_step", "checkpoint", "agents", "other")
 STAGES = ("evaluation", "rollouts", "training")
+COUNTS = ("compiles", "cache_hits", "prefill_tokens", "generated_tokens", "train_tokens")
 # JAX's compile pipeline, as jax.monitoring reports it (jax/_src/dispatch.py, compiler.py).
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
@@ -113,8 +114,7 @@ class PhaseClock:
                  "train_tokens_per_s": _rate(self.counts["train_tokens"], self.seconds["train_step"])}
         return {"wall": round(wall, 3), "phases": seconds,
                 "stages": {name: round(self.stages[name], 3) for name in STAGES},
-                "counts": {name: int(self.counts[name]) for name in
-                           ("compiles", "cache_hits", "generated_tokens", "train_tokens")}, **rates}
+                "counts": {name: int(self.counts[name]) for name in COUNTS}, **rates}
 
 
 def _rate(amount: int, seconds: float) -> float | None:
@@ -164,7 +164,9 @@ def stage(name: str):
 
 
 def count(name: str, amount: int) -> None:
-    """Adds to a counter of the active clock (generated or train tokens)."""
+    """Adds to a counter of the active clock (one of ``COUNTS``: tokens, compiles)."""
+    if name not in COUNTS:
+        raise ValueError(f"unknown count {name!r}; one of {COUNTS}")
     clock = _ACTIVE.get()
     if clock is not None:
         clock.counts[name] += int(amount)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from siajax import timing
 from siajax.models import iter_checkpoint_tensors, load_weights, read_hf_config
 from siajax.sampling import _decode, _prefill, generate, left_pad, sample_next_token
 
@@ -81,6 +82,25 @@ def test_a_fixed_key_reproduces_samples_and_another_key_does_not(models):
     np.testing.assert_array_equal(np.asarray(first.tokens), np.asarray(second.tokens))
     np.testing.assert_array_equal(np.asarray(first.logprobs), np.asarray(second.logprobs))
     assert (np.asarray(first.tokens) != np.asarray(other.tokens)).any()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_a_prompt_sampled_many_times_is_prefilled_once_and_samples_the_same(models, temperature):
+    _, model = models
+    grouped = [prompt for prompt in PROMPTS[:3] for _ in range(4)]  # 12 rows (a bucket of 16), 3 distinct (4)
+    kwargs = dict(key=jax.random.key(7), max_new_tokens=12, temperature=temperature, stop_token_ids=[3],
+                  pad_token_id=0)
+    with timing.measuring() as shared_clock:
+        shared = generate(model, grouped, **kwargs)
+    with timing.measuring() as row_clock:
+        per_row = generate(model, grouped, share_prompts=False, **kwargs)
+    for name in ("tokens", "mask", "lengths", "prompt_tokens", "prompt_mask"):
+        np.testing.assert_array_equal(np.asarray(getattr(shared, name)), np.asarray(getattr(per_row, name)))
+    # Same draws; log-probs within float32 rounding (XLA blocks a 4-row matmul unlike a 16-row one).
+    np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(per_row.logprobs), atol=1e-5)
+    prompt_len = shared.prompt_tokens.shape[1]
+    assert shared_clock.counts["prefill_tokens"] == 4 * prompt_len
+    assert row_clock.counts["prefill_tokens"] == 16 * prompt_len
 
 
 def test_temperature_and_top_p_changes_do_not_recompile(models):

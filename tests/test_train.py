@@ -144,3 +144,61 @@ def test_a_step_without_signal_leaves_adam_state_and_weights_alone():
     assert int(metrics["no_signal"]) == 1 and int(metrics["skipped"]) == 0 and int(state.step) == 2
     for a, b in zip(before[:-1], _leaves(state)[:-1]):  # everything but the rng key, which advances
         np.testing.assert_array_equal(a, b)
+
+
+def _grouped_batch(seed=4):
+    """8 rows that continue 3 distinct, differently padded prompts (2 + 4 + 2), ragged responses."""
+    parts, params, frozen, flat = tiny_policy_batch(seed=seed, with_value=True)
+    source = np.array([0, 0, 1, 1, 1, 1, 2, 2])
+    rng = np.random.RandomState(seed)
+    prompt_mask = np.arange(4)[None] >= np.array([0, 2, 1])[:, None]
+    prompts = np.where(prompt_mask, rng.randint(1, 37, (3, 4)), 0)[source]
+    responses = rng.randint(1, 37, (8, 6))
+    response_mask = np.arange(6)[None] < np.array([6, 3, 1, 5, 6, 2, 4, 6])[:, None]
+    tokens = jnp.asarray(np.concatenate([prompts, responses], axis=1), jnp.int32)
+    attention = jnp.asarray(np.concatenate([prompt_mask[source], response_mask], axis=1))
+    rl = jax.tree.map(lambda x: jnp.concatenate([x, x]), flat.rl)._replace(mask=jnp.asarray(response_mask))
+    return parts, params, frozen, flat._replace(tokens=tokens, attention_mask=attention, rl=rl)
+
+
+def test_a_shared_prompt_table_gives_the_per_row_log_probs_values_and_gradients():
+    from siajax.train import share_prompts, take_rows
+
+    parts, params, frozen, batch = _grouped_batch()
+    shared = share_prompts(np.asarray(batch.tokens[:, :4]), np.asarray(batch.attention_mask[:, :4]))
+    assert shared.tokens.shape == (4, 4)  # 3 distinct prompts, padded to a power of two
+    per_row = score_responses(parts, params, frozen, batch.tokens, batch.attention_mask, 6)
+    once = score_responses(parts, params, frozen, batch.tokens, batch.attention_mask, 6, shared=shared)
+    real = np.asarray(batch.rl.mask)
+    for name in ("logprobs", "entropy", "values"):
+        np.testing.assert_allclose(np.asarray(getattr(once, name))[real], np.asarray(getattr(per_row, name))[real],
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+
+    loss_fn = make_policy_loss(parts, grpo_loss, CFG)
+    prepared = with_full_batch_normaliser(batch, CFG.aggregation)
+    grad = jax.grad(lambda p, b: loss_fn(p, frozen, b, None)[0])
+    expected = grad(params, prepared)
+    got = grad(params, prepared._replace(shared_prompts=shared))
+    for a, b in zip(_leaves(got), _leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert max(np.abs(a).max() for a in _leaves(expected)) > 1e-4  # a gradient worth comparing
+
+    rows = np.array([6, 1, 3])  # a minibatch keeps the whole table and its rows' sources
+    minibatch = take_rows(prepared._replace(shared_prompts=shared), rows)
+    np.testing.assert_array_equal(np.asarray(minibatch.shared_prompts.row_source), np.asarray(shared.row_source)[rows])
+    assert minibatch.shared_prompts.tokens.shape == (4, 4)
+    np.testing.assert_allclose(float(loss_fn(params, frozen, minibatch, None)[0]),
+                               float(loss_fn(params, frozen, take_rows(prepared, rows), None)[0]), rtol=1e-5)
+
+
+def test_distinct_prompts_are_shared_only_when_they_are_fewer_rows():
+    from siajax.train import share_prompts
+
+    tokens = np.array([[0, 5, 6], [5, 5, 6], [0, 5, 6], [0, 5, 6]])
+    mask = np.array([[0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1]], bool)  # row 3: same ids, one more real token
+    shared = share_prompts(tokens, mask)
+    assert shared is None  # 3 distinct rows pad to 4: nothing saved
+    shared = share_prompts(np.repeat(tokens, 2, axis=0), np.repeat(mask, 2, axis=0))
+    rebuilt = np.asarray(shared.tokens)[np.asarray(shared.row_source)]
+    np.testing.assert_array_equal(rebuilt, np.repeat(tokens, 2, axis=0))
+    np.testing.assert_array_equal(np.asarray(shared.mask)[np.asarray(shared.row_source)], np.repeat(mask, 2, axis=0))

@@ -23,7 +23,8 @@ from siajax.parallel import PARTITION_RULES, StepShardings, batch_shard_count, m
 from siajax.parallel.distributed import to_global
 from siajax.rl import RLBatch, get_recipe, recipe_config
 from siajax.sampling import GenerationResult
-from siajax.train.policy import PolicyParts, TrainBatch, make_policy_loss, score_responses, with_full_batch_normaliser
+from siajax.train.policy import (PolicyParts, SharedPrompts, TrainBatch, make_policy_loss, score_responses,
+                                 share_prompts, take_rows, with_full_batch_normaliser)
 from siajax.train.state import TrainState, make_train_step
 
 
@@ -72,10 +73,6 @@ DEFAULT_SCHEDULES = {"ppo_gae": UpdateSchedule(epochs=2, minibatches=4), "grpo":
 STEP_OUTCOMES = ("skipped", "no_signal", "kl_stop")  # why a train step left the weights alone
 
 
-def _gather_rows(tree, rows: np.ndarray):
-    return jax.tree.map(lambda x: x[rows], tree)
-
-
 @dataclasses.dataclass(frozen=True)
 class Learner:
     """A recipe bound to a policy structure and an optimiser (all static)."""
@@ -116,11 +113,12 @@ class Learner:
         if self.shardings is not None:
             tokens, attention, temperature = shard_tree((tokens, attention, temperature), self.mesh,
                                                         self.shardings.rules, prefix="batch")
+        shared = self._shared_prompts(samples)
         with mesh_context(self.mesh), timing.phase("score"):
             old = score_responses(self.parts, state.params, frozen, tokens, attention, n, temperature,
-                                  samples.allowed)
+                                  samples.allowed, shared=shared)
             ref = jax.block_until_ready(score_responses(self.parts, state.params, frozen, tokens, attention, n,
-                                                        temperature, samples.allowed, lora=False))
+                                                        temperature, samples.allowed, lora=False, shared=shared))
         rewards = np.asarray(rewards, np.float32)
         rewards = jnp.asarray(rewards) if self.mesh is None else to_global(rewards, self.mesh, self.shardings.rules)
         extra, metrics = get_recipe(self.recipe).advantages(self.cfg, rewards, old, ref, samples.mask, group_size)
@@ -129,8 +127,15 @@ class Learner:
             ref_logprobs=ref.logprobs, returns=extra.get("returns"), old_values=old.values,
         )
         mismatch = jnp.max(jnp.where(samples.mask, jnp.abs(old.logprobs - samples.logprobs), 0.0))
-        return TrainBatch(tokens, attention, rl, temperature, samples.allowed), {**metrics,
-                                                                                 "logprob_mismatch": mismatch}
+        return TrainBatch(tokens, attention, rl, temperature, samples.allowed, shared), {
+            **metrics, "logprob_mismatch": mismatch}
+
+    def _shared_prompts(self, samples: GenerationResult) -> SharedPrompts | None:
+        """The samples' distinct prompts, run once per forward (one device, one micro-batch; a mesh or
+        micro-batches run every row's prompt: their batch is split by rows)."""
+        if self.mesh is not None or self.schedule.micro_batches > 1:
+            return None
+        return share_prompts(np.asarray(samples.prompt_tokens), np.asarray(samples.prompt_mask))
 
     def update(self, state: TrainState, frozen, samples: GenerationResult, rewards, group_size: int):
         """-> (new state, metrics): the schedule's epochs x minibatches optimiser steps.
@@ -171,7 +176,7 @@ class Learner:
                 continue
             order = shuffle.permutation(rows)
             for start in range(0, rows, step_rows):
-                yield _gather_rows(batch, order[start:start + step_rows])
+                yield take_rows(batch, order[start:start + step_rows])
 
 
 def bind_learner(parts: PolicyParts, recipe: str, optimizer: optax.GradientTransformation, *, cfg=None,

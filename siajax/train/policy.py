@@ -11,13 +11,29 @@ from functools import partial
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from siajax.models.lora import LoRAConfig, add_lora
 from siajax.models.token_stats import token_stats
-from siajax.models.transformer import Transformer, ValueHead
+from siajax.models.transformer import KVCache, Transformer, ValueHead, positions_from_mask
 from siajax.rl.losses import PolicyOutputs, RLBatch, aggregation_normaliser
 from siajax.rng import purpose_key
+
+
+class SharedPrompts(NamedTuple):
+    """The distinct prompts of a batch whose rows repeat them (G samples per prompt): tokens / mask
+    [U, P], left-padded like the rows' prompts, and each row's prompt index ``row_source`` [B].
+
+    The policy's forward then runs each prompt once and its keys and values serve every row that
+    continues it: a group of G rows costs one prompt plus G responses, not G prompts. Gradients
+    add up over the rows through the copy, so losses and gradients are those of the per-row pass.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+    row_source: jax.Array
 
 
 class TrainBatch(NamedTuple):
@@ -26,7 +42,8 @@ class TrainBatch(NamedTuple):
 
     ``temperature`` [B] and ``allowed`` [B, N, F] (a constraint's allowed token ids,
     -1 unused; None unconstrained) make the training forward compute log-probs of
-    the very distribution that sampled.
+    the very distribution that sampled. ``shared_prompts`` (optional) lets the
+    forward run each distinct prompt once; ``tokens`` still holds every row's prompt.
     """
 
     tokens: jax.Array
@@ -34,6 +51,29 @@ class TrainBatch(NamedTuple):
     rl: RLBatch
     temperature: jax.Array | None = None
     allowed: jax.Array | None = None
+    shared_prompts: SharedPrompts | None = None
+
+
+def share_prompts(prompt_tokens: np.ndarray, prompt_mask: np.ndarray) -> SharedPrompts | None:
+    """The distinct rows of [B, P] prompts (U padded to a power of two, so a few shapes compile),
+    or None when they would not be fewer rows than B."""
+    rows = np.concatenate([np.asarray(prompt_tokens), np.asarray(prompt_mask, np.int32)], axis=1)
+    _, first, row_source = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    distinct = 1 << max(0, len(first) - 1).bit_length()
+    if distinct >= len(rows):
+        return None
+    first = np.concatenate([first, np.full(distinct - len(first), first[-1])])
+    return SharedPrompts(jnp.asarray(np.asarray(prompt_tokens)[first]), jnp.asarray(np.asarray(prompt_mask)[first]),
+                         jnp.asarray(row_source.reshape(-1), jnp.int32))
+
+
+def take_rows(batch: TrainBatch, rows) -> TrainBatch:
+    """A minibatch: the given rows of every per-row field (a shared prompt table stays whole)."""
+    shared = batch.shared_prompts
+    picked = jax.tree.map(lambda x: x[rows], batch._replace(shared_prompts=None))
+    if shared is None:
+        return picked
+    return picked._replace(shared_prompts=shared._replace(row_source=shared.row_source[rows]))
 
 
 class PolicyParts(NamedTuple):
@@ -64,19 +104,44 @@ def attach_trainable(model: Transformer, lora: LoRAConfig, *, seed: int, value_h
     return split_policy(model, ValueHead(model.config.hidden_size) if value_head else None)
 
 
+def _hidden_over_shared_prompts(model: Transformer, shared: SharedPrompts, responses, response_mask, *, lora,
+                                dropout_key):
+    """Hidden states predicting each response token [B, N, E]: the distinct prompts run once into a
+    KV cache, its rows are copied to the responses that continue them, then the responses run."""
+    distinct, prompt_len = shared.tokens.shape
+    keys = [None, None] if dropout_key is None else list(jax.random.split(dropout_key))
+    cache = KVCache.empty(model.config, distinct, prompt_len + responses.shape[1])
+    prompts = model(shared.tokens, attention_mask=shared.mask, cache=cache, kv_span=prompt_len, lora=lora,
+                    dropout_key=keys[0], head="none")
+    source = shared.row_source
+    cache = prompts.cache._replace(keys=prompts.cache.keys[:, source], values=prompts.cache.values[:, source],
+                                   valid=prompts.cache.valid[source])
+    prompt_tokens = jnp.sum(shared.mask, axis=-1, dtype=jnp.int32)[source]
+    out = model(responses, attention_mask=response_mask, positions=positions_from_mask(response_mask,
+                                                                                         prompt_tokens[:, None]),
+                cache=cache, lora=lora, dropout_key=keys[1], head="none")
+    return jnp.concatenate([prompts.hidden[source, -1:], out.hidden[:, :-1]], axis=1)
+
+
 def evaluate_responses(parts: PolicyParts, params, frozen, tokens, attention_mask, response_len: int, *,
-                       temperature=1.0, allowed=None, lora: bool = True, dropout_key=None) -> PolicyOutputs:
+                       temperature=1.0, allowed=None, lora: bool = True, dropout_key=None,
+                       shared: SharedPrompts | None = None) -> PolicyOutputs:
     """The policy's log-probs, entropies and values on the last ``response_len`` tokens.
 
     Log-probs and entropies are of softmax(logits / temperature), restricted to
     ``allowed`` when given; the LM head runs on response positions only, in
     vocabulary chunks. The value head reads stop-gradient hidden states, so the
-    critic's loss never moves the shared LoRA trunk.
+    critic's loss never moves the shared LoRA trunk. With ``shared`` the rows'
+    prompts are its distinct ones, each run once (:class:`SharedPrompts`).
     """
     model = nnx.merge(parts.graphdef, params["lora"], frozen)
-    out = model(tokens, attention_mask=attention_mask, lora=lora, dropout_key=dropout_key, head="none")
     start = tokens.shape[1] - response_len
-    hidden = out.hidden[:, start - 1 : -1]  # position t predicts token t + 1
+    if shared is None:
+        out = model(tokens, attention_mask=attention_mask, lora=lora, dropout_key=dropout_key, head="none")
+        hidden = out.hidden[:, start - 1 : -1]  # position t predicts token t + 1
+    else:
+        hidden = _hidden_over_shared_prompts(model, shared, tokens[:, start:], attention_mask[:, start:], lora=lora,
+                                             dropout_key=dropout_key)
     stats = token_stats(hidden, model.head_weight(), tokens[:, start:], temperature, allowed=allowed)
     values = None
     if parts.value_graphdef is not None and "value_head" in params:
@@ -86,10 +151,10 @@ def evaluate_responses(parts: PolicyParts, params, frozen, tokens, attention_mas
 
 @partial(jax.jit, static_argnames=("parts", "response_len", "lora"))
 def score_responses(parts: PolicyParts, params, frozen, tokens, attention_mask, response_len: int,
-                    temperature=1.0, allowed=None, lora: bool = True):
+                    temperature=1.0, allowed=None, lora: bool = True, shared: SharedPrompts | None = None):
     """Jitted :func:`evaluate_responses` without dropout: old / reference log-probs, values."""
     return evaluate_responses(parts, params, frozen, tokens, attention_mask, response_len,
-                              temperature=temperature, allowed=allowed, lora=lora)
+                              temperature=temperature, allowed=allowed, lora=lora, shared=shared)
 
 
 def with_full_batch_normaliser(batch: TrainBatch, aggregation: str) -> TrainBatch:
@@ -115,7 +180,7 @@ def make_policy_loss(parts: PolicyParts, objective: Callable, cfg) -> Callable:
         temperature = 1.0 if batch.temperature is None else batch.temperature
         policy = evaluate_responses(
             parts, params, frozen, batch.tokens, batch.attention_mask, batch.rl.mask.shape[1],
-            temperature=temperature, allowed=batch.allowed, dropout_key=key,
+            temperature=temperature, allowed=batch.allowed, dropout_key=key, shared=batch.shared_prompts,
         )
         return objective(policy, batch.rl, cfg)
 
