@@ -38,7 +38,7 @@ from siajax.models import LoRAConfig, ModelConfig, Transformer, add_lora
 from siajax.rl import GRPOConfig, RLBatch, grpo_loss
 from siajax.sampling import DecodeSpec, _prefill, distinct_prompts, left_pad
 from siajax.train import (TrainBatch, init_train_state, make_policy_loss, make_train_step, score_responses,
-                          share_prompts, split_policy, with_full_batch_normaliser)
+                          split_policy, with_full_batch_normaliser)
 
 
 def smollm2_shaped(layers: int) -> Transformer:
@@ -60,7 +60,7 @@ def bench_prefill(model, prompts: list[list[int]], repeats: int) -> dict:
     graphdef, state = nnx.split(model)
     tokens, mask = left_pad(prompts, 0)
     spec = DecodeSpec(max_new_tokens=16, pad_token_id=0)
-    distinct = distinct_prompts(prompts, 0, tokens.shape[1])
+    distinct = distinct_prompts(tokens, mask)
     key, temperature, top_p = jax.random.key(0), jnp.float32(1.0), jnp.float32(1.0)
     live = jnp.int32(len(prompts))
 
@@ -96,7 +96,7 @@ def bench_learner(model, batch: TrainBatch, response_len: int, repeats: int) -> 
     step = make_train_step(make_policy_loss(parts, grpo_loss, cfg), optimizer,
                            prepare_batch=partial(with_full_batch_normaliser, aggregation=cfg.aggregation))
     prompt_len = batch.tokens.shape[1] - response_len
-    shared = share_prompts(np.asarray(batch.tokens[:, :prompt_len]), np.asarray(batch.attention_mask[:, :prompt_len]))
+    shared = distinct_prompts(batch.tokens[:, :prompt_len], batch.attention_mask[:, :prompt_len])
     figures = {}
     for name, table in (("per_row", None), ("shared", shared)):
         def score(table=table):

@@ -191,34 +191,34 @@ def _first_token_state(draw, logits, key, spec: DecodeSpec, automaton, live_rows
     return done | jnp.isin(token, stop_ids), tokens, logprobs, allowed_log, lengths, automaton_state
 
 
-class DistinctPrompts(NamedTuple):
-    """A call's distinct prompts, prefilled once each: tokens / mask [U, P] (left-padded, U a power
-    of two) and, for each of the call's B rows, the index of its prompt among them [B]."""
+class SharedPrompts(NamedTuple):
+    """The distinct prompts of a batch whose rows repeat them (G samples of a prompt, votes): tokens /
+    mask [U, P], left-padded like the rows' (U a power of two), and each row's prompt ``row_source`` [B].
+
+    The sampler prefills each once and the learner runs each once; their keys and values serve every
+    row that continues them (:meth:`KVCache.take_rows`).
+    """
 
     tokens: jax.Array
     mask: jax.Array
     row_source: jax.Array
 
 
-def distinct_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int, length: int) -> DistinctPrompts | None:
-    """The distinct prompts of a call, or None when sharing would not shrink the prefill (the
-    distinct rows round up to as many rows as the call has)."""
-    index: dict[tuple[int, ...], int] = {}
-    row_source = np.asarray([index.setdefault(tuple(p), len(index)) for p in prompts], np.int32)
-    if row_bucket(len(index)) >= len(prompts):
+def distinct_prompts(prompt_tokens, prompt_mask) -> SharedPrompts | None:
+    """The distinct rows of left-padded prompts [B, P] in order of first appearance (repeated up to a
+    power of two, so a few shapes compile), or None when they would not be fewer rows than B."""
+    prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
+    rows = np.concatenate([prompt_tokens, prompt_mask.astype(np.int32)], axis=1)
+    _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    if row_bucket(len(first)) >= len(rows):
         return None
-    firsts = [list(p) for p in index]
-    firsts += [firsts[-1]] * (row_bucket(len(firsts)) - len(firsts))
-    tokens, mask = left_pad(firsts, pad_token_id, length)
-    return DistinctPrompts(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(row_source))
-
-
-def _share_rows(cache: KVCache, logits: jax.Array, row_source: jax.Array | None):
-    """The distinct prompts' cache and last logits copied out to the rows that continue them."""
-    if row_source is None:
-        return cache, logits
-    return KVCache(cache.keys[:, row_source], cache.values[:, row_source], cache.valid[row_source],
-                   cache.index), logits[row_source]
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    firsts = first[order]
+    firsts = np.concatenate([firsts, np.full(row_bucket(len(firsts)) - len(firsts), firsts[-1])])
+    return SharedPrompts(jnp.asarray(prompt_tokens[firsts]), jnp.asarray(prompt_mask[firsts]),
+                         jnp.asarray(rank[inverse.reshape(-1)], jnp.int32))
 
 
 @partial(jax.jit, static_argnames=("graphdef", "spec", "rules"))
@@ -234,10 +234,10 @@ def _prefill(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temper
     cache = _constrain_cache(KVCache.empty(model.config, batch, prompt_len + spec.max_new_tokens), rules)
     out = model(prompt_tokens, attention_mask=prompt_mask, cache=cache, kv_span=prompt_len, lora=spec.lora,
                 head="last")
-    cache, logits = _share_rows(out.cache, out.logits[:, -1], row_source)
+    cache, logits = out.cache, out.logits[:, -1]
     next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
     if row_source is not None:
-        next_position = next_position[row_source]
+        cache, logits, next_position = cache.take_rows(row_source), logits[row_source], next_position[row_source]
     key, first_key = jax.random.split(key)
     draw = partial(_draw, spec, automaton, temperature, top_p)
     done, tokens, logprobs, allowed_log, lengths, automaton_state = _first_token_state(
@@ -293,7 +293,7 @@ def _decode(graphdef, state, cache, carry, prompt_tokens, prompt_mask, temperatu
 
 def _prefill_then_decode(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p, limit,
                          spec: DecodeSpec, automaton=None, rules=None,
-                         distinct: DistinctPrompts | None = None) -> GenerationResult:
+                         distinct: SharedPrompts | None = None) -> GenerationResult:
     """Two programs, timed apart (``siajax.timing``): the prefill (of the distinct prompts when
     given), then the decode loop over every row."""
     prefill_tokens, prefill_mask, row_source = (prompt_tokens, prompt_mask, None) if distinct is None else distinct
@@ -411,7 +411,7 @@ def generate(
     if mesh is None:
         padded = prompts + [prompts[-1]] * (row_bucket(rows) - rows)
         tokens, mask = left_pad(padded, pad_token_id)
-        distinct = distinct_prompts(padded, pad_token_id, tokens.shape[1]) if share_prompts else None
+        distinct = distinct_prompts(tokens, mask) if share_prompts else None
         result = _prefill_then_decode(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.int32(rows),
                                       key, *scalars, spec, constraint, distinct=distinct)
         return _take_rows(result, rows, max_new_tokens)

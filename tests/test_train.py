@@ -162,10 +162,11 @@ def _grouped_batch(seed=4):
 
 
 def test_a_shared_prompt_table_gives_the_per_row_log_probs_values_and_gradients():
-    from siajax.train import share_prompts, take_rows
+    from siajax.sampling import distinct_prompts
+    from siajax.train import take_rows
 
     parts, params, frozen, batch = _grouped_batch()
-    shared = share_prompts(np.asarray(batch.tokens[:, :4]), np.asarray(batch.attention_mask[:, :4]))
+    shared = distinct_prompts(batch.tokens[:, :4], batch.attention_mask[:, :4])
     assert shared.tokens.shape == (4, 4)  # 3 distinct prompts, padded to a power of two
     per_row = score_responses(parts, params, frozen, batch.tokens, batch.attention_mask, 6)
     once = score_responses(parts, params, frozen, batch.tokens, batch.attention_mask, 6, shared=shared)
@@ -192,13 +193,13 @@ def test_a_shared_prompt_table_gives_the_per_row_log_probs_values_and_gradients(
 
 
 def test_distinct_prompts_are_shared_only_when_they_are_fewer_rows():
-    from siajax.train import share_prompts
+    from siajax.sampling import distinct_prompts
 
     tokens = np.array([[0, 5, 6], [5, 5, 6], [0, 5, 6], [0, 5, 6]])
     mask = np.array([[0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1]], bool)  # row 3: same ids, one more real token
-    shared = share_prompts(tokens, mask)
+    shared = distinct_prompts(tokens, mask)
     assert shared is None  # 3 distinct rows pad to 4: nothing saved
-    shared = share_prompts(np.repeat(tokens, 2, axis=0), np.repeat(mask, 2, axis=0))
+    shared = distinct_prompts(np.repeat(tokens, 2, axis=0), np.repeat(mask, 2, axis=0))
     rebuilt = np.asarray(shared.tokens)[np.asarray(shared.row_source)]
     np.testing.assert_array_equal(rebuilt, np.repeat(tokens, 2, axis=0))
     np.testing.assert_array_equal(np.asarray(shared.mask)[np.asarray(shared.row_source)], np.repeat(mask, 2, axis=0))

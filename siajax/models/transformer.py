@@ -51,6 +51,11 @@ class KVCache(NamedTuple):
             index=jnp.zeros((), jnp.int32),
         )
 
+    def take_rows(self, rows: jax.Array) -> KVCache:
+        """The cache of batch rows ``rows`` [B'] (a prompt's keys and values copied to each row that
+        continues it)."""
+        return KVCache(self.keys[:, rows], self.values[:, rows], self.valid[rows], self.index)
+
 
 class ModelOutput(NamedTuple):
     logits: jax.Array | None  # [B, T, V] (head="all"), [B, 1, V] (head="last") float32, or None (head="none")

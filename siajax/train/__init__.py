@@ -3,13 +3,13 @@ orbax checkpoints."""
 
 from siajax.train.checkpoint import restore_pytree, save_pytree
 from siajax.train.policy import (
-    PolicyParts, SharedPrompts, TrainBatch, attach_trainable, evaluate_responses, make_policy_loss, score_responses,
-    share_prompts, split_policy, take_rows, with_full_batch_normaliser,
+    PolicyParts, TrainBatch, attach_trainable, evaluate_responses, make_policy_loss, score_responses, split_policy,
+    take_rows, with_full_batch_normaliser,
 )
 from siajax.train.state import TrainState, init_train_state, make_train_step
 
 __all__ = [
-    "PolicyParts", "SharedPrompts", "TrainBatch", "TrainState", "attach_trainable", "evaluate_responses",
-    "init_train_state", "make_policy_loss", "make_train_step", "restore_pytree", "save_pytree", "score_responses",
-    "share_prompts", "split_policy", "take_rows", "with_full_batch_normaliser",
+    "PolicyParts", "TrainBatch", "TrainState", "attach_trainable", "evaluate_responses", "init_train_state",
+    "make_policy_loss", "make_train_step", "restore_pytree", "save_pytree", "score_responses", "split_policy",
+    "take_rows", "with_full_batch_normaliser",
 ]

@@ -23,8 +23,9 @@ from siajax.parallel import PARTITION_RULES, StepShardings, batch_shard_count, m
 from siajax.parallel.distributed import to_global
 from siajax.rl import RLBatch, get_recipe, recipe_config
 from siajax.sampling import GenerationResult
-from siajax.train.policy import (PolicyParts, SharedPrompts, TrainBatch, make_policy_loss, score_responses,
-                                 share_prompts, take_rows, with_full_batch_normaliser)
+from siajax.sampling import SharedPrompts, distinct_prompts
+from siajax.train.policy import (PolicyParts, TrainBatch, make_policy_loss, score_responses, take_rows,
+                                 with_full_batch_normaliser)
 from siajax.train.state import TrainState, make_train_step
 
 
@@ -135,7 +136,7 @@ class Learner:
         micro-batches run every row's prompt: their batch is split by rows)."""
         if self.mesh is not None or self.schedule.micro_batches > 1:
             return None
-        return share_prompts(np.asarray(samples.prompt_tokens), np.asarray(samples.prompt_mask))
+        return distinct_prompts(samples.prompt_tokens, samples.prompt_mask)
 
     def update(self, state: TrainState, frozen, samples: GenerationResult, rewards, group_size: int):
         """-> (new state, metrics): the schedule's epochs x minibatches optimiser steps.

@@ -12,7 +12,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from siajax.models.lora import LoRAConfig, add_lora
@@ -20,20 +19,7 @@ from siajax.models.token_stats import token_stats
 from siajax.models.transformer import KVCache, Transformer, ValueHead, positions_from_mask
 from siajax.rl.losses import PolicyOutputs, RLBatch, aggregation_normaliser
 from siajax.rng import purpose_key
-
-
-class SharedPrompts(NamedTuple):
-    """The distinct prompts of a batch whose rows repeat them (G samples per prompt): tokens / mask
-    [U, P], left-padded like the rows' prompts, and each row's prompt index ``row_source`` [B].
-
-    The policy's forward then runs each prompt once and its keys and values serve every row that
-    continues it: a group of G rows costs one prompt plus G responses, not G prompts. Gradients
-    add up over the rows through the copy, so losses and gradients are those of the per-row pass.
-    """
-
-    tokens: jax.Array
-    mask: jax.Array
-    row_source: jax.Array
+from siajax.sampling import SharedPrompts
 
 
 class TrainBatch(NamedTuple):
@@ -43,7 +29,8 @@ class TrainBatch(NamedTuple):
     ``temperature`` [B] and ``allowed`` [B, N, F] (a constraint's allowed token ids,
     -1 unused; None unconstrained) make the training forward compute log-probs of
     the very distribution that sampled. ``shared_prompts`` (optional) lets the
-    forward run each distinct prompt once; ``tokens`` still holds every row's prompt.
+    forward run each distinct prompt once (:class:`siajax.sampling.SharedPrompts`);
+    ``tokens`` still holds every row's prompt.
     """
 
     tokens: jax.Array
@@ -52,19 +39,6 @@ class TrainBatch(NamedTuple):
     temperature: jax.Array | None = None
     allowed: jax.Array | None = None
     shared_prompts: SharedPrompts | None = None
-
-
-def share_prompts(prompt_tokens: np.ndarray, prompt_mask: np.ndarray) -> SharedPrompts | None:
-    """The distinct rows of [B, P] prompts (U padded to a power of two, so a few shapes compile),
-    or None when they would not be fewer rows than B."""
-    rows = np.concatenate([np.asarray(prompt_tokens), np.asarray(prompt_mask, np.int32)], axis=1)
-    _, first, row_source = np.unique(rows, axis=0, return_index=True, return_inverse=True)
-    distinct = 1 << max(0, len(first) - 1).bit_length()
-    if distinct >= len(rows):
-        return None
-    first = np.concatenate([first, np.full(distinct - len(first), first[-1])])
-    return SharedPrompts(jnp.asarray(np.asarray(prompt_tokens)[first]), jnp.asarray(np.asarray(prompt_mask)[first]),
-                         jnp.asarray(row_source.reshape(-1), jnp.int32))
 
 
 def take_rows(batch: TrainBatch, rows) -> TrainBatch:
@@ -114,8 +88,7 @@ def _hidden_over_shared_prompts(model: Transformer, shared: SharedPrompts, respo
     prompts = model(shared.tokens, attention_mask=shared.mask, cache=cache, kv_span=prompt_len, lora=lora,
                     dropout_key=keys[0], head="none")
     source = shared.row_source
-    cache = prompts.cache._replace(keys=prompts.cache.keys[:, source], values=prompts.cache.values[:, source],
-                                   valid=prompts.cache.valid[source])
+    cache = prompts.cache.take_rows(source)
     prompt_tokens = jnp.sum(shared.mask, axis=-1, dtype=jnp.int32)[source]
     out = model(responses, attention_mask=response_mask, positions=positions_from_mask(response_mask,
                                                                                          prompt_tokens[:, None]),
