@@ -19,7 +19,7 @@ from siajax import timing
 from siajax.agents import LocalPolicyBackend, run_items
 from siajax.agents.acceptance import Ruling, Verdict, accept, judge, judge_alone
 from siajax.agents.decide import Decision
-from siajax.agents.evaluation import Evaluation, evaluate
+from siajax.agents.evaluation import Evaluation, evaluate, tool_use_stats
 from siajax.budget import SampleBudget, Spend, evaluation_cost, rollout_cost, updates_within
 from siajax.config import RunConfig
 from siajax.harness import Harness, HarnessStore, patch_harness
@@ -182,10 +182,11 @@ def train_weights(policy: TrainablePolicy, task: Task, harness: Harness, recipe:
         backend = LocalPolicyBackend(model, policy.tokenizer, mesh=policy.mesh)  # the weights of this update
         result = run_items(task, sampling_harness, backend, [train_items[i] for i in sorted(picks)], sample_key)
         records.extend({**r, "update": update} for r in result.records)
-        spend.rollout_samples += len(result.records)
-        response_tokens.append(int(np.asarray(result.generation.mask).sum()))
+        spend.rollout_samples += result.replies
+        response_tokens.append(result.tokens)
         emit("train_step", {"generation": generation, "update": update, "of": updates})
-        return result.generation, np.asarray(result.rewards), {"reward": float(np.mean(result.rewards))}
+        return (result.training_rows(backend.decoding.pad_token_id), np.asarray(result.rewards),
+                {"reward": float(np.mean(result.rewards))})
 
     def account(update: int, metrics: dict):
         spend.rollout_tokens += response_tokens[update]
@@ -198,7 +199,8 @@ def train_weights(policy: TrainablePolicy, task: Task, harness: Harness, recipe:
                                           group_size=group, on_update=account)
     return {"recipe": recipe, "updates": history, "logprob_mismatch": max(h["logprob_mismatch"] for h in history),
             "applied_steps": sum(h["applied_steps"] for h in history),
-            "skipped_steps": sum(h["skipped"] for h in history)}, records
+            "skipped_steps": sum(h["skipped"] for h in history),
+            **({"tool_use": tool_use_stats(records)} if harness.tools else {})}, records
 
 
 def weights_failure(trained: dict) -> str | None:

@@ -41,6 +41,11 @@ class GenerationResult(NamedTuple):
     draw's settings and ``allowed`` [B, N, F] the constraint's allowed token
     ids at each step (-1 = unused; None unconstrained), so a trainer can
     recompute exactly this distribution.
+
+    A multi-turn episode (:mod:`siajax.agents.episodes`) is one row too: its
+    response region holds the model's turns and the environment's segments
+    between them, ``mask`` all of their tokens (what attention reads) and
+    ``policy_mask`` only the model's (what is trained; None: all of ``mask``).
     """
 
     tokens: jax.Array
@@ -53,6 +58,12 @@ class GenerationResult(NamedTuple):
     top_p: jax.Array  # [] float32
     top_k: jax.Array  # [] int32
     allowed: jax.Array | None = None  # [B, N, F] int32
+    policy_mask: jax.Array | None = None  # [B, N] bool: the policy's tokens (None: all of mask)
+
+    @property
+    def trained_mask(self) -> jax.Array:
+        """The tokens a trainer scores against the sampler and puts in the loss."""
+        return self.mask if self.policy_mask is None else self.policy_mask
 
     @property
     def truncated(self) -> bool:
@@ -359,7 +370,7 @@ def concatenate_results(parts: Sequence[GenerationResult], pad_token_id: int,
     return GenerationResult(
         stack("tokens"), stack("logprobs"), stack("mask"), stack("lengths"),
         stack("prompt_tokens", lambda x: pad_left(x, pad_token_id)), stack("prompt_mask", lambda x: pad_left(x, False)),
-        parts[0].temperature, parts[0].top_p, parts[0].top_k, stack("allowed"))
+        parts[0].temperature, parts[0].top_p, parts[0].top_k, stack("allowed"), stack("policy_mask"))
 
 
 def row_bucket(rows: int, multiple: int = 1) -> int:

@@ -2,7 +2,7 @@
 
     tasks/<name>/
       task.md            what the task is (the Meta-Agent reads it)
-      task.json          name, splits, reward kind, optional harness hints
+      task.json          name, splits, reward kind, tools offered, optional harness hints
       harness.json       the default harness (schema: siajax.harness)
       verifier.py        score(item, answer, text) -> {"reward", "failure", "metrics"}
       data/public/       what agents may see (train / dev items, JSONL)
@@ -21,7 +21,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from siajax.harness import Harness, HarnessError, from_json
+from siajax.harness import Harness, HarnessError, ToolSpec, from_json
 
 REQUIRED_FILES = ("task.md", "task.json", "harness.json", "verifier.py", "README.md")
 REQUIRED_DIRS = ("data/public", "data/private")
@@ -62,6 +62,15 @@ class Task:
     @property
     def reward_kind(self) -> str:
         return self.spec.get("reward", "scalar")
+
+    def offered_tools(self) -> dict[str, ToolSpec]:
+        """The tools the task offers a harness (task.json ``tools``): siajax's built-ins by name, or
+        the task's own (``TOOLS`` functions and ``TOOL_SPECS`` descriptions in its verifier)."""
+        from siajax.tools import BUILTIN_TOOLS
+
+        specs = {name: spec for name, (spec, _) in BUILTIN_TOOLS.items()}
+        own = getattr(self.verifier, "TOOL_SPECS", {})
+        return {name: own[name] if name in own else specs[name] for name in self.spec.get("tools", [])}
 
     def default_harness(self) -> Harness:
         return from_json((self.root / "harness.json").read_text(encoding="utf-8"))
@@ -183,6 +192,22 @@ def check_splits(name: str, roles: dict[str, list[dict]], leak_key: str | None, 
                         f"{min_dev_items} a decision needs; declare a larger dev split in task.json")
 
 
+def _check_tools(task: Task) -> None:
+    """task.json ``tools``: names of siajax's built-in tools, or of the verifier's own (a function in
+    ``TOOLS`` and a :class:`ToolSpec` in ``TOOL_SPECS``)."""
+    from siajax.tools import BUILTIN_TOOLS
+
+    names = task.spec.get("tools", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise TaskError(f"task {task.root.name!r}: task.json 'tools' must be a list of tool names")
+    functions, specs = getattr(task.verifier, "TOOLS", {}), getattr(task.verifier, "TOOL_SPECS", {})
+    for name in names:
+        own = callable(functions.get(name)) and isinstance(specs.get(name), ToolSpec)
+        if name not in BUILTIN_TOOLS and not own:
+            raise TaskError(f"task {task.root.name!r}: tool {name!r} is neither built in ({sorted(BUILTIN_TOOLS)}) "
+                            "nor defined by its verifier (TOOLS function and TOOL_SPECS ToolSpec)")
+
+
 def _load_module(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
@@ -230,6 +255,7 @@ def load_task(path: str | os.PathLike) -> Task:
         raise TaskError(f"task {root.name!r}: harness.json is invalid: {err}") from None
     if not callable(getattr(task.verifier, "score", None)):
         raise TaskError(f"task {root.name!r}: verifier.py must define score(item, answer, text)")
+    _check_tools(task)
     if loader is None:
         task.items("train")  # split integrity now; a task that loads its own data checks when first read
     return task

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from siajax.agents import (
-    Completion, Decision, DecisionRule, final_records, DevSummary, EditGrid, llm_decide, run_items, sample_profile,
+    Completion, Decision, DecisionRule, DevSummary, EditGrid, llm_decide, run_items, sample_profile,
     validate_decision,
 )
 from siajax.agents.decide import decide
 from siajax.agents.harness_edits import candidate_edits
 from siajax.agents.meta import initial_harness
-from siajax.harness import patch_harness
+from siajax.harness import patch_harness, retry_feedback
 from siajax.tasks import BUNDLED_TASKS, TaskError, load_task, resolve_task
 
 
@@ -37,7 +37,7 @@ def digits():
     return resolve_task("digits")
 
 
-@pytest.mark.parametrize("name", ["arithmetic", "lawbench", "longcot_chess", "rna_denoise", "trimul"])
+@pytest.mark.parametrize("name", ["arithmetic", "arithmetic_tool", "lawbench", "longcot_chess", "rna_denoise", "trimul"])
 def test_bundled_splits_share_no_item_and_no_leak_key(name):
     """Independent of the loader's check: every declared split read as stored, compared pairwise."""
     task = resolve_task(name)
@@ -83,6 +83,8 @@ def _declare(root, **fields):
     (lambda root: (root / "task.json").write_text("{oops"), "task.json does not parse"),
     (lambda root: (root / "harness.json").write_text('{"task": "x"}'), "harness.json is invalid"),
     (lambda root: (root / "verifier.py").write_text("x = 1\n"), "must define score"),
+    (lambda root: _declare(root, tools="calculator"), "'tools' must be a list"),
+    (lambda root: _declare(root, tools=["abacus"]), "tool 'abacus' is neither built in"),
     (lambda root: (root / "task.json").write_text(json.dumps(
         {"splits": {"test": "data/public/train.jsonl"}})), "test split must live under data/private"),
     (lambda root: _append_line(root / "data/private/test.jsonl", (root / "data/public/train.jsonl")),
@@ -102,21 +104,25 @@ def test_malformed_task_dirs_name_the_broken_piece(tmp_path, breakage, message):
         load_task(root)
 
 
-def test_task_agent_parses_verifies_and_retries(digits):
+def test_task_agent_parses_verifies_and_retries_within_the_episode(digits):
     harness = patch_harness(digits.default_harness(), [
         {"op": "replace", "path": "/sampling/samples_per_prompt", "value": 2},
         {"op": "replace", "path": "/retry/max_attempts", "value": 2}])
-    backend = ScriptedBackend(["42", "forty-two", "17", "  7 ", "9"])  # item 1 sample 1 fails, retry says 9
+    backend = ScriptedBackend(["42", "forty-two", "17", "  7 ", "9"])  # episode 1 fails to parse, its retry says 9
     items = digits.items("train")[:2]
     rollout = run_items(digits, harness, backend, items, jax.random.key(0))
-    firsts = [r for r in rollout.records if r["attempt"] == 1]
-    assert [r["reward"] for r in firsts] == [1.0, 0.0, 1.0, 1.0] and rollout.rewards == [1.0, 0.0, 1.0, 1.0]
-    assert firsts[1]["failure"] == "parse_error"
-    retry = [r for r in rollout.records if r["attempt"] == 2]
-    assert len(retry) == 1 and retry[0]["answer"] == "9" and retry[0]["reward"] == 1.0
+    assert [r["first_reward"] for r in rollout.records] == [1.0, 0.0, 1.0, 1.0]
+    assert [r["attempt"] for r in rollout.records] == [1, 2, 1, 1] and rollout.rewards == [1.0] * 4
+    retried = rollout.records[1]
+    assert retried["answer"] == "9" and retried["failure"] is None and retried["turns"] == 2
+    # The retry is the next turn of the same conversation: the failed reply, then the harness's feedback.
+    assert [len(call) for call in backend.calls] == [4, 1]
+    assert backend.calls[1][0][-2:] == [{"role": "assistant", "content": "forty-two"},
+                                         {"role": "user", "content": retry_feedback(harness, "parse_error")}]
+    assert [s["role"] for s in retried["segments"]] == ["assistant", "user", "assistant"]
     profile = sample_profile(rollout.records)
     assert profile["retries"] == 1 and profile["binary_rewards"]
-    assert [r["reward"] for r in final_records(rollout.records)] == [1.0] * 4  # the retry fixed the only failure
+    assert rollout.replies == 5
 
 
 def _summary(success, parse_error=0.0):
@@ -255,13 +261,16 @@ def test_tool_calls_are_run_and_answered(digits, tmp_path):
         {"op": "add", "path": "/tools/-", "value": {"name": "count", "description": "count a list",
                                                     "parameters": {"type": "object"}}}])
     backend = ScriptedBackend(['<tool_call>{"name": "count", "arguments": {"things": [1, 2, 3]}}</tool_call>',
-                               '<tool_call>{"name": "rm_rf"}</tool_call>', "3", "0"])  # first turns batched
+                               '<tool_call>{"name": "rm_rf"}</tool_call>', "3", "0"])
     rollout = run_items(task, harness, backend, task.items("train")[:2], jax.random.key(0))
     first, second = rollout.records
-    assert first["tool_calls"] == [{"name": "count", "arguments": {"things": [1, 2, 3]}, "result": 3}]
-    assert first["text"] == "3" and first["reward"] == 1.0
-    assert backend.calls[1][0][-1] == {"role": "tool", "content": json.dumps(first["tool_calls"][0])}
-    assert "unknown tool" in second["tool_calls"][0]["error"] and second["reward"] == 1.0
+    assert first["tool_calls"] == [{"name": "count", "arguments": {"things": [1, 2, 3]}, "result": "3"}]
+    assert first["text"] == "3" and first["reward"] == 1.0 and first["turns"] == 2
+    assert [len(call) for call in backend.calls] == [2, 2]  # each turn of both episodes in one call
+    assert backend.calls[1][0][-2:] == [{"role": "assistant", "content": backend.calls[1][0][-2]["content"]},
+                                         {"role": "tool", "content": "3"}]
+    assert second["tool_calls"][0]["failure"] == "unknown_tool" and second["reward"] == 1.0
+    assert backend.calls[1][1][-1] == {"role": "tool", "content": "error: unknown tool 'rm_rf'"}
 
 
 def test_a_task_can_name_its_expected_recipe():
@@ -270,3 +279,27 @@ def test_a_task_can_name_its_expected_recipe():
                                                 group_size=8)
     assert decide(_summary(0.5)).recipe == "grpo"
     assert decide(_summary(0.05)).recipe == "entropic"  # rare successes still go entropic
+
+
+def test_add_tool_exposes_an_offered_tool_with_a_worked_call_and_remove_tool_undoes_it():
+    """On arithmetic_tool: add_tool adds the calculator's spec and one worked example whose tool result
+    is the tool's real output on a train item; the rendered prompt then describes the tool and shows
+    the call, the result and the answer as turns; remove_tool gives back the harness it started from."""
+    from siajax.agents.harness_edits import candidate_edits
+    from siajax.harness import render_messages
+    from siajax.tools import calculator
+
+    task = resolve_task("arithmetic_tool")
+    start = task.default_harness()
+    assert not start.tools and "add_tool" in [c.kind for c in candidate_edits(start, task, EditGrid())]
+    added = patch_harness(start, next(c for c in candidate_edits(start, task, EditGrid()) if c.kind == "add_tool").patch)
+    assert [t.name for t in added.tools] == ["calculator"]
+    shot = added.few_shot[0]
+    expression = json.loads(shot.call[len("<tool_call>"):-len("</tool_call>")])["arguments"]["expression"]
+    assert shot.tool_result == calculator(expression) and shot.output == f"Answer: {shot.tool_result}"
+    roles = [m["role"] for m in render_messages(added, question="What is 12 times 13?")]
+    assert roles == ["system", "user", "assistant", "tool", "assistant", "user"]
+    assert "calculator" in render_messages(added, question="?")[0]["content"]
+    candidates = candidate_edits(added, task, EditGrid())
+    assert "add_tool" not in [c.kind for c in candidates]
+    assert patch_harness(added, next(c for c in candidates if c.kind == "remove_tool").patch) == start

@@ -44,6 +44,10 @@ def test_rendered_messages_fill_named_slots():
     ('{"task": "t", "system_prompt": "", "template": "", "parser": {"kind": "regex", "pattern": "("}}', "compile"),
     ('{"task": "t", "system_prompt": "", "template": "", "parser": {"kind": "label_set"}}', "labels"),
     ('{"task": "t", "system_prompt": "", "template": "", "retry": {"retry_on": ["bad_luck"]}}', "failure kinds"),
+    ('{"task": "t", "system_prompt": "", "template": "", "retry": {"feedback": "{answer} is wrong"}}',
+     "retry.feedback may use only"),
+    ('{"task": "t", "system_prompt": "", "template": "", "retry": {"train": "some"}}', "retry.train"),
+    ('{"task": "t", "system_prompt": "", "template": "", "tool_call": {"open": ""}}', "tool_call.open"),
 ])
 def test_malformed_harness_json_names_the_problem(bad, message):
     with pytest.raises(HarnessError, match=message):

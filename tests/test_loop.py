@@ -75,7 +75,8 @@ def test_both_levers_run_scored_on_dev_and_test_every_generation(tmp_path):
     weights_gen = next(e for e in ledger if e["decision"]["lever"] == "weights")["generation"]
     gen = tmp_path / "run" / f"gen_{weights_gen:03d}"
     first_record = json.loads((gen / "trajectory.jsonl").read_text().splitlines()[0])
-    assert {"messages", "text", "token_ids", "logprobs", "answer", "reward", "failure"} <= set(first_record)
+    assert {"messages", "text", "segments", "token_ids", "answer", "reward", "failure"} <= set(first_record)
+    assert {"role", "token_ids", "logprobs"} <= set(first_record["segments"][0])
     png = report(tmp_path / "run")
     assert png.exists() and png.stat().st_size > 10_000
 

@@ -49,6 +49,48 @@ class GAETest(chex.TestCase):
             np.testing.assert_allclose(np.asarray(ret), ref_ret * mask, atol=1e-5)
 
 
+def episode_gae_reference(rewards, values, mask, gamma, lam):
+    """GAE over each row's policy steps (its masked positions, in order), float64: environment tokens
+    between turns are not steps and their values are never read."""
+    advantages = np.zeros_like(rewards, np.float64)
+    for b in range(rewards.shape[0]):
+        steps = np.flatnonzero(mask[b])
+        running = 0.0
+        for i in reversed(range(len(steps))):
+            t = steps[i]
+            next_value = values[b, steps[i + 1]] if i + 1 < len(steps) else 0.0
+            running = rewards[b, t] + gamma * next_value - values[b, t] + gamma * lam * running
+            advantages[b, t] = running
+    return advantages, np.where(mask, advantages + values, 0.0)
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.5), (0.99, 1.0)])
+def test_gae_over_multi_turn_masks_discounts_per_policy_step(gamma, lam):
+    """Masks with gaps (tool results between turns): rewards and values on environment tokens are
+    garbage here and must not reach any advantage or return."""
+    rng = np.random.RandomState(4)
+    mask = rng.rand(5, 13) < 0.6
+    mask[0] = False  # an empty row
+    mask[1] = np.arange(13) < 7  # a single turn: the contiguous case
+    rewards, values = rng.randn(5, 13), rng.randn(5, 13)
+    rewards[~mask], values[~mask] = 1e6, -1e6
+    adv, ret = gae(jnp.float32(rewards), jnp.float32(values), jnp.asarray(mask), gamma, lam)
+    ref_adv, ref_ret = episode_gae_reference(rewards, values, mask, gamma, lam)
+    np.testing.assert_allclose(np.asarray(adv), ref_adv, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ret), ref_ret, atol=2e-5)
+
+
+def test_the_outcome_lands_on_the_last_policy_token_of_an_episode():
+    from siajax.rl.recipes import ppo_token_rewards
+
+    mask = np.array([[1, 1, 0, 0, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0], [0] * 8], bool)
+    zeros = jnp.zeros(mask.shape, jnp.float32)
+    rewards = np.asarray(ppo_token_rewards(jnp.float32([2.0, 3.0, 5.0]), zeros, zeros, jnp.asarray(mask), 0.1))
+    expected = np.zeros(mask.shape)
+    expected[0, 5], expected[1, 0] = 2.0, 3.0
+    np.testing.assert_array_equal(rewards, expected)
+
+
 def test_gae_agrees_with_rlax_when_installed():
     rlax = pytest.importorskip("rlax")
     rng = np.random.RandomState(1)

@@ -91,11 +91,11 @@ def test_a_valid_denoiser_worse_than_raw_still_beats_a_failure():
 
 
 def test_a_verifier_fault_scores_the_failure_reward(monkeypatch):
-    from siajax.agents.task_agent import _verify
+    from siajax.agents.episodes import verify
     from siajax.harness import from_dict
 
     monkeypatch.setattr(TASK.verifier, "score", lambda *a, **k: 1 / 0)
     harness = TASK.default_harness()
-    verdict = _verify(TASK, harness, {"id": "t"}, "```python\ndef denoise(c):\n    return c\n```")
+    verdict = verify(TASK, harness, {"id": "t"}, "```python\ndef denoise(c):\n    return c\n```")
     assert verdict["reward"] == TASK.verifier.FAILURE_REWARD and verdict["failure"] == "verifier_error"
     del from_dict

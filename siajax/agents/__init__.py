@@ -9,9 +9,9 @@ from siajax.agents.feedback import llm_decide, validate_decision
 from siajax.agents.meta import initial_harness
 from siajax.agents.rules import LEVER_MODES, LEVERS, AcceptanceRule, DecisionRule, EditGrid
 from siajax.agents.summary import DevSummary, dev_summary, sample_profile
-from siajax.agents.task_agent import Rollout, final_records, run_items
+from siajax.agents.task_agent import Rollout, run_items
 
 __all__ = ["LEVERS", "LEVER_MODES", "AcceptanceRule", "Completion", "Decision", "DecisionRule", "DevSummary",
            "EditGrid", "Evaluation", "LocalPolicyBackend", "OpenAIBackend", "Rollout", "Ruling", "Verdict", "accept",
-           "decide", "dev_summary", "evaluate", "final_records", "initial_harness", "judge", "llm_decide", "run_items",
+           "decide", "dev_summary", "evaluate", "initial_harness", "judge", "llm_decide", "run_items",
            "sample_profile", "validate_decision"]

@@ -20,6 +20,9 @@ from siajax.models.tokenizer import DecodingIds, decoding_ids
 from siajax.sampling import bucket_length, concatenate_results, generate, row_bucket
 
 
+_PROBE = "\u2063probe\u2063"  # an assistant text no template rewrites, to find where a turn ends
+
+
 @dataclasses.dataclass(frozen=True)
 class Completion:
     text: str
@@ -35,7 +38,7 @@ class LocalPolicyBackend:
     def __init__(self, model, tokenizer, mesh=None, decoding: DecodingIds | None = None):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
         self.decoding = decoding_ids(tokenizer) if decoding is None else decoding
-        self._automata = {}
+        self._automata, self._turn_tail = {}, None
 
     def automaton(self, parser):
         """The token automaton of a constrained parser (built once per label set and format)."""
@@ -52,13 +55,19 @@ class LocalPolicyBackend:
 
     def sample(self, conversations: list[list[dict]], sampling: SamplingParams, key: jax.Array, parser=None):
         """-> (completions per conversation, GenerationResult with rows grouped by conversation).
-        A ``parser`` with ``constrained=True`` limits decoding to its label language.
+        A ``parser`` with ``constrained=True`` limits decoding to its label language."""
+        prompts = [self.prompt_ids(c) for c in conversations for _ in range(sampling.samples_per_prompt)]
+        flat, result = self.sample_ids(prompts, sampling, key, parser)
+        k = sampling.samples_per_prompt
+        return [flat[i * k:(i + 1) * k] for i in range(len(conversations))], result
+
+    def sample_ids(self, prompts: list[list[int]], sampling: SamplingParams, key: jax.Array, parser=None):
+        """One completion per token-id prompt -> (completions, GenerationResult in the prompts' order).
 
         Rows are sorted by prompt length and sampled in calls whose padded size fits
         ``max_call_tokens`` and whose prefill attention fits ``max_call_scores``
         (long prompts in small calls, short ones in large), then put back in order.
         """
-        prompts = [self.prompt_ids(c) for c in conversations for _ in range(sampling.samples_per_prompt)]
         constraint = self.automaton(parser) if parser is not None and parser.constrained else None
         parts, order = [], sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         for index, rows in enumerate(self._calls([len(prompts[i]) for i in order], sampling.max_new_tokens)):
@@ -70,15 +79,36 @@ class LocalPolicyBackend:
                 constraint=constraint, mesh=self.mesh))
         result = concatenate_results(parts, self.decoding.pad_token_id, np.argsort(order))
         tokens, logprobs, lengths = (np.asarray(a) for a in (result.tokens, result.logprobs, result.lengths))
-        flat = []
+        completions = []
         for row in range(len(prompts)):
             n = int(lengths[row])
             ids = [int(t) for t in tokens[row, :n]]
             stopped = bool(ids) and ids[-1] in self.decoding.stop_token_ids
-            flat.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True), tuple(ids),
-                                   tuple(float(x) for x in logprobs[row, :n]), "stop" if stopped else "length"))
-        k = sampling.samples_per_prompt
-        return [flat[i * k:(i + 1) * k] for i in range(len(conversations))], result
+            completions.append(Completion(self.tokenizer.decode(ids, skip_special_tokens=True), tuple(ids),
+                                          tuple(float(x) for x in logprobs[row, :n]), "stop" if stopped else "length"))
+        return completions, result
+
+    def continuation_ids(self, message: dict, stopped: bool) -> list[int]:
+        """The tokens between a model turn and the next one when the environment says ``message``:
+        the chat template's end of the assistant turn (less the stop token the model wrote, when
+        ``stopped``), the message in its role, and the next assistant header.
+
+        Read off the template as the difference of two renderings of a probe conversation, so an
+        episode's sequence is the model's own ids plus these, never a re-rendering of its text.
+        """
+        if self._turn_tail is None:
+            probe = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _PROBE}]
+            closed = self.tokenizer.apply_chat_template(probe, tokenize=False)
+            self._turn_tail = (probe, closed, closed[closed.rindex(_PROBE) + len(_PROBE):])
+        probe, closed, tail = self._turn_tail
+        extended = self.tokenizer.apply_chat_template(probe + [message], tokenize=False, add_generation_prompt=True)
+        if not extended.startswith(closed):
+            raise ValueError("the chat template re-renders earlier turns when a message is added; multi-turn "
+                             "episodes need a template that only appends")
+        stop_text = self.tokenizer.decode(list(self.decoding.stop_token_ids[:1]))
+        if stopped and tail.startswith(stop_text):
+            tail = tail[len(stop_text):]
+        return list(self.tokenizer.encode(tail + extended[len(closed):], add_special_tokens=False))
 
     def complete(self, conversations, sampling: SamplingParams, key: jax.Array) -> list[list[Completion]]:
         return self.sample(conversations, sampling, key)[0]

@@ -17,7 +17,7 @@ import json
 import jax
 
 from siajax import timing
-from siajax.agents.task_agent import final_records, run_items
+from siajax.agents.task_agent import run_items
 from siajax.harness import Harness
 
 
@@ -26,24 +26,42 @@ class Evaluation:
     split: str
     item_ids: list[str]
     scores: list[float]  # per item: the voted answer's reward, retries included
-    first_attempt: list[float]  # per item: sample 0's first attempt (pass@1)
-    records: list[dict]
-    samples: int  # completions drawn, retries included
-    tokens: int  # tokens generated
+    first_attempt: list[float]  # per item: sample 0's first answer (pass@1)
+    records: list[dict]  # one per episode
+    samples: int  # replies drawn: every turn of every episode
+    tokens: int  # tokens generated (the policy's, every turn)
     task_metrics: dict = dataclasses.field(default_factory=dict)  # the task's own aggregate (verifier.aggregate)
     failures: list = dataclasses.field(default_factory=list)  # per item: the voted answer's failure kind or None
+    tool_use: dict = dataclasses.field(default_factory=dict)  # tool_use_stats when the harness exposes tools
 
     def summary(self) -> dict:
         n = max(len(self.scores), 1)
-        finals = final_records(self.records)
-        failures = collections.Counter(r["failure"] for r in finals if r["failure"])
+        failures = collections.Counter(r["failure"] for r in self.records if r["failure"])
         return {
             "split": self.split, "items": len(self.scores), "score": sum(self.scores) / n,
             "pass_at_1": sum(self.first_attempt) / n, "success_rate": sum(s > 0 for s in self.scores) / n,
-            "failure_rates": {k: v / max(len(finals), 1) for k, v in sorted(failures.items())},
+            "failure_rates": {k: v / max(len(self.records), 1) for k, v in sorted(failures.items())},
             "samples": self.samples, "tokens": self.tokens, **({"task_metrics": self.task_metrics}
                                                                  if self.task_metrics else {}),
+            **({"tool_use": self.tool_use} if self.tool_use else {}),
         }
+
+
+def tool_use_stats(records: list[dict]) -> dict:
+    """How episodes used their tools: the share that called one, the share of calls that were
+    well-formed (valid JSON naming an exposed tool), the share whose final answer is a result a tool
+    returned, and the calls' failures by kind."""
+    calls = [call for r in records for call in r["tool_calls"]]
+    malformed = sum(call.get("failure") in ("malformed_call", "unknown_tool") for call in calls)
+
+    def answered_with_result(record) -> bool:
+        results = {str(c["result"]).strip().replace(",", "") for c in record["tool_calls"] if "result" in c}
+        return record["answer"] is not None and str(record["answer"]).strip().replace(",", "") in results
+
+    return {"episodes_calling": sum(bool(r["tool_calls"]) for r in records) / max(len(records), 1),
+            "calls_well_formed": (len(calls) - malformed) / len(calls) if calls else 0.0,
+            "answers_with_result": sum(map(answered_with_result, records)) / max(len(records), 1),
+            "calls": len(calls), "failures": dict(collections.Counter(c["failure"] for c in calls if c.get("failure")))}
 
 
 def _answer_key(answer) -> str | None:
@@ -70,17 +88,15 @@ def evaluate(task, harness: Harness, backend, items: list[dict], key: jax.Array,
         harness.sampling, samples_per_prompt=harness.sampling.votes))
     with timing.stage("evaluation"):
         rollout = run_items(task, voting, backend, items, key)
-    finals = final_records(rollout.records)
     scores, first, chosen = [], [], []
     for item in items:
-        mine = [r for r in finals if r["item"] == item["id"]]
+        mine = [r for r in rollout.records if r["item"] == item["id"]]
         chosen.append(majority_record(sorted(mine, key=lambda r: r["sample"])))
         scores.append(float(chosen[-1]["reward"]))
-        first.append(float(next(r["reward"] for r in rollout.records
-                                if r["item"] == item["id"] and r["sample"] == 0 and r["attempt"] == 1)))
-    tokens = sum(len(r["token_ids"]) for r in rollout.records)
+        first.append(float(next(r["first_reward"] for r in mine if r["sample"] == 0)))
     aggregate = getattr(task.verifier, "aggregate", None)
     return Evaluation(split, [item["id"] for item in items], scores, first, rollout.records,
-                      samples=len(rollout.records), tokens=tokens,
+                      samples=rollout.replies, tokens=rollout.tokens,
                       task_metrics=aggregate(chosen) if aggregate is not None else {},
-                      failures=[record["failure"] for record in chosen])
+                      failures=[record["failure"] for record in chosen],
+                      tool_use=tool_use_stats(rollout.records) if harness.tools else {})

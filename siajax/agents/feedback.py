@@ -60,6 +60,8 @@ FEEDBACK_PROMPT = """You improve an AI agent. Each generation you pick one lever
 rare, "grpo" for pass/fail rewards compared within a group). Allowed levers: {levers}.
 Every change is scored on held-out dev items; a harness patch that does not beat the current harness
 beyond noise is rolled back. Template slots must be fields of the task's items: {fields}.
+Tools the task offers (expose one by adding its spec to /tools; the summary's tool_use says how they are used):
+{tools}
 
 Current harness:
 {harness}
@@ -86,7 +88,8 @@ def llm_decide(backend, summary: DevSummary, history: list[dict], harness: Harne
                forced_recipe: str | None = None, repairs: int = 1) -> Decision:
     """Asks the LLM; a bad reply gets ``repairs`` corrections, then :func:`decide` decides (logged)."""
     fields = task.prompt_fields
-    prompt = FEEDBACK_PROMPT.format(levers=list(levers), fields=sorted(fields), harness=to_json(harness),
+    tools = json.dumps([dataclasses.asdict(spec) for spec in task.offered_tools().values()])
+    prompt = FEEDBACK_PROMPT.format(levers=list(levers), fields=sorted(fields), harness=to_json(harness), tools=tools,
                                     summary=json.dumps(summary.to_dict(), ensure_ascii=False),
                                     history=json.dumps(history_for_prompt(history)))
 

@@ -5,11 +5,13 @@ more candidate patches. The loop evaluates candidates on dev and keeps one
 only when it beats the current harness beyond noise, so no entry has to be
 right: the library proposes, the dev set disposes. Entries:
 
+  add_tool              expose a tool the task offers, with one worked call on a train item
+  remove_tool           stop exposing a tool (and its worked calls)
   constrained_decoding  decode only within the parser's label set
   lenient_parser        accept the answer anywhere (drop regex anchors, take the last match)
   format_instruction    tell the model the answer format (from the parser's format_hint)
   few_shot              k worked examples from the train split (needs the task's demonstration())
-  retries               retry samples that fail to parse
+  retries               answer again after a reply that fails to parse, told why and the format
   self_consistency      majority vote over k samples per item
   temperature           another sampling temperature
   task_hints            the task's own suggested parser pattern / instruction
@@ -18,18 +20,20 @@ right: the library proposes, the dev set disposes. Entries:
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from siajax.harness import Harness, HarnessError, patch_harness, render_messages
+from siajax.tools import tool_functions
 
 if TYPE_CHECKING:
     from siajax.agents.rules import EditGrid
 
-EDIT_KINDS = ("constrained_decoding", "lenient_parser", "format_instruction", "few_shot", "retries",
-              "self_consistency", "temperature", "task_hints")
+EDIT_KINDS = ("add_tool", "constrained_decoding", "lenient_parser", "format_instruction", "few_shot", "retries",
+              "self_consistency", "temperature", "task_hints", "remove_tool")
 FIXABLE_FAILURES = ("parse_error", "invalid_label")
 
 
@@ -108,11 +112,56 @@ def few_shot(harness: Harness, task, grid):
             yield Candidate("few_shot", [_replace("/few_shot", shots)], f"show {len(shots)} solved train example(s)")
 
 
+RETRY_FEEDBACK = "That answer could not be read ({failure}). Reply again, ending with your answer as: {format_hint}"
+
+
 def retries(harness: Harness, task, grid):
     if harness.retry.max_attempts < 2:
         yield Candidate("retries", [_replace("/retry/max_attempts", 2),
-                                    _replace("/retry/retry_on", list(FIXABLE_FAILURES))],
-                        "retry samples whose answer does not parse, once")
+                                    _replace("/retry/retry_on", list(FIXABLE_FAILURES)),
+                                    _replace("/retry/feedback", RETRY_FEEDBACK)],
+                        "after a reply that does not parse, say so and ask again, once")
+
+
+def worked_call(harness: Harness, task, tool: str, grid) -> dict | None:
+    """A few-shot example that calls ``tool`` on one train item (the task's ``tool_arguments``), reads
+    the tool's real result and answers (the task's ``demonstration``); None when the task has none."""
+    arguments_for = getattr(task.verifier, "tool_arguments", None)
+    demonstrate = getattr(task.verifier, "demonstration", None)
+    train = task.train_items()
+    if arguments_for is None or demonstrate is None or not train:
+        return None
+    item = train[int(np.random.default_rng(grid.few_shot_seed).integers(len(train)))]
+    arguments, output = arguments_for(item, tool), demonstrate(item)
+    if arguments is None or output is None:
+        return None
+    result = tool_functions(task)[tool](**arguments)
+    call = json.dumps({"name": tool, "arguments": arguments})
+    prompt = render_messages(dataclasses.replace(harness, system_prompt="", few_shot=(), tools=()),
+                             **{s: item[s] for s in harness.slots})[-1]["content"]
+    return {"input": prompt, "call": f"{harness.tool_call.open}{call}{harness.tool_call.close}",
+            "tool_result": str(result), "output": output}
+
+
+def add_tool(harness: Harness, task, grid):
+    exposed = {tool.name for tool in harness.tools}
+    for name, spec in task.offered_tools().items():
+        if name in exposed:
+            continue
+        patch = [{"op": "add", "path": "/tools/-", "value": dataclasses.asdict(spec)}]
+        shot = worked_call(harness, task, name, grid)
+        if shot is not None:
+            patch.append({"op": "add", "path": "/few_shot/-", "value": shot})
+        yield Candidate("add_tool", patch, f"give the model the {name} tool" + (" with one worked call" if shot else ""))
+
+
+def remove_tool(harness: Harness, task, grid):
+    for index, tool in enumerate(harness.tools):
+        marker = json.dumps({"name": tool.name})[:-1]  # '{"name": "<tool>"' opens its calls
+        shots = [i for i, shot in enumerate(harness.few_shot) if marker in shot.call]
+        patch = [{"op": "remove", "path": f"/few_shot/{i}"} for i in reversed(shots)]
+        yield Candidate("remove_tool", patch + [{"op": "remove", "path": f"/tools/{index}"}],
+                        f"stop offering the {tool.name} tool")
 
 
 def self_consistency(harness: Harness, task, grid):
@@ -141,7 +190,7 @@ def task_hints(harness: Harness, task, grid):
                         "the task's suggested format instruction")
 
 
-LIBRARY = {"constrained_decoding": constrained_decoding, "lenient_parser": lenient_parser,
+LIBRARY = {"add_tool": add_tool, "remove_tool": remove_tool, "constrained_decoding": constrained_decoding, "lenient_parser": lenient_parser,
            "format_instruction": format_instruction, "few_shot": few_shot, "retries": retries,
            "self_consistency": self_consistency, "temperature": temperature, "task_hints": task_hints}
 

@@ -29,8 +29,13 @@ class HarnessError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class FewShot:
+    """A worked example: the user's ``input`` and the final reply ``output``; with ``call`` (a tool
+    call in the harness's format) the example first calls the tool and reads ``tool_result``."""
+
     input: str
     output: str
+    call: str = ""
+    tool_result: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +47,31 @@ class ToolSpec:
     parameters: dict = dataclasses.field(default_factory=lambda: {"type": "object", "properties": {}})
 
 
+TRAIN_TURNS = ("all", "final_attempt")
+FEEDBACK_SLOTS = ("failure", "format_hint")
+
+
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
+    """Retries are turns of the same episode: an answer that fails with a kind in ``retry_on`` is
+    followed by ``feedback`` as a user turn ({failure} and {format_hint} filled in), up to
+    ``max_attempts`` answers. ``train``: "all" trains every model turn of an episode,
+    "final_attempt" only the turns of its last answer (earlier ones stay as context)."""
+
     max_attempts: int = 1
     retry_on: tuple[str, ...] = ("parse_error",)
+    feedback: str = "That answer could not be used ({failure}). Answer again."
+    train: str = "all"
+
+
+@dataclasses.dataclass(frozen=True)
+class ToolCallFormat:
+    """How a reply calls a tool: ``open``, a JSON object {"name": ..., "arguments": {...}}, ``close``;
+    at most ``max_rounds`` calls are answered per episode (then the reply is taken as the answer)."""
+
+    open: str = "<tool_call>"
+    close: str = "</tool_call>"
+    max_rounds: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +121,7 @@ class Harness:
     template: str
     few_shot: tuple[FewShot, ...] = ()
     tools: tuple[ToolSpec, ...] = ()
+    tool_call: ToolCallFormat = ToolCallFormat()
     retry: RetryPolicy = RetryPolicy()
     parser: AnswerParser = AnswerParser()
     sampling: SamplingParams = SamplingParams()
@@ -148,7 +175,7 @@ def _build(cls, data: Any, where: str):
 
 
 _NESTED = {"FewShot": FewShot, "ToolSpec": ToolSpec, "RetryPolicy": RetryPolicy, "AnswerParser": AnswerParser,
-           "SamplingParams": SamplingParams}
+           "SamplingParams": SamplingParams, "ToolCallFormat": ToolCallFormat}
 
 
 def _convert(type_name: str, value: Any, where: str):
@@ -204,6 +231,16 @@ def validate(harness: Harness) -> Harness:
     unknown_failures = set(harness.retry.retry_on) - set(FAILURE_KINDS)
     if unknown_failures:
         problems.append(f"retry.retry_on has unknown failure kinds {sorted(unknown_failures)}")
+    if harness.retry.train not in TRAIN_TURNS:
+        problems.append(f"retry.train {harness.retry.train!r} not in {TRAIN_TURNS}")
+    try:
+        unknown_slots = set(template_slots(harness.retry.feedback)) - set(FEEDBACK_SLOTS)
+    except HarnessError as err:
+        unknown_slots = {str(err)}
+    if unknown_slots:
+        problems.append(f"retry.feedback may use only {{failure}} and {{format_hint}}, got {sorted(unknown_slots)}")
+    if not harness.tool_call.open or not harness.tool_call.close or harness.tool_call.max_rounds < 0:
+        problems.append("tool_call.open and tool_call.close must be non-empty and tool_call.max_rounds >= 0")
     names = [t.name for t in harness.tools]
     if len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z_][\w-]*", n) for n in names):
         problems.append(f"tool names must be unique identifiers, got {names}")
@@ -238,8 +275,33 @@ def render_messages(harness: Harness, **slots: str) -> list[dict]:
     missing = set(harness.slots) - set(slots)
     if missing:
         raise HarnessError(f"template needs slot(s) {sorted(missing)}")
-    messages = [{"role": "system", "content": harness.system_prompt}] if harness.system_prompt else []
+    system = "\n\n".join(part for part in (harness.system_prompt, tool_instructions(harness)) if part)
+    messages = [{"role": "system", "content": system}] if system else []
     for shot in harness.few_shot:
-        messages += [{"role": "user", "content": shot.input}, {"role": "assistant", "content": shot.output}]
+        messages.append({"role": "user", "content": shot.input})
+        if shot.call:
+            messages += [{"role": "assistant", "content": shot.call}, {"role": "tool", "content": shot.tool_result}]
+        messages.append({"role": "assistant", "content": shot.output})
     messages.append({"role": "user", "content": harness.template.format(**slots)})
     return messages
+
+
+def tool_instructions(harness: Harness) -> str:
+    """The system prompt's tool section ("" without tools): each tool's name, description and
+    arguments schema, and the call format."""
+    if not harness.tools:
+        return ""
+    fmt = harness.tool_call
+    lines = [f"You can call tools. To call one, write {fmt.open}{{\"name\": <tool>, \"arguments\": {{...}}}}"
+             f"{fmt.close} and stop; its result comes back in the next message. Tools:"]
+    for tool in harness.tools:
+        arguments = json.dumps(tool.parameters.get("properties", {}), sort_keys=True)
+        lines.append(f"- {tool.name}: {tool.description} Arguments: {arguments}")
+    return "\n".join(lines)
+
+
+def retry_feedback(harness: Harness, failure: str) -> str:
+    """The user turn that asks for another attempt after an answer failed with ``failure``."""
+    hint = harness.parser.format_hint
+    return harness.retry.feedback.format(failure=failure.replace("_", " "),
+                                         format_hint=hint or "the requested format")

@@ -1,8 +1,10 @@
 """Advantage estimators: GAE, group-relative (GRPO), entropic weights, whitening.
 
-Pure, jittable functions of arrays. Token arrays are [B, T] with a response
-mask whose ones are contiguous from t = 0 (right padding); a masked step is
-terminal. Group arrays are [N, G]: N prompts, G samples each.
+Pure, jittable functions of arrays. Token arrays are [B, T] with a mask of the
+policy's tokens: contiguous from t = 0 for a single reply, with gaps in a
+multi-turn episode (environment tokens between the model's turns). Steps are
+the masked positions in order; past the last one the episode has ended. Group
+arrays are [N, G]: N prompts, G samples each.
 """
 
 from __future__ import annotations
@@ -37,18 +39,8 @@ def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float
     return jnp.where(mask, scaled, 0.0)
 
 
-def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float):
-    """Generalised advantage estimation with a reverse ``lax.scan``.
-
-    Args:
-      rewards, values, mask: [B, T]; values are V(s_t); past a row's last
-        response token the episode has ended (bootstrap value 0).
-    Returns:
-      (advantages, returns), each [B, T], zero where mask is 0.
-    """
-    chex.assert_rank([rewards, values, mask], 2)
-    chex.assert_equal_shape([rewards, values, mask])
-    mask = mask.astype(bool)
+def _gae_contiguous(rewards, values, mask, gamma: float, lam: float):
+    """GAE on rows whose masked steps are contiguous from t = 0."""
     rewards, values = jnp.where(mask, rewards, 0.0), jnp.where(mask, values, 0.0)
     next_mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
     next_values = jnp.where(next_mask, jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1), 0.0)
@@ -65,6 +57,40 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, la
     )
     advantages = jnp.where(mask, advantages.T, 0.0)
     return advantages, jnp.where(mask, advantages + values, 0.0)
+
+
+def policy_steps_first(mask: jax.Array) -> jax.Array:
+    """[B, T] -> the per-row permutation that moves the masked positions to the front, in order."""
+    return jnp.argsort(~mask.astype(bool), axis=1, stable=True)
+
+
+def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float):
+    """Generalised advantage estimation with a reverse ``lax.scan``, over the policy's steps.
+
+    The steps are the masked positions in order: in a multi-turn episode the
+    environment's tokens between two turns are not steps, so gamma and lambda
+    discount per policy token and the value bootstrapped across a tool result
+    is the critic's at the next policy token (values off the mask are never read).
+
+    Args:
+      rewards, values, mask: [B, T]; values are V(s_t); past a row's last
+        masked step the episode has ended (bootstrap value 0).
+    Returns:
+      (advantages, returns), each [B, T], zero where mask is 0.
+    """
+    chex.assert_rank([rewards, values, mask], 2)
+    chex.assert_equal_shape([rewards, values, mask])
+    mask = mask.astype(bool)
+    order = policy_steps_first(mask)
+    gather = lambda x: jnp.take_along_axis(x, order, axis=1)  # noqa: E731
+    advantages, returns = _gae_contiguous(gather(rewards), gather(values), gather(mask), gamma, lam)
+    back = jnp.argsort(order, axis=1)
+    return jnp.take_along_axis(advantages, back, axis=1), jnp.take_along_axis(returns, back, axis=1)
+
+
+def last_step(mask: jax.Array) -> jax.Array:
+    """[B, T] -> [B] index of each row's last masked position (T - 1 for an empty row)."""
+    return mask.shape[1] - 1 - jnp.argmax(mask.astype(bool)[:, ::-1], axis=1)
 
 
 def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from siajax.rl.advantages import (
     LOO_MIN_GROUP, effective_sample_size, entropic_advantages, entropic_weights, adaptive_entropic_beta, gae,
-    explained_variance, group_relative, masked_mean, uniform_groups, whiten,
+    explained_variance, group_relative, last_step, masked_mean, uniform_groups, whiten,
 )
 from siajax.rl.losses import EntropicConfig, GRPOConfig, PPOConfig, entropic_loss, grpo_loss, ppo_gae_loss
 
@@ -28,11 +28,10 @@ def _per_token(sequence_values: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def ppo_token_rewards(outcome, old_logprobs, ref_logprobs, mask, kl_coef: float):
-    """-beta·(log pi_old - log pi_ref) at every response token, plus the outcome at the last one."""
+    """-beta·(log pi_old - log pi_ref) at every policy token, plus the outcome at the last one."""
     chex.assert_rank(outcome, 1)
     mask = mask.astype(bool)
-    last = jnp.maximum(jnp.sum(mask, axis=1, dtype=jnp.int32) - 1, 0)
-    final = jax.nn.one_hot(last, mask.shape[1]) * outcome[:, None]
+    final = jax.nn.one_hot(last_step(mask), mask.shape[1]) * outcome[:, None]
     return jnp.where(mask, final - kl_coef * (old_logprobs - ref_logprobs), 0.0)
 
 

@@ -99,7 +99,8 @@ class Learner:
         ``rewards``: this process's rows (all rows with one process).
 
         Metrics include ``logprob_mismatch``: max |old log-prob - sampler log-prob| over
-        response tokens, which is ~0 when training sees the distribution that sampled.
+        the policy's tokens (every turn of an episode), which is ~0 when training sees the
+        distribution that sampled. Environment tokens (``samples.policy_mask``) are context only.
         """
         if samples.truncated:
             raise ValueError("the weight lever trains on samples drawn with top_p=1 and top_k=0: a top-p/top-k "
@@ -122,12 +123,13 @@ class Learner:
                                                         temperature, samples.allowed, lora=False, shared=shared))
         rewards = np.asarray(rewards, np.float32)
         rewards = jnp.asarray(rewards) if self.mesh is None else to_global(rewards, self.mesh, self.shardings.rules)
-        extra, metrics = get_recipe(self.recipe).advantages(self.cfg, rewards, old, ref, samples.mask, group_size)
+        trained = samples.trained_mask
+        extra, metrics = get_recipe(self.recipe).advantages(self.cfg, rewards, old, ref, trained, group_size)
         rl = RLBatch(
-            mask=extra.get("mask", samples.mask), old_logprobs=old.logprobs, advantages=extra["advantages"],
+            mask=extra.get("mask", trained), old_logprobs=old.logprobs, advantages=extra["advantages"],
             ref_logprobs=ref.logprobs, returns=extra.get("returns"), old_values=old.values,
         )
-        mismatch = jnp.max(jnp.where(samples.mask, jnp.abs(old.logprobs - samples.logprobs), 0.0))
+        mismatch = jnp.max(jnp.where(trained, jnp.abs(old.logprobs - samples.logprobs), 0.0))
         return TrainBatch(tokens, attention, rl, temperature, samples.allowed, shared), {
             **metrics, "logprob_mismatch": mismatch}
 
