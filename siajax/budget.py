@@ -20,13 +20,15 @@ class BudgetError(ValueError):
 
 
 def evaluation_cost(harness: Harness, items: int) -> int:
-    """The most samples evaluating ``items`` under ``harness`` can draw: every vote retried to the limit."""
-    return items * harness.sampling.votes * harness.retry.max_attempts
+    """The most samples (replies) evaluating ``items`` under ``harness`` can draw: every vote's
+    episode run to the harness's most turns (retries, tool rounds)."""
+    return items * harness.sampling.votes * harness.max_turns
 
 
-def rollout_cost(items_per_update: int, group_size: int, updates: int) -> int:
-    """Samples of the weight lever's training rollouts (one attempt each, no votes)."""
-    return items_per_update * group_size * updates
+def rollout_cost(items_per_update: int, group_size: int, updates: int, turns: int = 1) -> int:
+    """The most samples of the weight lever's training rollouts: ``group_size`` episodes per item of
+    at most ``turns`` replies each (no votes)."""
+    return items_per_update * group_size * updates * turns
 
 
 @dataclasses.dataclass
@@ -49,9 +51,10 @@ class SampleBudget:
         self.spent += samples
 
 
-def updates_within(budget: int, items_per_update: int, group_size: int, dev_cost: int, wanted: int) -> int:
+def updates_within(budget: int, items_per_update: int, group_size: int, dev_cost: int, wanted: int,
+                   turns: int = 1) -> int:
     """How many weight updates fit beside the dev evaluation that judges them (at most ``wanted``)."""
-    return max(0, min(wanted, (budget - dev_cost) // max(items_per_update * group_size, 1)))
+    return max(0, min(wanted, (budget - dev_cost) // max(rollout_cost(items_per_update, group_size, 1, turns), 1)))
 
 
 @dataclasses.dataclass

@@ -58,10 +58,11 @@ def no_change(entering: dict) -> LeverOutcome:
 
 
 def training_harness(harness: Harness, group_size: int) -> Harness:
-    """The harness the weight lever samples with: its prompts and temperature, but untruncated
-    (top_p=1, top_k=0: a trainer can recompute only that), one attempt, ``group_size`` samples."""
+    """The harness the weight lever samples with: its prompts, temperature, tools and retries (turns
+    of the episodes it trains), but untruncated (top_p=1, top_k=0: a trainer can recompute only
+    that), ``group_size`` episodes per item, no votes."""
     sampling = dataclasses.replace(harness.sampling, top_p=1.0, top_k=0, samples_per_prompt=group_size, votes=1)
-    return dataclasses.replace(harness, sampling=sampling, retry=dataclasses.replace(harness.retry, max_attempts=1))
+    return dataclasses.replace(harness, sampling=sampling)
 
 
 def search_harness(decision: Decision, store: HarnessStore, task: Task, policy: TrainablePolicy, plan: EvalPlan,
@@ -130,10 +131,11 @@ def weights_generation(decision: Decision, policy: TrainablePolicy, task: Task, 
     dev_cost = evaluation_cost(harness, len(plan.dev))
     rescore = 0 if scored_under(entering, generation) else dev_cost
     updates = updates_within(budget.limit - rescore, config.items_per_generation, group_size, dev_cost,
-                             config.updates_per_generation)
+                             config.updates_per_generation, harness.max_turns)
     if not updates:
-        failed = (f"budget: one update ({rollout_cost(config.items_per_generation, group_size, 1)} samples) "
-                  f"and the dev evaluation ({dev_cost}) do not fit in {budget.limit} samples")
+        one_update = rollout_cost(config.items_per_generation, group_size, 1, harness.max_turns)
+        failed = (f"budget: one update ({one_update} samples) and the dev evaluation ({dev_cost}) do not fit in "
+                  f"{budget.limit} samples")
         emit("warning", {"generation": generation, "message": f"weights generation failed: {failed}"})
         return LeverOutcome(after=entering, failed=failed, rolled_back=True), []
     baseline = rescored_baseline(task, harness, policy.backend(), plan, entering, generation, budget, spend)

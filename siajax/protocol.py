@@ -84,7 +84,7 @@ def generation_budget(config: RunConfig, initial_harness: Harness, dev_items: in
     if config.generation_budget is not None:
         return config.generation_budget
     group = config.group_size(initial_harness)
-    return (rollout_cost(config.items_per_generation, group, config.updates_per_generation)
+    return (rollout_cost(config.items_per_generation, group, config.updates_per_generation, initial_harness.max_turns)
             + 2 * evaluation_cost(initial_harness, dev_items))
 
 

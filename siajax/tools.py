@@ -4,9 +4,9 @@ A harness exposes tools (``Harness.tools``, data); their implementations come
 from the built-ins here (``calculator``, ``python``) or from the task's verifier
 module (``TOOLS``: name -> function). A task lists the tools it offers the
 harness lever in task.json (``"tools"``). Every outcome is a tool-result
-message, never an exception: a malformed call, an unknown tool, a tool that
-raises or runs out of time each becomes an ``error`` result, counted by kind
-(:data:`TOOL_FAILURES`).
+message, never an exception: a malformed call, an unknown tool, arguments the
+tool's schema does not name, a tool that raises or runs out of time each
+becomes an ``error`` result, counted by kind (:data:`TOOL_FAILURES`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from typing import Callable
 from siajax import timing
 from siajax.harness import Harness, ToolCallFormat, ToolSpec
 
-TOOL_FAILURES = ("malformed_call", "unknown_tool", "tool_error", "tool_timeout")
+TOOL_FAILURES = ("malformed_call", "unknown_tool", "bad_arguments", "tool_error", "tool_timeout")
+ILL_FORMED = ("malformed_call", "unknown_tool", "bad_arguments")  # the call itself was wrong, not the tool
 RESULT_CHARS = 2000  # a tool result longer than this is cut (the policy's context is the limit)
 
 
@@ -128,10 +129,24 @@ def tool_functions(task) -> dict[str, Callable]:
     return {**{name: fn for name, (_, fn) in BUILTIN_TOOLS.items()}, **getattr(task.verifier, "TOOLS", {})}
 
 
-def _run_one(functions: dict[str, Callable], exposed: set[str], call: dict) -> ToolOutcome:
+def argument_problem(spec: ToolSpec, arguments: dict) -> str | None:
+    """Why ``arguments`` do not fit the spec's schema (unknown or missing names); None when they do."""
+    known = set(spec.parameters.get("properties", {}))
+    unknown = set(arguments) - known if known else set()
+    missing = set(spec.parameters.get("required", [])) - set(arguments)
+    if unknown or missing:
+        return (f"{spec.name} takes {sorted(known)}" + (f"; unknown {sorted(unknown)}" if unknown else "")
+                + (f"; missing {sorted(missing)}" if missing else ""))
+    return None
+
+
+def _run_one(functions: dict[str, Callable], exposed: dict[str, ToolSpec], call: dict) -> ToolOutcome:
     name, arguments = call["name"], call["arguments"]
     if name not in exposed or name not in functions:
         return ToolOutcome(name, arguments, failure="unknown_tool", error=f"unknown tool {name!r}")
+    problem = argument_problem(exposed[name], arguments)
+    if problem:
+        return ToolOutcome(name, arguments, failure="bad_arguments", error=problem)
     try:
         result = functions[name](**arguments)
     except TimeoutError as err:
@@ -145,7 +160,7 @@ def _run_one(functions: dict[str, Callable], exposed: set[str], call: dict) -> T
 def run_calls(task, harness: Harness, calls: list[dict], max_workers: int = 8) -> list[ToolOutcome]:
     """A round's calls (from every live episode), run together: in threads, as the python tool's
     sandboxes are processes."""
-    functions, exposed = tool_functions(task), {tool.name for tool in harness.tools}
+    functions, exposed = tool_functions(task), {tool.name: tool for tool in harness.tools}
     if not calls:
         return []
     with timing.phase("verify"), ThreadPoolExecutor(max_workers=min(max_workers, len(calls))) as pool:

@@ -51,11 +51,15 @@ def tool_harness(task, *, rounds=2, samples=4, train="all"):
 
 
 def test_each_turn_of_every_live_episode_is_one_sampler_call(backend):
+    from siajax.budget import evaluation_cost
+
     task = resolve_task("digits")
     backend.calls.clear()
-    rollout = run_items(task, tool_harness(task), backend, task.items("train")[:4], jax.random.key(0))
+    harness = tool_harness(task)
+    rollout = run_items(task, harness, backend, task.items("train")[:4], jax.random.key(0))
     turns = [r["turns"] for r in rollout.records]
-    assert max(turns) == 3 and min(turns) < 3, turns  # some episodes called twice, some answered early
+    assert max(turns) == harness.max_turns == 3 and min(turns) < 3, turns  # some called twice, some answered early
+    assert rollout.replies <= evaluation_cost(harness, 4 * 4)  # the budget's worst case bounds what was drawn
     # 16 episodes x up to 3 turns: one call per turn, each over the episodes still running
     assert backend.calls == [sum(t > turn for t in turns) for turn in range(3)]
     assert rollout.replies == sum(turns) and all(r["tool_calls"] for r in rollout.records if r["turns"] > 1)
@@ -169,6 +173,24 @@ def test_find_call_reads_the_harness_format_and_names_malformed_calls():
     for broken in ("<tool_call>{name: 1}</tool_call>", '<tool_call>{"arguments": {}}</tool_call>',
                    '<tool_call>{"name": "x", "arguments": [1]}</tool_call>'):
         assert find_call(fmt, broken).failure == "malformed_call"
+
+
+def test_a_round_of_calls_never_raises_and_names_each_failure():
+    import dataclasses
+
+    from siajax.tools import BUILTIN_TOOLS, run_calls
+
+    task = resolve_task("digits")
+    harness = dataclasses.replace(task.default_harness(), tools=(BUILTIN_TOOLS["calculator"][0],))
+    calls = [{"name": "calculator", "arguments": {"expression": "12 * 12"}},
+             {"name": "python", "arguments": {"code": "print(1)"}},  # built in, but not exposed here
+             {"name": "calculator", "arguments": {"expr": "1 + 1"}},
+             {"name": "calculator", "arguments": {"expression": "1 / 0"}},
+             {"name": "calculator", "arguments": {"expression": "__import__('os')"}}]
+    outcomes = run_calls(task, harness, calls)
+    assert outcomes[0].result == "144" and outcomes[0].failure is None
+    assert [o.failure for o in outcomes[1:]] == ["unknown_tool", "bad_arguments", "tool_error", "tool_error"]
+    assert "ZeroDivisionError" in outcomes[3].error and outcomes[2].message()["content"].startswith("error: ")
 
 
 def test_python_tool_runs_in_the_sandbox():

@@ -158,8 +158,7 @@ def run_episodes(task, harness: Harness, backend, items: list[dict], key: jax.Ar
     """Every item's episodes to their end: each turn one sampler call over the live episodes, then
     the round's tool calls together, then the answers judged (and retried per the harness)."""
     episodes = start_episodes(harness, backend, items)
-    max_turns = harness.tool_call.max_rounds * bool(harness.tools) + harness.retry.max_attempts
-    for turn in range(max_turns):
+    for turn in range(harness.max_turns):
         live = [e for e in episodes if not e.done]
         if not live:
             break

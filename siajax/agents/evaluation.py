@@ -19,6 +19,7 @@ import jax
 from siajax import timing
 from siajax.agents.task_agent import run_items
 from siajax.harness import Harness
+from siajax.tools import ILL_FORMED
 
 
 @dataclasses.dataclass
@@ -49,10 +50,10 @@ class Evaluation:
 
 def tool_use_stats(records: list[dict]) -> dict:
     """How episodes used their tools: the share that called one, the share of calls that were
-    well-formed (valid JSON naming an exposed tool), the share whose final answer is a result a tool
-    returned, and the calls' failures by kind."""
+    well-formed (valid JSON naming an exposed tool, with the arguments its schema names), the share
+    whose final answer is a result a tool returned, and the calls' failures by kind."""
     calls = [call for r in records for call in r["tool_calls"]]
-    malformed = sum(call.get("failure") in ("malformed_call", "unknown_tool") for call in calls)
+    malformed = sum(call.get("failure") in ILL_FORMED for call in calls)
 
     def answered_with_result(record) -> bool:
         results = {str(c["result"]).strip().replace(",", "") for c in record["tool_calls"] if "result" in c}

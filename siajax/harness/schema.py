@@ -132,6 +132,11 @@ class Harness:
         return template_slots(self.template)
 
     @property
+    def max_turns(self) -> int:
+        """The most replies one episode can draw: every answer retried, every tool round used."""
+        return self.retry.max_attempts + (self.tool_call.max_rounds if self.tools else 0)
+
+    @property
     def version(self) -> str:
         return hashlib.sha256(to_json(self).encode("utf-8")).hexdigest()[:12]
 
@@ -287,16 +292,18 @@ def render_messages(harness: Harness, **slots: str) -> list[dict]:
 
 
 def tool_instructions(harness: Harness) -> str:
-    """The system prompt's tool section ("" without tools): each tool's name, description and
-    arguments schema, and the call format."""
+    """The system prompt's tool section ("" without tools): the call format, then each tool with its
+    description and a call to copy (its arguments as typed placeholders, valid JSON)."""
     if not harness.tools:
         return ""
     fmt = harness.tool_call
-    lines = [f"You can call tools. To call one, write {fmt.open}{{\"name\": <tool>, \"arguments\": {{...}}}}"
-             f"{fmt.close} and stop; its result comes back in the next message. Tools:"]
+    lines = [f"You can call tools. To call one, reply with only {fmt.open}<JSON: the tool's name and arguments>"
+             f"{fmt.close}; its result comes back in the next message. Tools:"]
     for tool in harness.tools:
-        arguments = json.dumps(tool.parameters.get("properties", {}), sort_keys=True)
-        lines.append(f"- {tool.name}: {tool.description} Arguments: {arguments}")
+        arguments = {name: f"<{spec.get('type', 'value') if isinstance(spec, dict) else 'value'}>"
+                     for name, spec in tool.parameters.get("properties", {}).items()}
+        call = json.dumps({"name": tool.name, "arguments": arguments})
+        lines.append(f"- {tool.name}: {tool.description} Call: {fmt.open}{call}{fmt.close}")
     return "\n".join(lines)
 
 
