@@ -65,6 +65,29 @@ def training_harness(harness: Harness, group_size: int) -> Harness:
     return dataclasses.replace(harness, sampling=sampling)
 
 
+def capped_turns(harness: Harness, turns: int) -> Harness:
+    """``harness`` with at most ``turns`` replies per episode: tool rounds are kept before retries."""
+    rounds = min(harness.tool_call.max_rounds if harness.tools else 0, turns - 1)
+    attempts = min(harness.retry.max_attempts, turns - rounds)
+    return dataclasses.replace(harness, retry=dataclasses.replace(harness.retry, max_attempts=attempts),
+                               tool_call=dataclasses.replace(harness.tool_call, max_rounds=rounds))
+
+
+def training_plan(budget_left: int, config: RunConfig, group_size: int, dev_cost: int,
+                  harness: Harness) -> tuple[int, int]:
+    """-> (updates, turns per training episode): the wanted updates at the most turns (tool rounds,
+    retries) whose worst case fits beside the dev evaluation, else as many one-turn updates as fit."""
+    wanted = config.updates_per_generation
+
+    def fitting(turns: int) -> int:
+        return updates_within(budget_left, config.items_per_generation, group_size, dev_cost, wanted, turns)
+
+    turns = harness.max_turns
+    while turns > 1 and fitting(turns) < wanted:
+        turns -= 1
+    return fitting(turns), turns
+
+
 def search_harness(decision: Decision, store: HarnessStore, task: Task, policy: TrainablePolicy, plan: EvalPlan,
                    entering: dict, generation: int, budget: SampleBudget, spend: Spend, config: RunConfig,
                    emit) -> LeverOutcome:
@@ -130,18 +153,17 @@ def weights_generation(decision: Decision, policy: TrainablePolicy, task: Task, 
     group_size = config.group_size(harness)
     dev_cost = evaluation_cost(harness, len(plan.dev))
     rescore = 0 if scored_under(entering, generation) else dev_cost
-    updates = updates_within(budget.limit - rescore, config.items_per_generation, group_size, dev_cost,
-                             config.updates_per_generation, harness.max_turns)
+    updates, turns = training_plan(budget.limit - rescore, config, group_size, dev_cost, harness)
     if not updates:
-        one_update = rollout_cost(config.items_per_generation, group_size, 1, harness.max_turns)
+        one_update = rollout_cost(config.items_per_generation, group_size, 1)
         failed = (f"budget: one update ({one_update} samples) and the dev evaluation ({dev_cost}) do not fit in "
                   f"{budget.limit} samples")
         emit("warning", {"generation": generation, "message": f"weights generation failed: {failed}"})
         return LeverOutcome(after=entering, failed=failed, rolled_back=True), []
     baseline = rescored_baseline(task, harness, policy.backend(), plan, entering, generation, budget, spend)
     snapshot = policy.snapshot()
-    trained, records = train_weights(policy, task, harness, decision.recipe, config, generation, key, emit, updates,
-                                     spend)
+    trained, records = train_weights(policy, task, capped_turns(harness, turns), decision.recipe, config, generation,
+                                     key, emit, updates, spend)
     budget.charge(spend.rollout_samples)
     outcome = LeverOutcome(after=entering, train=trained, baseline_dev_score=baseline["dev"]["score"],
                            rolled_back=True)
@@ -201,7 +223,7 @@ def train_weights(policy: TrainablePolicy, task: Task, harness: Harness, recipe:
                                           group_size=group, on_update=account)
     return {"recipe": recipe, "updates": history, "logprob_mismatch": max(h["logprob_mismatch"] for h in history),
             "applied_steps": sum(h["applied_steps"] for h in history),
-            "skipped_steps": sum(h["skipped"] for h in history),
+            "skipped_steps": sum(h["skipped"] for h in history), "turns_per_episode": harness.max_turns,
             **({"tool_use": tool_use_stats(records)} if harness.tools else {})}, records
 
 

@@ -230,3 +230,23 @@ def test_the_weight_lever_trains_tool_episodes_in_the_loop(tmp_path):
     assert "tool_use" in ledger[0]["after"]["dev"] or ledger[0]["failed"]
     records = [json.loads(line) for line in (tmp_path / "run" / "gen_000" / "trajectory.jsonl").open()]
     assert any(segment["role"] == "tool" for record in records for segment in record["segments"])
+
+
+def test_training_episodes_get_the_most_turns_the_budget_covers():
+    """The weight lever keeps tool rounds before retries, and cuts turns before updates."""
+    import dataclasses
+
+    from siajax.config import RunConfig
+    from siajax.levers import capped_turns, training_plan
+
+    task = resolve_task("digits")
+    harness = patch_harness(tool_harness(task, rounds=2), [{"op": "replace", "path": "/retry/max_attempts", "value": 2}])
+    assert harness.max_turns == 4
+    assert [(capped_turns(harness, t).tool_call.max_rounds, capped_turns(harness, t).retry.max_attempts)
+            for t in (4, 3, 2, 1)] == [(2, 2), (2, 1), (1, 1), (0, 1)]
+    config = RunConfig(task="digits", items_per_generation=2, updates_per_generation=3)
+    one_turn_update = 2 * 4  # items x group
+    assert training_plan(3 * 4 * one_turn_update + 10, config, 4, 10, harness) == (3, 4)
+    assert training_plan(3 * 2 * one_turn_update + 10, config, 4, 10, harness) == (3, 2)
+    assert training_plan(2 * one_turn_update + 10, config, 4, 10, harness) == (2, 1)  # fewer updates only at 1 turn
+    assert dataclasses.replace(harness, tools=()).max_turns == 2
