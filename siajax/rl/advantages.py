@@ -39,38 +39,14 @@ def whiten(x: jax.Array, mask: jax.Array, *, shift_mean: bool = True, eps: float
     return jnp.where(mask, scaled, 0.0)
 
 
-def _gae_contiguous(rewards, values, mask, gamma: float, lam: float):
-    """GAE on rows whose masked steps are contiguous from t = 0."""
-    rewards, values = jnp.where(mask, rewards, 0.0), jnp.where(mask, values, 0.0)
-    next_mask = jnp.concatenate([mask[:, 1:], jnp.zeros_like(mask[:, :1])], axis=1)
-    next_values = jnp.where(next_mask, jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1), 0.0)
-    deltas = rewards + gamma * next_values - values
-
-    def backward(carry, inputs):
-        delta, keep_going = inputs
-        advantage = delta + gamma * lam * keep_going * carry
-        return advantage, advantage
-
-    _, advantages = jax.lax.scan(
-        backward, jnp.zeros(rewards.shape[0], jnp.float32), (deltas.T, next_mask.T.astype(jnp.float32)),
-        reverse=True,
-    )
-    advantages = jnp.where(mask, advantages.T, 0.0)
-    return advantages, jnp.where(mask, advantages + values, 0.0)
-
-
-def policy_steps_first(mask: jax.Array) -> jax.Array:
-    """[B, T] -> the per-row permutation that moves the masked positions to the front, in order."""
-    return jnp.argsort(~mask.astype(bool), axis=1, stable=True)
-
-
 def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, lam: float):
     """Generalised advantage estimation with a reverse ``lax.scan``, over the policy's steps.
 
     The steps are the masked positions in order: in a multi-turn episode the
-    environment's tokens between two turns are not steps, so gamma and lambda
-    discount per policy token and the value bootstrapped across a tool result
-    is the critic's at the next policy token (values off the mask are never read).
+    environment's tokens between two turns are not steps (the scan carries the
+    running advantage and the next step's value across them unchanged), so gamma
+    and lambda discount per policy token and the value bootstrapped across a tool
+    result is the critic's at the next policy token. Values off the mask are never read.
 
     Args:
       rewards, values, mask: [B, T]; values are V(s_t); past a row's last
@@ -81,11 +57,19 @@ def gae(rewards: jax.Array, values: jax.Array, mask: jax.Array, gamma: float, la
     chex.assert_rank([rewards, values, mask], 2)
     chex.assert_equal_shape([rewards, values, mask])
     mask = mask.astype(bool)
-    order = policy_steps_first(mask)
-    gather = lambda x: jnp.take_along_axis(x, order, axis=1)  # noqa: E731
-    advantages, returns = _gae_contiguous(gather(rewards), gather(values), gather(mask), gamma, lam)
-    back = jnp.argsort(order, axis=1)
-    return jnp.take_along_axis(advantages, back, axis=1), jnp.take_along_axis(returns, back, axis=1)
+    rewards, values = jnp.where(mask, rewards, 0.0), jnp.where(mask, values, 0.0)
+
+    def backward(carry, inputs):
+        next_advantage, next_value = carry
+        reward, value, step = inputs
+        advantage = reward + gamma * next_value - value + gamma * lam * next_advantage
+        carry = (jnp.where(step, advantage, next_advantage), jnp.where(step, value, next_value))
+        return carry, jnp.where(step, advantage, 0.0)
+
+    zeros = jnp.zeros(rewards.shape[0], jnp.float32)
+    _, advantages = jax.lax.scan(backward, (zeros, zeros), (rewards.T, values.T, mask.T), reverse=True)
+    advantages = advantages.T
+    return advantages, jnp.where(mask, advantages + values, 0.0)
 
 
 def last_step(mask: jax.Array) -> jax.Array:
