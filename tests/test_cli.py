@@ -110,7 +110,8 @@ def test_a_llama3_style_tokenizer_without_pad_and_with_several_stop_ids(tmp_path
 def test_a_second_run_of_the_same_config_loads_its_programs_from_the_compilation_cache(tmp_path):
     """`siajax run` turns JAX's persistent compilation cache on under $SIAJAX_CACHE: the second run of a
     config reads its programs back (the ledger counts the cache hits) and computes the same ledger."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+    unwanted = ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT", "SIAJAX_COMPILE_CACHE")  # the suite turns it off
+    env = {k: v for k, v in os.environ.items() if not k.startswith(unwanted)}
     env["SIAJAX_CACHE"] = str(tmp_path / "cache")
     argv = [sys.executable, "-m", "siajax", "run", "--task", "digits", "--model", str(BUNDLED_TINY_MODEL),
             "--levers", "harness", "--generations", "1", "--dev-items", "4", "--test-items", "4"]

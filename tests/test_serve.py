@@ -14,27 +14,6 @@ from siajax.models import BUNDLED_TINY_MODEL, from_pretrained
 from siajax.serve import make_server
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_persistent_compilation_cache():
-    """This module's servers compile on handler threads; with the session's persistent cache on, a
-    cache write there (executable.serialize) segfaulted two full CI-equivalent runs (never this file
-    alone). JAX decides once per process whether the cache is used, so it is switched off and reset
-    for the module, then back on. (``siajax serve`` itself never turns the cache on.)"""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_enable_compilation_cache", True)
-    compilation_cache.reset_cache()
-
-
-def test_the_servers_here_compile_without_the_persistent_cache():
-    from jax._src import compilation_cache
-
-    assert not compilation_cache.is_cache_used(jax.devices()[0].client)
-
-
 @pytest.fixture(scope="module")
 def server_url():
     backend = LocalPolicyBackend(*from_pretrained(BUNDLED_TINY_MODEL))
