@@ -92,3 +92,14 @@ def pytest_sessionfinish(session, exitstatus):
     if _skipped_without_torch:
         print(f"\nskipped with SIAJAX_HIDE_TORCH=1 (these must run without torch): {_skipped_without_torch}")
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after each test module. A full run compiles thousands; three
+    CI-equivalent runs then segfaulted inside XLA (compile, serialize, deserialize) at about the same
+    point of the suite, never a file alone: a per-process resource running out, we think."""
+    yield
+    import jax
+
+    jax.clear_caches()
