@@ -90,6 +90,12 @@ def format_instruction(harness: Harness, task, grid):
                         "state the answer format the parser expects")
 
 
+def item_prompt(harness: Harness, item: dict) -> str:
+    """The user turn ``harness`` writes for ``item`` (its filled template): a worked example's input."""
+    return render_messages(dataclasses.replace(harness, system_prompt="", few_shot=(), tools=()),
+                           **{s: item[s] for s in harness.slots})[-1]["content"]
+
+
 def few_shot(harness: Harness, task, grid):
     demonstrate = getattr(task.verifier, "demonstration", None)
     if demonstrate is None:
@@ -105,9 +111,7 @@ def few_shot(harness: Harness, task, grid):
             output = demonstrate(item)
             if output is None:
                 continue
-            prompt = render_messages(dataclasses.replace(harness, system_prompt="", few_shot=()),
-                                     **{s: item[s] for s in harness.slots})[-1]["content"]
-            shots.append({"input": prompt, "output": output})
+            shots.append({"input": item_prompt(harness, item), "output": output})
         if shots:
             yield Candidate("few_shot", [_replace("/few_shot", shots)], f"show {len(shots)} solved train example(s)")
 
@@ -137,9 +141,7 @@ def worked_call(harness: Harness, task, tool: str, grid) -> dict | None:
         return None
     result = tool_functions(task)[tool](**arguments)
     call = json.dumps({"name": tool, "arguments": arguments})
-    prompt = render_messages(dataclasses.replace(harness, system_prompt="", few_shot=(), tools=()),
-                             **{s: item[s] for s in harness.slots})[-1]["content"]
-    return {"input": prompt, "call": f"{harness.tool_call.open}{call}{harness.tool_call.close}",
+    return {"input": item_prompt(harness, item), "call": f"{harness.tool_call.open}{call}{harness.tool_call.close}",
             "tool_result": str(result), "output": output}
 
 
@@ -190,7 +192,8 @@ def task_hints(harness: Harness, task, grid):
                         "the task's suggested format instruction")
 
 
-LIBRARY = {"add_tool": add_tool, "remove_tool": remove_tool, "constrained_decoding": constrained_decoding, "lenient_parser": lenient_parser,
+LIBRARY = {"add_tool": add_tool, "remove_tool": remove_tool, "constrained_decoding": constrained_decoding,
+           "lenient_parser": lenient_parser,
            "format_instruction": format_instruction, "few_shot": few_shot, "retries": retries,
            "self_consistency": self_consistency, "temperature": temperature, "task_hints": task_hints}
 
