@@ -99,3 +99,27 @@ def test_compare_levers_writes_table_plot_and_summary(tmp_path):
     assert len(rows) == 3 and "W+H - H (paired t)" in rows[2] and "cludes 0" in rows[2]
     spent = summary["SIA-H"]["samples_spent"]
     assert rows[0].endswith(f"| {spent[0]}, {spent[1]} |")
+
+
+def _point(score, tool_use=None):
+    return {"score": score, **({"tool_use": tool_use} if tool_use is not None else {})}
+
+
+def test_tool_use_table_averages_each_generation_over_seeds_and_plots_a_second_panel(tmp_path):
+    from experiments.paper.compare_levers import plot, tool_use_table
+
+    def ledger(calling_after):  # start without tools, then one generation whose harness exposes one
+        use = {"episodes_calling": calling_after, "calls_well_formed": 0.5, "answers_with_result": calling_after / 2}
+        return [{"before": {"test": _point(0.0)}, "after": {"test": _point(0.25, use)}}]
+
+    results = {"SIA-H": [ledger(0.2), ledger(0.4)], "SIA-W+H": [ledger(1.0), ledger(0.6)]}
+    rows = tool_use_table(results, "arithmetic_tool").splitlines()[2:]
+    assert rows == ["| arithmetic_tool | SIA-H | start | 0.000 | 0.000 | 0.000 |",
+                    "| arithmetic_tool | SIA-H | 0 | 0.300 | 0.500 | 0.150 |",
+                    "| arithmetic_tool | SIA-W+H | start | 0.000 | 0.000 | 0.000 |",
+                    "| arithmetic_tool | SIA-W+H | 0 | 0.800 | 0.500 | 0.400 |"]
+    without_tools = {arm: [[{"before": {"test": _point(0.0)}, "after": {"test": _point(0.1)}}]] for arm in results}
+    assert tool_use_table(without_tools, "digits") == ""
+    one_panel = plot(without_tools, tmp_path / "one.png", "digits").stat().st_size
+    two_panels = plot(results, tmp_path / "two.png", "arithmetic_tool").stat().st_size
+    assert two_panels > one_panel > 10_000

@@ -8,7 +8,9 @@ Writes, under ``--out/<task>/``: each run's directory, ``summary.json``, a
 markdown table (test score per arm: mean and 95% CI over seeds, plus the
 start, and the paired difference W+H - H with its paired-t 95% interval over
 seeds), ``test_by_generation.png`` (both arms, mean with a band over seeds);
-with ``--record`` it also appends the rows to ``experiments/paper/RESULTS.md``.
+when a harness exposed a tool, the per-generation share of test episodes that call one, call it
+well-formed and answer with its result; with ``--record`` it also appends the rows to
+``experiments/paper/RESULTS.md``.
 
     python experiments/paper/compare_levers.py --config experiments/main_job.toml --seeds 0 1 2
     python experiments/paper/compare_levers.py --task digits --model siajax/assets/tiny-llama --generations 6
@@ -55,6 +57,31 @@ def run_arms(base: RunConfig, seeds, out: Path, log=print) -> dict:
     return results
 
 
+TOOL_RATES = ("episodes_calling", "calls_well_formed", "answers_with_result")
+
+
+def tool_use_curve(ledger: list[dict], split: str = "test") -> list[dict]:
+    """Per point of ``curve``: the split's tool-use rates (all 0 while the harness exposes no tool)."""
+    points = [ledger[0]["before"][split]] + [entry["after"][split] for entry in ledger]
+    return [{rate: float(point.get("tool_use", {}).get(rate, 0.0)) for rate in TOOL_RATES} for point in points]
+
+
+def tool_use_table(results: dict, task: str, split: str = "test") -> str:
+    """Per arm and generation, mean over seeds of the share of episodes calling a tool, of calls
+    well-formed and of answers that are a tool's result ("" when no run ever exposed a tool)."""
+    curves = {arm: [tool_use_curve(ledger, split) for ledger in ledgers] for arm, ledgers in results.items()}
+    if not any(point[rate] for runs in curves.values() for run in runs for point in run for rate in TOOL_RATES):
+        return ""
+    lines = [f"| task | arm | generation | {split}: episodes calling a tool | calls well-formed | "
+             "answers = a tool's result |", "|---|---|---:|---:|---:|---:|"]
+    for arm, runs in curves.items():
+        for point in range(len(runs[0])):
+            means = [np.mean([run[point][rate] for run in runs]) for rate in TOOL_RATES]
+            lines.append(f"| {task} | {arm} | {'start' if point == 0 else point - 1} | "
+                         + " | ".join(f"{m:.3f}" for m in means) + " |")
+    return "\n".join(lines)
+
+
 def summarise(results: dict) -> dict:
     summary = {}
     for arm, ledgers in results.items():
@@ -68,6 +95,7 @@ def summarise(results: dict) -> dict:
             # what each arm drew to propose and judge changes (the budget's unit; test evaluation apart)
             "samples_spent": [sum(e["spend"]["spent_samples"] for e in ledger) for ledger in ledgers],
             "budget_per_generation": [ledgers[0][0]["spend"]["budget_samples"]] if ledgers else [],
+            "test_tool_use_by_generation": [tool_use_curve(ledger) for ledger in ledgers],
         }
     return summary
 
@@ -118,21 +146,34 @@ def results_rows(summary: dict, task: str, model: str, generations: int) -> str:
 
 
 def plot(results: dict, path: Path, task: str) -> Path:
+    """Test score by generation per arm (mean, band = min..max over seeds); when a harness exposed a
+    tool, a second panel with the share of test episodes calling it and answering with its result."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    with_tools = bool(tool_use_table(results, task))
+    fig, axes = plt.subplots(1, 2 if with_tools else 1, figsize=(12 if with_tools else 7, 4), squeeze=False)
     for (arm, ledgers), colour in zip(results.items(), ("tab:blue", "tab:orange")):
         curves = np.array([curve(ledger, "test") for ledger in ledgers])
         xs = np.arange(-1, curves.shape[1] - 1)
-        ax.plot(xs, curves.mean(0), color=colour, marker="o", label=f"{arm} (n={len(ledgers)} seeds)")
-        ax.fill_between(xs, curves.min(0), curves.max(0), color=colour, alpha=0.15, lw=0)
-    ax.set_xlabel("generation (-1 = start)")
-    ax.set_ylabel("test score (held out; mean, band = min..max over seeds)")
-    ax.set_title(f"{task}: harness only vs harness + weights, equal budgets")
-    ax.legend()
+        axes[0, 0].plot(xs, curves.mean(0), color=colour, marker="o", label=f"{arm} (n={len(ledgers)} seeds)")
+        axes[0, 0].fill_between(xs, curves.min(0), curves.max(0), color=colour, alpha=0.15, lw=0)
+        if with_tools:
+            uses = [tool_use_curve(ledger) for ledger in ledgers]
+            for rate, style in (("episodes_calling", "--"), ("answers_with_result", "-")):
+                means = np.mean([[point[rate] for point in run] for run in uses], axis=0)
+                axes[0, 1].plot(xs, means, style, color=colour, marker="o", label=f"{arm}: {rate.replace('_', ' ')}")
+    axes[0, 0].set_xlabel("generation (-1 = start)")
+    axes[0, 0].set_ylabel("test score (held out; mean, band = min..max over seeds)")
+    axes[0, 0].set_title(f"{task}: harness only vs harness + weights, equal budgets")
+    axes[0, 0].legend()
+    if with_tools:
+        axes[0, 1].set_xlabel("generation (-1 = start)")
+        axes[0, 1].set_ylabel("share of test episodes (mean over seeds)")
+        axes[0, 1].set_title("tool use")
+        axes[0, 1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -165,6 +206,8 @@ def main(argv=None):
     results = run_arms(base, args.seeds, out)
     summary = summarise(results)
     rendered = table(summary, Path(args.task).name)
+    tools = tool_use_table(results, Path(args.task).name)
+    rendered += f"\n\n{tools}" if tools else ""
     (out / "summary.json").write_text(json.dumps({"config": base.to_dict(), "seeds": args.seeds,
                                                    "summary": summary}, indent=1))
     (out / "table.md").write_text(rendered + "\n")
