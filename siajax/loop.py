@@ -71,7 +71,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
     emit = _emitter(trackers, on_event)
     store, plan, ledger = HarnessStore(run_dir / "harness"), evaluation_plan(task, config), read_ledger(run_dir)
     if ledger:
-        entering, limit = restore_state(config, store, policy, plan, run_dir, ledger)
+        entering, limit = restore_state(config, task, store, policy, plan, run_dir, ledger)
     else:
         entering, limit = start_state(config, task, store, policy, plan, run_dir, emit)
     context = RunContext(config, task, policy, store, plan, run_dir, limit,
@@ -150,7 +150,7 @@ def start_state(config: RunConfig, task: Task, store: HarnessStore, policy: Trai
     meta_backend = _agent_backend(config.meta, config.meta_model, config.meta_base_url)
     harness, origin = initial_harness(task, meta_backend, purpose_key(config.seed, "meta_agent"))
     harness = with_temperature(harness, config.temperature)
-    limit = checked_budget(config, harness, len(plan.dev))
+    limit = checked_budget(config, harness, len(plan.dev), task)
     store.put(harness, reason=origin)
     emit("evaluation", {"generation": -1})
     initial = evaluate_state(task, harness, policy.backend(), plan, key_index=0)
@@ -158,12 +158,12 @@ def start_state(config: RunConfig, task: Task, store: HarnessStore, policy: Trai
     return state_record(*initial, key_index=0), limit
 
 
-def restore_state(config: RunConfig, store: HarnessStore, policy: TrainablePolicy, plan: EvalPlan, run_dir: Path,
-                  ledger: list[dict]) -> tuple[dict, int]:
+def restore_state(config: RunConfig, task: Task, store: HarnessStore, policy: TrainablePolicy, plan: EvalPlan,
+                  run_dir: Path, ledger: list[dict]) -> tuple[dict, int]:
     """A resumed run: harness HEAD and train state as the last ledger line left them."""
     store.rollback(ledger[-1]["next_harness"])
     policy.restore(run_dir, ledger)
-    return ledger[-1]["after"], checked_budget(config, store.get(ledger[0]["harness_version"]), len(plan.dev))
+    return ledger[-1]["after"], checked_budget(config, store.get(ledger[0]["harness_version"]), len(plan.dev), task)
 
 
 def check_start(config: RunConfig, run_dir: Path) -> Task:

@@ -77,20 +77,28 @@ def rescored_baseline(task: Task, harness: Harness, backend, plan: EvalPlan, ent
     return {"dev": dev_record(dev, generation)}
 
 
-def generation_budget(config: RunConfig, initial_harness: Harness, dev_items: int) -> int:
+def reachable_turns(harness: Harness, task: Task) -> int:
+    """The most turns an episode of ``task`` may take under ``harness`` or any harness the lever
+    reaches from it by exposing one of the task's offered tools (the call rounds count)."""
+    tools = bool(harness.tools or task.spec.get("tools"))
+    return harness.retry.max_attempts + (harness.tool_call.max_rounds if tools else 0)
+
+
+def generation_budget(config: RunConfig, initial_harness: Harness, dev_items: int, task: Task) -> int:
     """The samples every generation may draw (both arms of a comparison get the same): the config's,
-    or one weights generation's rollouts plus two worst-case dev evaluations under the initial
-    harness (the entering state re-scored under the generation's key, and the new weights)."""
+    or one weights generation's rollouts plus two worst-case dev evaluations, every episode counted at
+    its reachable turns: sized on a one-turn start, a task that offers a tool would train on
+    episodes cut before the tool's result comes back."""
     if config.generation_budget is not None:
         return config.generation_budget
-    group = config.group_size(initial_harness)
-    return (rollout_cost(config.items_per_generation, group, config.updates_per_generation, initial_harness.max_turns)
-            + 2 * evaluation_cost(initial_harness, dev_items))
+    group, turns = config.group_size(initial_harness), reachable_turns(initial_harness, task)
+    return (rollout_cost(config.items_per_generation, group, config.updates_per_generation, turns)
+            + 2 * dev_items * initial_harness.sampling.votes * turns)
 
 
-def checked_budget(config: RunConfig, initial_harness: Harness, dev_items: int) -> int:
+def checked_budget(config: RunConfig, initial_harness: Harness, dev_items: int, task: Task) -> int:
     """The generation budget, refused when it cannot re-score the state and judge one change."""
-    limit = generation_budget(config, initial_harness, dev_items)
+    limit = generation_budget(config, initial_harness, dev_items, task)
     judge_one_change = 2 * evaluation_cost(initial_harness, dev_items)
     if limit < judge_one_change:
         raise ValueError(f"generation_budget={limit} samples cannot re-score and judge one change on {dev_items} "

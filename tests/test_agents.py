@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -283,8 +284,9 @@ def test_a_task_can_name_its_expected_recipe():
 
 def test_add_tool_exposes_an_offered_tool_with_a_worked_call_and_remove_tool_undoes_it():
     """On arithmetic_tool: add_tool adds the calculator's spec and one worked example whose tool result
-    is the tool's real output on a train item; the rendered prompt then describes the tool and shows
-    the call, the result and the answer as turns; remove_tool gives back the harness it started from."""
+    is the tool's real output on a train item, and the task's sentence on when to use it; the rendered
+    prompt then describes the tool and shows the call, the result and the answer as turns; remove_tool
+    gives back the harness it started from."""
     from siajax.agents.harness_edits import candidate_edits
     from siajax.harness import render_messages
     from siajax.tools import calculator
@@ -300,6 +302,17 @@ def test_add_tool_exposes_an_offered_tool_with_a_worked_call_and_remove_tool_und
     roles = [m["role"] for m in render_messages(added, question="What is 12 times 13?")]
     assert roles == ["system", "user", "assistant", "tool", "assistant", "user"]
     assert "calculator" in render_messages(added, question="?")[0]["content"]
+    instruction = task.spec["harness_hints"]["tool_instructions"]["calculator"]
+    assert added.system_prompt == f"{start.system_prompt} {instruction}"
     candidates = candidate_edits(added, task, EditGrid())
     assert "add_tool" not in [c.kind for c in candidates]
     assert patch_harness(added, next(c for c in candidates if c.kind == "remove_tool").patch) == start
+
+
+def test_add_tool_without_a_task_instruction_says_when_to_use_the_tool_and_the_answer_format():
+    from siajax.agents.harness_edits import tool_use_instruction
+
+    task = resolve_task("arithmetic_tool")
+    generic = dataclasses.replace(task, spec={k: v for k, v in task.spec.items() if k != "harness_hints"})
+    text = tool_use_instruction(task.default_harness(), generic, "calculator")
+    assert text == "Use the calculator tool when it can help; then give your final answer as: Answer: 1234."

@@ -157,6 +157,63 @@ def test_single_turn_episodes_are_the_sampler_rows(backend):
     np.testing.assert_allclose(np.asarray(rows.logprobs), np.asarray(direct.logprobs), atol=1e-6)
 
 
+# A Hermes-style template that renders tools its own way (as Qwen2.5's does): specs in the system
+# turn, tool results as a user turn in <tool_response> tags.
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
+    "Functions you may call, one per reply as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>:\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}<|im_end|>\n"
+    "{% elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n{% endif %}"
+    "{% for message in messages %}{% if message['role'] == 'tool' %}"
+    "<|im_start|>user\n<tool_response>\n{{ message['content'] }}\n</tool_response><|im_end|>\n"
+    "{% elif message['role'] != 'system' %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_chat_template_style_hands_the_tools_to_the_models_own_template(backend):
+    """tool_call.style "chat_template": no siajax tool section; the prompt is the template's own
+    rendering with ``tools``; an episode's ids stay the template's rendering of its conversation; a
+    template without tools and a remote policy are refused in one line."""
+    import copy
+    import dataclasses
+
+    from siajax.harness import render_messages, template_tools
+
+    task = resolve_task("digits")
+    siajax_style = tool_harness(task, rounds=1)
+    harness = dataclasses.replace(siajax_style, system_prompt="Be brief.",
+                                  tool_call=dataclasses.replace(siajax_style.tool_call, style="chat_template"))
+    tokenizer = copy.deepcopy(backend.tokenizer)
+    tokenizer.chat_template = TOOL_TEMPLATE
+    native = LocalPolicyBackend(backend.model, tokenizer)
+    tools = template_tools(harness)
+    assert template_tools(siajax_style) is None and tools[0]["function"]["name"] == "calculator"
+
+    messages = render_messages(harness, question="What is 2+3?")
+    assert messages[0]["content"] == "Be brief."  # the template, not siajax, describes the tools
+    prompt = tokenizer.decode(native.prompt_ids(messages, tools))
+    assert '{"name": "calculator", "description": "arithmetic"' in prompt
+    reply = tokenizer.encode("e 2+3 !", add_special_tokens=False) + list(native.decoding.stop_token_ids[:1])
+    result = {"role": "tool", "content": "5"}
+    whole = native.prompt_ids(messages + [{"role": "assistant", "content": "e 2+3 !"}, result], tools)
+    assert native.prompt_ids(messages, tools) + reply + native.continuation_ids(result, stopped=True) == whole
+
+    rollout = run_items(task, harness, native, task.items("train")[:2], jax.random.key(4))
+    assert any(r["tool_calls"] for r in rollout.records)
+    for episode in rollout.episodes:
+        assert episode.context_ids()[:len(episode.prompt_ids)] == native.prompt_ids(episode.messages, tools)
+    with pytest.raises(ValueError, match="renders no tools"):
+        backend.prompt_ids(messages, tools)
+
+    class Remote:  # any backend without local token ids
+        def complete(self, conversations, sampling, key):
+            raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match="needs the local policy"):
+        run_items(task, harness, Remote(), task.items("train")[:1], jax.random.key(4))
+
+
 def test_calculator_is_exact_and_refuses_anything_but_arithmetic():
     assert calculator("(123 + 877) * 31 - 4") == "30996" and calculator("7 / 2") == "3.5"
     assert calculator("-(2 ** 10) // 3") == "-342"
@@ -250,3 +307,28 @@ def test_training_episodes_get_the_most_turns_the_budget_covers():
     assert training_plan(3 * 2 * one_turn_update + 10, config, 4, 10, harness) == (3, 2)
     assert training_plan(2 * one_turn_update + 10, config, 4, 10, harness) == (2, 1)  # fewer updates only at 1 turn
     assert dataclasses.replace(harness, tools=()).max_turns == 2
+
+
+def test_a_task_offering_a_tool_budgets_every_episode_at_its_reachable_turns():
+    """The budget of a task that offers a tool counts each episode at the turns a tool harness can
+    take, so once add_tool is kept the weight lever still trains whole episodes (call, result,
+    answer) with every update it wanted; a task without tools keeps its one-turn budget."""
+    from siajax.agents.harness_edits import candidate_edits
+    from siajax.agents.rules import EditGrid
+    from siajax.budget import evaluation_cost
+    from siajax.config import RunConfig
+    from siajax.levers import training_plan
+    from siajax.protocol import generation_budget, reachable_turns
+
+    tool_task, plain_task = resolve_task("arithmetic_tool"), resolve_task("arithmetic")
+    config = RunConfig(task="arithmetic_tool", items_per_generation=4, updates_per_generation=2)
+    start = tool_task.default_harness()
+    assert not start.tools and start.max_turns == 1 and reachable_turns(start, tool_task) == 1 + 3
+    budget = generation_budget(config, start, 32, tool_task)
+    assert budget == 4 * 8 * 2 * 4 + 2 * 32 * 4
+    added = patch_harness(start, next(c for c in candidate_edits(start, tool_task, EditGrid())
+                                      if c.kind == "add_tool").patch)
+    assert training_plan(budget - evaluation_cost(added, 32), config, 8, evaluation_cost(added, 32), added) == (2, 4)
+    plain = plain_task.default_harness()
+    assert reachable_turns(plain, plain_task) == plain.max_turns
+    assert generation_budget(config, plain, 32, plain_task) == 4 * 8 * 2 * plain.max_turns + 2 * evaluation_cost(plain, 32)

@@ -26,6 +26,24 @@ def test_version_is_a_content_hash_and_json_round_trips():
     assert json.loads(to_json(BASE))["few_shot"][0]["output"] == "[罪名]盗窃<eoa>"  # UTF-8 kept
 
 
+def test_a_field_added_later_leaves_earlier_versions_alone():
+    """tool_call.style came after harnesses were saved: at its default it is not in the JSON (so
+    their versions stand); set, it is, and round-trips."""
+    import dataclasses
+
+    from siajax.harness import ToolCallFormat
+
+    import hashlib
+
+    before = dataclasses.asdict(BASE)  # the schema as it was: every field, tool_call without style
+    del before["tool_call"]["style"]
+    canonical = json.dumps(json.loads(json.dumps(before)), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:12] == BASE.version
+    native = dataclasses.replace(BASE, tool_call=ToolCallFormat(style="chat_template"))
+    assert json.loads(to_json(native))["tool_call"]["style"] == "chat_template"
+    assert from_json(to_json(native)) == native and native.version != BASE.version
+
+
 def test_rendered_messages_fill_named_slots():
     messages = render_messages(BASE, facts="张三盗窃", fmt="[罪名]X<eoa>")
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
@@ -48,6 +66,7 @@ def test_rendered_messages_fill_named_slots():
      "retry.feedback may use only"),
     ('{"task": "t", "system_prompt": "", "template": "", "retry": {"train": "some"}}', "retry.train"),
     ('{"task": "t", "system_prompt": "", "template": "", "tool_call": {"open": ""}}', "tool_call.open"),
+    ('{"task": "t", "system_prompt": "", "template": "", "tool_call": {"style": "xml"}}', "tool_call.style"),
 ])
 def test_malformed_harness_json_names_the_problem(bad, message):
     with pytest.raises(HarnessError, match=message):

@@ -50,8 +50,12 @@ class LocalPolicyBackend:
                 terminator=parser.answer_suffix, stop_token_id=self.decoding.stop_token_ids[0])
         return self._automata[key]
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
+    def prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """The chat template's ids for ``messages`` (and ``tools``, rendered the template's own way)."""
+        if tools and "tools" not in (self.tokenizer.chat_template or ""):
+            raise ValueError("this model's chat template renders no tools: use the harness's tool_call.style "
+                             "'siajax' (a tool section in the system prompt)")
+        return list(self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)["input_ids"])
 
     def sample(self, conversations: list[list[dict]], sampling: SamplingParams, key: jax.Array, parser=None):
         """-> (completions per conversation, GenerationResult with rows grouped by conversation).

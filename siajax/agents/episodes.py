@@ -25,7 +25,7 @@ import numpy as np
 
 from siajax import timing
 from siajax.tools import find_call, run_calls
-from siajax.harness import Harness, render_messages, retry_feedback
+from siajax.harness import Harness, render_messages, retry_feedback, template_tools
 from siajax.harness.parsing import parse_answer
 from siajax.sampling import GenerationResult, bucket_length
 
@@ -146,10 +146,14 @@ def _judge_answers(task, harness: Harness, backend, answered: list[Episode]) -> 
 
 def start_episodes(harness: Harness, backend, items: list[dict]) -> list[Episode]:
     """``samples_per_prompt`` episodes per item, item-major (a group's episodes are adjacent)."""
+    tools, local = template_tools(harness), hasattr(backend, "sample_ids")
+    if tools and not local:
+        raise ValueError("tool_call.style 'chat_template' needs the local policy (a remote endpoint applies its "
+                         "own template); use 'siajax'")
     episodes = []
     for item in items:
         messages = render_messages(harness, **{s: item[s] for s in harness.slots})
-        prompt_ids = tuple(backend.prompt_ids(messages)) if hasattr(backend, "sample_ids") else ()
+        prompt_ids = tuple(backend.prompt_ids(messages, tools)) if local else ()
         episodes += [Episode(item, s, messages, prompt_ids) for s in range(harness.sampling.samples_per_prompt)]
     return episodes
 

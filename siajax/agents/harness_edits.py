@@ -5,8 +5,8 @@ more candidate patches. The loop evaluates candidates on dev and keeps one
 only when it beats the current harness beyond noise, so no entry has to be
 right: the library proposes, the dev set disposes. Entries:
 
-  add_tool              expose a tool the task offers, with one worked call on a train item
-  remove_tool           stop exposing a tool (and its worked calls)
+  add_tool              expose a tool the task offers, with a short instruction and one worked call on a train item
+  remove_tool           stop exposing a tool (and its instruction and worked calls)
   constrained_decoding  decode only within the parser's label set
   lenient_parser        accept the answer anywhere (drop regex anchors, take the last match)
   format_instruction    tell the model the answer format (from the parser's format_hint)
@@ -145,16 +145,29 @@ def worked_call(harness: Harness, task, tool: str, grid) -> dict | None:
             "tool_result": str(result), "output": output}
 
 
+def tool_use_instruction(harness: Harness, task, tool: str) -> str:
+    """The system prompt's sentence on when to use ``tool``: the task's own (task.json
+    ``harness_hints.tool_instructions``), else a generic one naming the answer format."""
+    own = task.spec.get("harness_hints", {}).get("tool_instructions", {}).get(tool)
+    if own:
+        return own
+    hint = harness.parser.format_hint
+    return f"Use the {tool} tool when it can help; then give your final answer" + (f" as: {hint}." if hint else ".")
+
+
 def add_tool(harness: Harness, task, grid):
     exposed = {tool.name for tool in harness.tools}
     for name, spec in task.offered_tools().items():
         if name in exposed:
             continue
-        patch = [{"op": "add", "path": "/tools/-", "value": dataclasses.asdict(spec)}]
+        instruction = tool_use_instruction(harness, task, name)
+        patch = [{"op": "add", "path": "/tools/-", "value": dataclasses.asdict(spec)},
+                 _replace("/system_prompt", (harness.system_prompt + " " + instruction).strip())]
         shot = worked_call(harness, task, name, grid)
         if shot is not None:
             patch.append({"op": "add", "path": "/few_shot/-", "value": shot})
-        yield Candidate("add_tool", patch, f"give the model the {name} tool" + (" with one worked call" if shot else ""))
+        yield Candidate("add_tool", patch, f"give the model the {name} tool, say when to use it"
+                        + (", and show one worked call" if shot else ""))
 
 
 def remove_tool(harness: Harness, task, grid):
@@ -162,6 +175,10 @@ def remove_tool(harness: Harness, task, grid):
         marker = json.dumps({"name": tool.name})[:-1]  # '{"name": "<tool>"' opens its calls
         shots = [i for i, shot in enumerate(harness.few_shot) if marker in shot.call]
         patch = [{"op": "remove", "path": f"/few_shot/{i}"} for i in reversed(shots)]
+        instruction = tool_use_instruction(harness, task, tool.name)
+        if instruction in harness.system_prompt:
+            unsaid = harness.system_prompt.replace(" " + instruction, "").replace(instruction, "").strip()
+            patch.append(_replace("/system_prompt", unsaid))
         yield Candidate("remove_tool", patch + [{"op": "remove", "path": f"/tools/{index}"}],
                         f"stop offering the {tool.name} tool")
 

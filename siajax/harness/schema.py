@@ -3,6 +3,8 @@
 A harness serialises to canonical JSON (sorted keys, no spaces, UTF-8); its
 version is the first 12 hex digits of that JSON's SHA-256, so equal content
 means equal version. Edits are JSON Patches validated by rebuilding the harness.
+A field added to the schema later is marked :data:`ADDED`: left out of the JSON
+while at its default, so the harnesses saved before it keep their versions.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ class HarnessError(ValueError):
     """A harness document that does not fit the schema; the message names the field."""
 
 
+ADDED = {"omit_at_default": True}  # field metadata: a later field, absent from the JSON at its default
+
+
 @dataclasses.dataclass(frozen=True)
 class FewShot:
     """A worked example: the user's ``input`` and the final reply ``output``; with ``call`` (a tool
@@ -48,6 +53,7 @@ class ToolSpec:
 
 
 TRAIN_TURNS = ("all", "final_attempt")
+TOOL_STYLES = ("siajax", "chat_template")
 FEEDBACK_SLOTS = ("failure", "format_hint")
 
 
@@ -67,11 +73,17 @@ class RetryPolicy:
 @dataclasses.dataclass(frozen=True)
 class ToolCallFormat:
     """How a reply calls a tool: ``open``, a JSON object {"name": ..., "arguments": {...}}, ``close``;
-    at most ``max_rounds`` calls are answered per episode (then the reply is taken as the answer)."""
+    at most ``max_rounds`` calls are answered per episode (then the reply is taken as the answer).
+
+    ``style`` says who tells the policy about its tools: "siajax" writes a tool section into the
+    system prompt (:func:`tool_instructions`); "chat_template" hands the specs to the model's own
+    chat template (its ``tools`` argument), for models trained on a tool format of their own, such
+    as Qwen2.5's ``<tool_call>{json}</tool_call>`` (set ``open``/``close`` to what it writes)."""
 
     open: str = "<tool_call>"
     close: str = "</tool_call>"
     max_rounds: int = 3
+    style: str = dataclasses.field(default="siajax", metadata=ADDED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +164,20 @@ def template_slots(template: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(fields))
 
 
+def _plain(value):
+    """Dataclasses as dicts (fields marked ADDED left out at their default), tuples as lists."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.metadata.get("omit_at_default") and getattr(value, f.name) == f.default)}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def to_dict(harness: Harness) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(harness)))
+    return json.loads(json.dumps(_plain(harness)))
 
 
 def to_json(harness: Harness) -> str:
@@ -246,6 +270,8 @@ def validate(harness: Harness) -> Harness:
         problems.append(f"retry.feedback may use only {{failure}} and {{format_hint}}, got {sorted(unknown_slots)}")
     if not harness.tool_call.open or not harness.tool_call.close or harness.tool_call.max_rounds < 0:
         problems.append("tool_call.open and tool_call.close must be non-empty and tool_call.max_rounds >= 0")
+    if harness.tool_call.style not in TOOL_STYLES:
+        problems.append(f"tool_call.style {harness.tool_call.style!r} not in {TOOL_STYLES}")
     names = [t.name for t in harness.tools]
     if len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z_][\w-]*", n) for n in names):
         problems.append(f"tool names must be unique identifiers, got {names}")
@@ -294,7 +320,7 @@ def render_messages(harness: Harness, **slots: str) -> list[dict]:
 def tool_instructions(harness: Harness) -> str:
     """The system prompt's tool section ("" without tools): the call format, then each tool with its
     description and a call to copy (its arguments as typed placeholders, valid JSON)."""
-    if not harness.tools:
+    if not harness.tools or harness.tool_call.style == "chat_template":
         return ""
     fmt = harness.tool_call
     lines = [f"You can call tools. To call one, reply with only {fmt.open}<JSON: the tool's name and arguments>"
@@ -305,6 +331,15 @@ def tool_instructions(harness: Harness) -> str:
         call = json.dumps({"name": tool.name, "arguments": arguments})
         lines.append(f"- {tool.name}: {tool.description} Call: {fmt.open}{call}{fmt.close}")
     return "\n".join(lines)
+
+
+def template_tools(harness: Harness) -> list[dict] | None:
+    """The exposed tools in the chat templates' ``tools`` format (OpenAI function specs) when the
+    harness has the template render them (``tool_call.style == "chat_template"``); else None."""
+    if not harness.tools or harness.tool_call.style != "chat_template":
+        return None
+    return [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                              "parameters": t.parameters}} for t in harness.tools]
 
 
 def retry_feedback(harness: Harness, failure: str) -> str:
