@@ -1,5 +1,6 @@
 """Floors of a task with a tool: what a model scores with the default harness, with the task's tool
-exposed, and with the tool and one worked call (the harness lever's ``add_tool`` edit).
+exposed, and with the harness lever's ``add_tool`` edit (the tool, a sentence on when to use it, and
+one worked call).
 
 Each harness is evaluated as the loop's protocol does (fixed items, fixed decoding key, the
 harness's votes and retries), on the dev split; the table also reports how the episodes used the
@@ -29,11 +30,11 @@ from siajax.tasks import resolve_task
 
 
 def harness_variants(task) -> dict:
-    """default; the offered tools exposed (no example); the add_tool edit (tool + one worked call)."""
+    """default; the offered tools exposed (no instruction, no example); the add_tool edit."""
     default = task.default_harness()
     exposed = dataclasses.replace(default, tools=tuple(task.offered_tools().values()))
     edit = next(c for c in candidate_edits(default, task, EditGrid()) if c.kind == "add_tool")
-    return {"default": default, "tool exposed": exposed, "tool + worked call": patch_harness(default, edit.patch)}
+    return {"default": default, "tool exposed": exposed, "add_tool edit": patch_harness(default, edit.patch)}
 
 
 def main(argv=None):
