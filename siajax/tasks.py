@@ -18,6 +18,7 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -248,6 +249,9 @@ def load_task(path: str | os.PathLike) -> Task:
             raise TaskError(f"task {root.name!r}: the test split must live under data/private/")
     if spec.get("reward", "scalar") not in REWARD_KINDS:
         raise TaskError(f"task {root.name!r}: reward must be one of {REWARD_KINDS}")
+    extra = spec.get("failure_kinds", [])
+    if not isinstance(extra, list) or not all(isinstance(k, str) and re.fullmatch(r"[a-z_]+", k) for k in extra):
+        raise TaskError(f"task {root.name!r}: failure_kinds must be a list of snake_case names, got {extra!r}")
     task = Task(spec.get("name", root.name), root.resolve(), spec)
     try:
         task.default_harness()

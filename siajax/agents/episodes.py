@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siajax import timing
 from siajax.tools import find_call, run_calls
 from siajax.harness import Harness, render_messages, retry_feedback, template_tools
 from siajax.harness.parsing import parse_answer
 from siajax.sampling import GenerationResult, bucket_length
+from siajax.verdicts import score_answer
 
 MODEL = "assistant"
 
@@ -82,16 +82,9 @@ class Episode:
 
 
 def verify(task, harness: Harness, item: dict, text: str) -> dict:
-    """Parses and scores one answer; a verifier fault fails closed (the task's failure reward, logged)."""
+    """Parses one reply and scores the answer; the verdict is checked and fails closed (siajax.verdicts)."""
     answer = parse_answer(harness.parser, text)
-    try:
-        with timing.phase("verify"):
-            verdict = task.verifier.score(item, answer, text)
-        reward = float(verdict["reward"])
-    except Exception as err:  # never fatal
-        return {"answer": answer, "reward": float(getattr(task.verifier, "FAILURE_REWARD", 0.0)),
-                "failure": "verifier_error", "metrics": {}, "verifier_error": repr(err)[:2000]}
-    return {"answer": answer, "reward": reward, "failure": verdict.get("failure"), "metrics": verdict.get("metrics", {})}
+    return {"answer": answer, **score_answer(task, item, answer, text)}
 
 
 def _sample_turn(backend, live: list[Episode], harness: Harness, key) -> list[Segment]:

@@ -1,0 +1,100 @@
+"""Verifier verdicts are checked before anything trusts them: a verdict outside the contract is a
+verifier_error with the task's failure reward, and an unparsed answer is a parse_error whatever the
+verifier says."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from siajax.tasks import TaskError, load_task, resolve_task
+from siajax.verdicts import checked_verdict, score_answer
+
+
+def fake_task(score, *, reward="binary", failure_reward=None, failure_kinds=()):
+    verifier = types.SimpleNamespace(score=score)
+    if failure_reward is not None:
+        verifier.FAILURE_REWARD = failure_reward
+    return types.SimpleNamespace(verifier=verifier, reward_kind=reward, spec={"failure_kinds": list(failure_kinds)})
+
+
+@pytest.mark.parametrize("verdict,reason", [
+    ({"reward": "1.0"}, "real number, got str"),
+    ({"reward": True}, "real number, got bool"),
+    ({"reward": None}, "real number, got NoneType"),
+    ({"reward": math.nan}, "finite"),
+    ({"reward": 1e30}, "binary task's reward is 0 or 1"),
+    ({"reward": 0.5}, "binary task's reward is 0 or 1"),
+    ({"reward": 1.0, "failure": "bad_luck"}, "not a known kind"),
+    ({"reward": 1.0, "metrics": [1, 2]}, "metrics must be a dict"),
+    ({"score": 1.0}, "with a 'reward'"),
+    (None, "with a 'reward', got NoneType"),
+])
+def test_a_verdict_outside_the_contract_fails_closed_with_its_reason(verdict, reason):
+    task = fake_task(lambda item, answer, text: verdict, failure_reward=-1.0)
+    scored = score_answer(task, {"id": "x"}, "42", "Answer: 42")
+    assert scored["reward"] == -1.0 and scored["failure"] == "verifier_error"
+    assert reason in scored["verifier_error"]
+
+
+def test_a_verifier_that_raises_is_a_verifier_error_not_a_crash():
+    def score(item, answer, text):
+        raise KeyError("answer")
+
+    scored = score_answer(fake_task(score), {"id": "x"}, "42", "42")
+    assert scored == {"reward": 0.0, "failure": "verifier_error", "metrics": {}, "verifier_error": "KeyError('answer')"}
+
+
+def test_valid_verdicts_pass_as_floats_in_the_tasks_range():
+    assert checked_verdict(fake_task(None), {"reward": np.int64(1)}) == {"reward": 1.0, "failure": None, "metrics": {}}
+    assert checked_verdict(fake_task(None, failure_reward=-1.0), {"reward": -1, "failure": "crash"})["reward"] == -1.0
+    scalar = fake_task(None, reward="scalar")
+    assert checked_verdict(scalar, {"reward": np.float32(-3.25), "metrics": {"t": 1}})["reward"] == -3.25
+    with pytest.raises(ValueError, match="finite"):
+        checked_verdict(scalar, {"reward": -math.inf})
+    declared = fake_task(None, failure_kinds=("illegal_move",))
+    assert checked_verdict(declared, {"reward": 0.0, "failure": "illegal_move"})["failure"] == "illegal_move"
+
+
+def test_an_unparsed_answer_is_a_parse_error_without_asking_the_verifier():
+    def score(item, answer, text):
+        raise AssertionError("a verifier is not asked about an answer that did not parse")
+
+    assert score_answer(fake_task(score, failure_reward=-1.0), {"id": "x"}, None, "no answer here") == {
+        "reward": -1.0, "failure": "parse_error", "metrics": {}}
+
+
+def test_a_task_whose_verifier_returns_strings_scores_nothing_in_a_real_rollout(tmp_path):
+    """arithmetic with a verifier that answers "1.0" for everything: every record is a verifier_error
+    with reward 0 (it used to score 1.000 on dev and test)."""
+    from siajax.agents import LocalPolicyBackend, run_items
+    from siajax.harness import patch_harness
+    from siajax.models import BUNDLED_TINY_MODEL, from_pretrained
+
+    root = tmp_path / "lenient"
+    shutil.copytree(resolve_task("arithmetic").root, root)
+    (root / "verifier.py").write_text("def score(item, answer, text):\n    return {'reward': '1.0', 'failure': None}\n")
+    task = load_task(root)
+    harness = patch_harness(task.default_harness(), [
+        {"op": "replace", "path": "/parser", "value": {"kind": "raw"}},
+        {"op": "replace", "path": "/sampling/max_new_tokens", "value": 4}])
+    rollout = run_items(task, harness, LocalPolicyBackend(*from_pretrained(BUNDLED_TINY_MODEL)),
+                        task.items("train")[:2], jax.random.key(0))
+    assert rollout.records and all(r["failure"] in ("verifier_error", "parse_error") for r in rollout.records)
+    assert any(r["failure"] == "verifier_error" for r in rollout.records)
+    assert not np.asarray(rollout.rewards).any()
+
+
+def test_task_json_failure_kinds_must_be_names(tmp_path):
+    root = tmp_path / "kinds"
+    shutil.copytree(resolve_task("digits").root, root)
+    spec = json.loads((root / "task.json").read_text())
+    (root / "task.json").write_text(json.dumps({**spec, "failure_kinds": "illegal_move"}))
+    with pytest.raises(TaskError, match="failure_kinds must be a list of snake_case names"):
+        load_task(root)
