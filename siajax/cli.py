@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         if debug:
             raise
-        message = str(err).strip().strip("'\"") or type(err).__name__
+        message = str(err).strip()
+        message = (message.strip("'\"") if isinstance(err, KeyError) else message) or type(err).__name__  # KeyError quotes
         print(f"siajax {args.command}: error: {message.splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE
 

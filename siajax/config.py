@@ -14,6 +14,7 @@ import os
 import tomllib
 
 from siajax.agents.rules import LEVER_MODES, AcceptanceRule, DecisionRule, EditGrid, frozen_from_dict
+from siajax.fieldtypes import check_field_types
 from siajax.models.hf_import import EMBEDDED_DEFAULT
 from siajax.parallel import MeshConfig
 from siajax.rl import RECIPES
@@ -70,7 +71,9 @@ class RunConfig:
     def __post_init__(self):
         for name, cls in RULE_FIELDS.items():
             if isinstance(getattr(self, name), dict):
-                object.__setattr__(self, name, frozen_from_dict(cls, getattr(self, name)))
+                object.__setattr__(self, name, frozen_from_dict(cls, getattr(self, name), name))
+            check_field_types(getattr(self, name), name)
+        check_field_types(self, "config")
         _check_choices(self)
         _check_ranges(self)
 
@@ -163,4 +166,7 @@ def total_optimizer_steps(config: RunConfig) -> int:
 def load_settings(path: str | os.PathLike) -> dict:
     """A run TOML's settings (field names as in :class:`RunConfig`; rules as tables)."""
     with open(path, "rb") as handle:
-        return tomllib.load(handle)
+        try:
+            return tomllib.load(handle)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path}: not valid TOML ({err})") from None

@@ -70,6 +70,23 @@ def test_a_toml_config_file_with_flags_on_top(capsys, tmp_path):
     assert code == 2 and "unknown run settings ['tasks']" in err and not (tmp_path / "r3").exists()
 
 
+@pytest.mark.parametrize("setting,message", [
+    ('generations = "2"', "config.generations: expected int, got str '2'"),
+    ("dev_items = 2.5", "config.dev_items: expected int, got float 2.5"),
+    ("lora_rank = true", "config.lora_rank: expected int, got bool True"),
+    ('temperature = "hot"', "config.temperature: expected float, got str 'hot'"),
+    ("[acceptance_rule]\nalpha = \"high\"", "acceptance_rule.alpha: expected float, got str 'high'"),
+    ("[edit_grid]\nfew_shot_k = [1, 2.5]", "edit_grid.few_shot_k: expected int, got float 2.5"),
+    ("generations = ", "bad.toml: not valid TOML"),
+])
+def test_a_toml_value_of_the_wrong_type_is_one_line_naming_the_field_and_file(capsys, tmp_path, setting, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(f'task = "digits"\n{setting}\n')
+    code, err = cli(capsys, "run", "--config", str(config), "--run-dir", str(tmp_path / "run"))
+    assert code == 2 and message in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_help_groups_the_options(capsys):
     with pytest.raises(SystemExit):
         main(["run", "--help"])

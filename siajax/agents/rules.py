@@ -14,12 +14,13 @@ import dataclasses
 import typing
 
 from siajax.agents.harness_edits import EDIT_KINDS
+from siajax.fieldtypes import type_problem
 
 LEVERS = ("harness", "weights")
 LEVER_MODES = {"harness": ("harness",), "weights": ("weights",), "both": LEVERS}  # RunConfig.levers -> levers
 
 
-def frozen_from_dict(cls, data: dict):
+def frozen_from_dict(cls, data: dict, where: str | None = None):
     """A frozen rule dataclass from its JSON form (lists back to the tuples its fields declare)."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - known
@@ -30,8 +31,14 @@ def frozen_from_dict(cls, data: dict):
     def as_tuple(value):
         return tuple(as_tuple(x) if isinstance(x, list) else x for x in value)
 
-    return cls(**{k: as_tuple(v) if str(hints[k]).startswith("tuple") and isinstance(v, list) else v
-                  for k, v in data.items()})
+    values = {k: as_tuple(v) if str(hints[k]).startswith("tuple") and isinstance(v, list) else v
+              for k, v in data.items()}
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for name, value in values.items():  # before the rule's own range checks meet a string
+        problem = type_problem(annotations[name], value)
+        if problem:
+            raise ValueError(f"{where or cls.__name__}.{name}: {problem}")
+    return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)
