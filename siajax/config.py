@@ -22,7 +22,7 @@ from siajax.tracking import check_tracker_names
 from siajax.train.learner import DEFAULT_SCHEDULES, UpdateSchedule
 from siajax.train.optim import DEFAULT_CRITIC_LEARNING_RATE, LR_SCHEDULES
 
-LAYOUT_ONLY_FIELDS = ("mesh",)  # may change on resume: where arrays live, not what is computed
+LAYOUT_ONLY_FIELDS = ("mesh", "micro_batches")  # may change on resume: how the work is laid out, not what is computed
 RULE_FIELDS = {"decision_rule": DecisionRule, "acceptance_rule": AcceptanceRule, "edit_grid": EditGrid}
 AGENT_SETTINGS = {"feedback": ("heuristic", "llm"), "meta": ("default", "llm")}
 

@@ -223,6 +223,9 @@ def test_a_run_dir_refuses_a_different_config(tmp_path):
     run(RunConfig(levers="harness", generations=1, **SMALL), tmp_path / "run")
     with pytest.raises(ValueError, match="different config"):
         run(RunConfig(levers="weights", generations=1, **SMALL), tmp_path / "run")
+    # where arrays live and how a step is split for memory may change (the same sums, laid out anew)
+    again = run(RunConfig(levers="harness", generations=1, micro_batches=2, **SMALL), tmp_path / "run")
+    assert len(again) == 1 and json.loads((tmp_path / "run" / "config.json").read_text())["micro_batches"] == 2
 
 
 def test_trimul_task_runs_in_the_loop_on_cpu(tmp_path):
