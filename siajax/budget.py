@@ -19,10 +19,10 @@ class BudgetError(ValueError):
     """A lever cannot run within the generation's budget."""
 
 
-def evaluation_cost(harness: Harness, items: int) -> int:
+def evaluation_cost(harness: Harness, items: int, turns: int | None = None) -> int:
     """The most samples (replies) evaluating ``items`` under ``harness`` can draw: every vote's
-    episode run to the harness's most turns (retries, tool rounds)."""
-    return items * harness.sampling.votes * harness.max_turns
+    episode run to ``turns`` (default: the harness's most turns, its retries and tool rounds)."""
+    return items * harness.sampling.votes * (harness.max_turns if turns is None else turns)
 
 
 def rollout_cost(items_per_update: int, group_size: int, updates: int, turns: int = 1) -> int:

@@ -93,7 +93,7 @@ def generation_budget(config: RunConfig, initial_harness: Harness, dev_items: in
         return config.generation_budget
     group, turns = config.group_size(initial_harness), reachable_turns(initial_harness, task)
     return (rollout_cost(config.items_per_generation, group, config.updates_per_generation, turns)
-            + 2 * dev_items * initial_harness.sampling.votes * turns)
+            + 2 * evaluation_cost(initial_harness, dev_items, turns))
 
 
 def checked_budget(config: RunConfig, initial_harness: Harness, dev_items: int, task: Task) -> int:

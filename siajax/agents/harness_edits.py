@@ -51,6 +51,15 @@ def _replace(path: str, value) -> dict:
     return {"op": "replace", "path": path, "value": value}
 
 
+def _say(harness: Harness, sentence: str) -> dict:
+    """The patch op that appends ``sentence`` to the system prompt (:func:`_unsay` takes it back)."""
+    return _replace("/system_prompt", (harness.system_prompt + " " + sentence).strip())
+
+
+def _unsay(harness: Harness, sentence: str) -> dict:
+    return _replace("/system_prompt", harness.system_prompt.replace(" " + sentence, "").replace(sentence, "").strip())
+
+
 def constrained_decoding(harness: Harness, task, grid):
     if harness.parser.labels and not harness.parser.constrained:
         yield Candidate("constrained_decoding", [_replace("/parser/constrained", True)],
@@ -86,7 +95,7 @@ def format_instruction_text(harness: Harness) -> str | None:
 def format_instruction(harness: Harness, task, grid):
     text = format_instruction_text(harness)
     if text and text not in harness.system_prompt:
-        yield Candidate("format_instruction", [_replace("/system_prompt", (harness.system_prompt + " " + text).strip())],
+        yield Candidate("format_instruction", [_say(harness, text)],
                         "state the answer format the parser expects")
 
 
@@ -162,7 +171,7 @@ def add_tool(harness: Harness, task, grid):
             continue
         instruction = tool_use_instruction(harness, task, name)
         patch = [{"op": "add", "path": "/tools/-", "value": dataclasses.asdict(spec)},
-                 _replace("/system_prompt", (harness.system_prompt + " " + instruction).strip())]
+                 _say(harness, instruction)]
         shot = worked_call(harness, task, name, grid)
         if shot is not None:
             patch.append({"op": "add", "path": "/few_shot/-", "value": shot})
@@ -177,8 +186,7 @@ def remove_tool(harness: Harness, task, grid):
         patch = [{"op": "remove", "path": f"/few_shot/{i}"} for i in reversed(shots)]
         instruction = tool_use_instruction(harness, task, tool.name)
         if instruction in harness.system_prompt:
-            unsaid = harness.system_prompt.replace(" " + instruction, "").replace(instruction, "").strip()
-            patch.append(_replace("/system_prompt", unsaid))
+            patch.append(_unsay(harness, instruction))
         yield Candidate("remove_tool", patch + [{"op": "remove", "path": f"/tools/{index}"}],
                         f"stop offering the {tool.name} tool")
 
@@ -205,7 +213,7 @@ def task_hints(harness: Harness, task, grid):
         yield Candidate("task_hints", [_replace("/parser/pattern", pattern)], "the task's suggested answer pattern")
     instruction = hints.get("format_instruction")
     if instruction and instruction not in harness.system_prompt:
-        yield Candidate("task_hints", [_replace("/system_prompt", (harness.system_prompt + " " + instruction).strip())],
+        yield Candidate("task_hints", [_say(harness, instruction)],
                         "the task's suggested format instruction")
 
 
