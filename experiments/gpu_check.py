@@ -49,29 +49,45 @@ def step_cuda_build() -> dict:
     return {"library": str(library), "seconds": time.perf_counter() - start}
 
 
-def step_trimul_check() -> dict:
-    from siajax._bundled.kernels.trimul.bench import SHAPES, check, implementations
-
+def _each_implementation(measure) -> dict:
+    """``measure(name, fn)`` for every TriMul implementation on this backend; one that raises gets an
+    ``error`` row and the others still run (Pallas failing to lower must not hide CUDA's figures)."""
     import jax
 
-    shapes = json.loads(SHAPES.read_text())["tests"]
+    from siajax._bundled.kernels.trimul.bench import implementations
+
     results = {}
     for name, fn in implementations(jax.default_backend()).items():
-        rows = [check(fn, shape, seed=shape.get("seed", 0) + 17) for shape in shapes]
-        results[name] = {"all_ok": all(r["ok"] for r in rows), "max_abs_err": max(r["max_abs_err"] or 0 for r in rows),
-                         "failed_shapes": [s for s, r in zip(shapes, rows) if not r["ok"]]}
+        try:
+            results[name] = measure(name, fn)
+        except Exception as err:
+            results[name] = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:400]}"}
+        print(f"  {name}: {results[name].get('error', 'ok')}", flush=True)
     return results
+
+
+def step_trimul_check() -> dict:
+    from siajax._bundled.kernels.trimul.bench import SHAPES, check
+
+    shapes = json.loads(SHAPES.read_text())["tests"]
+
+    def measure(name, fn):
+        rows = [check(fn, shape, seed=shape.get("seed", 0) + 17) for shape in shapes]
+        return {"all_ok": all(r["ok"] for r in rows), "max_abs_err": max(r["max_abs_err"] or 0 for r in rows),
+                "failed_shapes": [s for s, r in zip(shapes, rows) if not r["ok"]]}
+
+    return _each_implementation(measure)
 
 
 def step_trimul_bench(repeats: int = 10) -> dict:
     import jax
 
-    from siajax._bundled.kernels.trimul.bench import SHAPES, device_inputs, implementations, time_median
+    from siajax._bundled.kernels.trimul.bench import SHAPES, device_inputs, time_median
     from siajax._bundled.kernels.trimul.limits import floors
 
     shapes = json.loads(SHAPES.read_text())["benchmarks"]
-    table = {}
-    for name, fn in implementations(jax.default_backend()).items():
+
+    def measure(name, fn):
         per_shape = []
         for shape in shapes:
             inputs = [device_inputs(shape, shape["seed"] + k) for k in range(3)]
@@ -80,8 +96,9 @@ def step_trimul_bench(repeats: int = 10) -> dict:
             per_shape.append({"shape": shape, "us": seconds * 1e6, "bf16_floor_us": floor,
                               "x_floor": seconds * 1e6 / floor})
         geomean = math.exp(sum(math.log(r["us"]) for r in per_shape) / len(per_shape))
-        table[name] = {"geomean_us": geomean, "per_shape": per_shape}
-    return table
+        return {"geomean_us": geomean, "per_shape": per_shape}
+
+    return _each_implementation(measure)
 
 
 QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -178,13 +195,18 @@ def markdown(report: dict) -> str:
         status = report["status"].get(step, "not run")
         lines.append(f"- {step}: {status} ({report['seconds'].get(step, 0):.1f} s)")
     bench = report.get("trimul_bench") or {}
-    if isinstance(bench, dict) and bench:
+    timed = {name: row for name, row in bench.items() if isinstance(row, dict) and "per_shape" in row}
+    if timed:
+        first = next(iter(timed.values()))["per_shape"]
         lines += ["", "| implementation | geomean µs | " + " | ".join(
-            f"N{r['shape']['seqlen']}-C{r['shape']['dim']}" for r in next(iter(bench.values()))["per_shape"]) + " |",
-            "|---|---:|" + "---:|" * len(next(iter(bench.values()))["per_shape"])]
-        for name, row in bench.items():
+            f"N{r['shape']['seqlen']}-C{r['shape']['dim']}" for r in first) + " |", "|---|---:|" + "---:|" * len(first)]
+        for name, row in timed.items():
             cells = " | ".join(f"{r['us']:.0f} ({r['x_floor']:.1f}x floor)" for r in row["per_shape"])
             lines.append(f"| {name} | {row['geomean_us']:.0f} | {cells} |")
+    for step in ("trimul_check", "trimul_bench"):
+        for name, row in (report.get(step) or {}).items():
+            if isinstance(row, dict) and "error" in row:
+                lines.append(f"- {step} {name} failed: {row['error']}")
     model = report.get("model") or {}
     if isinstance(model, dict) and model:
         lines += ["", "Qwen2.5-0.5B-shaped, bf16: " + ", ".join(

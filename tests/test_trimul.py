@@ -101,6 +101,46 @@ def test_pallas_pads_any_n_and_picks_blocks_per_shape():
     np.testing.assert_allclose(got, np.asarray(trimul_reference(x, mask, w)), **TOL)
 
 
+@pytest.mark.parametrize("shape", [dict(seqlen=16, bs=1, dim=384, hiddendim=128, nomask=False, distribution="normal"),
+                                   dict(seqlen=16, bs=2, dim=48, hiddendim=24, nomask=True, distribution="cauchy")],
+                         ids=["C384-three-chunks-padded", "C48-H24-padded"])
+def test_pallas_pads_channels_to_powers_of_two_without_changing_the_result(shape):
+    """C and H that are not powers of two are zero-padded; LayerNorm still divides by the true width."""
+    x, mask, w = generate_inputs(**shape, seed=11)
+    got = np.asarray(trimul_pallas(x, mask, w, interpret=True, block_ij=16, block_k=16))
+    np.testing.assert_allclose(got, np.asarray(trimul_reference(x, mask, w)), **TOL)
+
+
+def _abstract_inputs(bs, seqlen, dim, hiddendim):
+    import jax
+
+    f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+    weights = {f"{name}.weight": f32(hiddendim, dim)
+               for name in ("left_proj", "right_proj", "left_gate", "right_gate", "out_gate")}
+    weights |= {"norm.weight": f32(dim), "norm.bias": f32(dim), "to_out_norm.weight": f32(hiddendim),
+                "to_out_norm.bias": f32(hiddendim), "to_out.weight": f32(dim, hiddendim)}
+    return f32(bs, seqlen, seqlen, dim), f32(bs, seqlen, seqlen), weights
+
+
+LOWERED_SHAPES = sorted({(s["bs"], s["seqlen"], s["dim"], s["hiddendim"]) for s in TEST_SHAPES
+                         + json.loads(SHAPES.read_text())["benchmarks"]}, key=lambda s: (s[2], s[1]))
+
+
+@pytest.mark.parametrize("matmul_dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_pallas_lowers_through_triton_for_every_problem_shape(matmul_dtype):
+    """Lowered for CUDA without a GPU: Triton refuses any array whose size is not a power of two, which
+    the fused [C, 5H] = [128, 640] prologue weight hit on an H200 (C = 384 and N = 768 shapes too)."""
+    import functools
+
+    import jax
+
+    for bs, seqlen, dim, hidden in [s for s in LOWERED_SHAPES if s[1] <= 256] + [(1, 768, 384, 128)]:
+        kernel = jax.jit(functools.partial(trimul_pallas, matmul_dtype=matmul_dtype, platform="gpu"))
+        text = kernel.trace(*_abstract_inputs(bs, seqlen, dim, hidden)).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == 3, (bs, seqlen, dim)  # prologue, contraction, epilogue
+
+
 def test_cuda_calls_lower_to_the_tensor_core_target_with_a_poisoned_aliased_output():
     """Lowered for CUDA without a GPU: the bf16 WMMA handler, bf16 workspaces, and the NaN-filled
     output buffer aliased to the result (an unwritten output cannot return a stale result)."""
@@ -140,3 +180,22 @@ def test_modelled_kernel_times_never_beat_the_physical_floor():
             assert total >= floor["bf16_floor_us"], (kernel, shape)
             if all(model[stage][0] == "fp32" for stage in ("prologue", "contraction", "epilogue")):
                 assert total >= floor["fp32_floor_us"], (kernel, shape)
+
+
+def test_the_gpu_check_keeps_the_other_kernels_rows_when_one_fails(monkeypatch):
+    import experiments.gpu_check as gpu_check
+    from siajax._bundled.kernels.trimul import bench
+
+    def broken(x, m, w):
+        raise ValueError("array of shape (128, 640)\nsecond line")
+
+    monkeypatch.setattr(bench, "implementations", lambda backend: {"pallas_f32": broken, "cuda_f32": max})
+    results = gpu_check._each_implementation(lambda name, fn: {"geomean_us": 10.0, "per_shape": [], "ran": fn(1, 2, 3)})
+    assert results["pallas_f32"] == {"error": "ValueError: array of shape (128, 640)"}
+    assert results["cuda_f32"]["geomean_us"] == 10.0
+    shape = {"seqlen": 32, "dim": 128}
+    report = {"status": {}, "seconds": {}, "trimul_bench": {
+        "pallas_f32": results["pallas_f32"], "cuda_f32": {"geomean_us": 10.0, "per_shape": [
+            {"shape": shape, "us": 10.0, "x_floor": 2.0}]}}}
+    text = gpu_check.markdown(report)
+    assert "| cuda_f32 | 10 | 10 (2.0x floor) |" in text and "trimul_bench pallas_f32 failed: ValueError" in text

@@ -1,8 +1,8 @@
 """TriMul in three Pallas kernels: fused prologue, tiled N^3 contraction, fused epilogue.
 
-1. prologue: one pass over rows of x [B*N*N, C]: LayerNorm(C), the five
-   projections as one [C, 5H] matmul, mask and sigmoid gates -> left, right,
-   out_gate [rows, H].
+1. prologue: rows of x [B*N*N, C]: LayerNorm(C), the five [C, H] projections
+   accumulated over 128-column chunks of C, mask and sigmoid gates -> left,
+   right, out_gate [rows, H].
 2. contraction: for each (b, h), out = L @ R^T with L, R [N, N] (i or j by k),
    tiled over (i, j) blocks with a k loop inside the kernel accumulating in
    float32. ``matmul_dtype=jnp.bfloat16`` feeds bf16 operands to the MXU /
@@ -11,6 +11,13 @@
 3. epilogue: rows of out [B*N*N, H]: LayerNorm(H), times out_gate, then the
    [H, C] output projection.
 Between 1-2 and 2-3 XLA transposes [B,N,N,H] <-> [B,H,N,N].
+
+Triton accepts only arrays whose every dimension is a power of two, so C and H
+are zero-padded to one (C = 384 -> 512) with LayerNorm dividing by the true
+width, and N to a multiple of the contraction tile; on GPUs the kernels are
+lowered through Triton explicitly (``pltriton.CompilerParams``), whatever JAX's
+default Pallas GPU backend is. tests/test_trimul.py lowers every problem shape
+for CUDA without a GPU.
 
 ``interpret=True`` runs the kernels on any backend (CPU tests).
 """
@@ -22,26 +29,54 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from .reference import LAYER_NORM_EPS
 
+CHUNK = 128  # columns per tile in the prologue and epilogue matmuls
 
-def _layer_norm_rows(x, weight, bias):
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    centred = x - mean
-    var = jnp.mean(centred * centred, axis=-1, keepdims=True)
+
+def _layer_norm_rows(x, weight, bias, *, width):
+    """LayerNorm over the first ``width`` columns of rows padded with zeros to a power of two (Triton
+    wants power-of-two arrays); padded columns come out 0 because their weight and bias are 0."""
+    valid = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) < width
+    mean = jnp.sum(x, axis=-1, keepdims=True) / width
+    centred = jnp.where(valid, x - mean, 0.0)
+    var = jnp.sum(centred * centred, axis=-1, keepdims=True) / width
     return centred * jax.lax.rsqrt(var + LAYER_NORM_EPS) * weight + bias
 
 
-def _prologue_kernel(x_ref, mask_ref, ln_w_ref, ln_b_ref, w_ref, left_ref, right_ref, gate_ref, *, hidden):
-    x = x_ref[...].astype(jnp.float32)
-    xn = _layer_norm_rows(x, ln_w_ref[...], ln_b_ref[...])
-    proj = jnp.dot(xn, w_ref[...], preferred_element_type=jnp.float32)  # [rows, 5H]
-    m = mask_ref[...]
-    sig = jax.nn.sigmoid
-    left_ref[...] = (proj[:, 0:hidden] * m * sig(proj[:, 2 * hidden : 3 * hidden])).astype(left_ref.dtype)
-    right_ref[...] = (proj[:, hidden : 2 * hidden] * m * sig(proj[:, 3 * hidden : 4 * hidden])).astype(right_ref.dtype)
-    gate_ref[...] = sig(proj[:, 4 * hidden : 5 * hidden])
+def _column_chunks(width: int, chunk: int = CHUNK) -> list:
+    """Static column slices of at most ``chunk``: every load and matmul operand stays a small tile, so a
+    wide C (768 -> 1024 padded) never asks for a [rows, C] or [C, H] tile in shared memory."""
+    return [pl.ds(start, min(chunk, width)) for start in range(0, width, chunk)]
+
+
+def _prologue_kernel(x_ref, mask_ref, ln_w_ref, ln_b_ref, wl_ref, wr_ref, wlg_ref, wrg_ref, wog_ref, left_ref,
+                     right_ref, gate_ref, *, channels):
+    """LayerNorm(C) and the five projections, C in chunks: one pass for the mean, one for the variance,
+    one accumulating the projections."""
+    chunks = _column_chunks(x_ref.shape[1])
+
+    def centred(cols):
+        x = x_ref[:, cols].astype(jnp.float32)
+        index = jax.lax.broadcasted_iota(jnp.int32, x.shape, 1) + cols.start
+        return jnp.where(index < channels, x - mean, 0.0)
+
+    mean = sum(jnp.sum(x_ref[:, cols].astype(jnp.float32), axis=1, keepdims=True) for cols in chunks) / channels
+    var = sum(jnp.sum(jnp.square(centred(cols)), axis=1, keepdims=True) for cols in chunks) / channels
+    inv_std = jax.lax.rsqrt(var + LAYER_NORM_EPS)
+    weight_refs = (wl_ref, wr_ref, wlg_ref, wrg_ref, wog_ref)
+    projected = [0.0] * len(weight_refs)
+    for cols in chunks:
+        xn = centred(cols) * inv_std * ln_w_ref[:, cols] + ln_b_ref[:, cols]
+        projected = [acc + jnp.dot(xn, w_ref[cols, :], preferred_element_type=jnp.float32)
+                     for acc, w_ref in zip(projected, weight_refs)]
+    left, right, left_gate, right_gate, out_gate = projected
+    m, sig = mask_ref[...], jax.nn.sigmoid
+    left_ref[...] = (left * m * sig(left_gate)).astype(left_ref.dtype)
+    right_ref[...] = (right * m * sig(right_gate)).astype(right_ref.dtype)
+    gate_ref[...] = sig(out_gate)
 
 
 def _contraction_kernel(l_ref, r_ref, out_ref, *, block_k, n):
@@ -54,9 +89,10 @@ def _contraction_kernel(l_ref, r_ref, out_ref, *, block_k, n):
     out_ref[...] = jax.lax.fori_loop(0, n // block_k, body, acc)
 
 
-def _epilogue_kernel(y_ref, gate_ref, ln_w_ref, ln_b_ref, w_ref, out_ref):
-    y = _layer_norm_rows(y_ref[...], ln_w_ref[...], ln_b_ref[...]) * gate_ref[...]
-    out_ref[...] = jnp.dot(y, w_ref[...], preferred_element_type=jnp.float32)
+def _epilogue_kernel(y_ref, gate_ref, ln_w_ref, ln_b_ref, w_ref, out_ref, *, hidden):
+    y = _layer_norm_rows(y_ref[...], ln_w_ref[...], ln_b_ref[...], width=hidden) * gate_ref[...]
+    for cols in _column_chunks(out_ref.shape[1]):
+        out_ref[:, cols] = jnp.dot(y, w_ref[:, cols], preferred_element_type=jnp.float32)
 
 
 def _rows_spec(block_rows, width):
@@ -93,14 +129,15 @@ def padded_length(n: int, block: int) -> int:
 
 
 def trimul_pallas(x, mask, weights, *, matmul_dtype=jnp.float32, block_rows: int = 128, block_ij: int | None = None,
-                  block_k: int | None = None, interpret: bool = False):
+                  block_k: int | None = None, interpret: bool = False, platform: str | None = None):
     """Same contract as :func:`siajax._bundled.kernels.trimul.reference.trimul_reference`.
 
     Block sizes default to :func:`block_sizes` for the backend; N is zero-padded (mask 0) up to a
     multiple of the contraction tile, so any N lowers on GPUs and TPUs (Triton and Mosaic want
-    power-of-two tiles), and the padding is cut off the result.
+    power-of-two tiles), and the padding is cut off the result. ``platform`` ("gpu" or "tpu") picks
+    tiles and lowering; by default the backend's, set it to lower for another (``jax.export``).
     """
-    platform = "tpu" if jax.default_backend() == "tpu" else "gpu"
+    platform = platform or ("tpu" if jax.default_backend() == "tpu" else "gpu")
     default_ij, default_k = block_sizes(x.shape[1], platform)
     block_ij, block_k = block_ij or default_ij, block_k or default_k
     if interpret:  # interpret mode has no tile constraints: small tiles keep CPU tests fast
@@ -111,34 +148,59 @@ def trimul_pallas(x, mask, weights, *, matmul_dtype=jnp.float32, block_rows: int
         pad = ((0, 0), (0, size - n), (0, size - n))
         x, mask = jnp.pad(x, pad + ((0, 0),)), jnp.pad(jnp.asarray(mask, jnp.float32), pad)
     out = _trimul_pallas(x, mask, weights, matmul_dtype=matmul_dtype, block_rows=block_rows, block_ij=block_ij,
-                         block_k=block_k, interpret=interpret)
+                         block_k=block_k, interpret=interpret, platform=platform)
     return out[:, :n, :n]
 
 
-@functools.partial(jax.jit, static_argnames=("matmul_dtype", "block_rows", "block_ij", "block_k", "interpret"))
-def _trimul_pallas(x, mask, weights, *, matmul_dtype, block_rows: int, block_ij: int, block_k: int, interpret: bool):
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _padded_weights(weights, c: int, h: int, width_c: int, width_h: int) -> dict:
+    """The module's weights as the kernels take them: projections transposed to [in, out], vectors as
+    [1, width] rows, every dimension zero-padded to a power of two (C -> width_c, H -> width_h)."""
+    def matrix(name, rows, cols, padded_rows, padded_cols):
+        w = weights[name].T.astype(jnp.float32)
+        return jnp.pad(w, ((0, padded_rows - rows), (0, padded_cols - cols)))
+
+    def row(name, width, padded):
+        return jnp.pad(weights[name].astype(jnp.float32), (0, padded - width)).reshape(1, padded)
+
+    projections = ("left_proj", "right_proj", "left_gate", "right_gate", "out_gate")
+    return {"norm": (row("norm.weight", c, width_c), row("norm.bias", c, width_c)),
+            "in": tuple(matrix(f"{name}.weight", c, h, width_c, width_h) for name in projections),
+            "out_norm": (row("to_out_norm.weight", h, width_h), row("to_out_norm.bias", h, width_h)),
+            "out": matrix("to_out.weight", h, c, width_h, width_c)}
+
+
+@functools.partial(jax.jit, static_argnames=("matmul_dtype", "block_rows", "block_ij", "block_k", "interpret",
+                                             "platform"))
+def _trimul_pallas(x, mask, weights, *, matmul_dtype, block_rows: int, block_ij: int, block_k: int, interpret: bool,
+                   platform: str = "gpu"):
     b, n, _, c = x.shape
     h = weights["left_proj.weight"].shape[0]
+    width_c, width_h = _next_power_of_two(c), _next_power_of_two(h)
     rows = b * n * n
     block_rows = _pick_block(rows, block_rows)
-    w_in = jnp.concatenate([weights[f"{name}.weight"] for name in
-                            ("left_proj", "right_proj", "left_gate", "right_gate", "out_gate")], axis=0).T  # [C, 5H]
-    vec = lambda name: weights[name].reshape(1, -1).astype(jnp.float32)  # noqa: E731
+    padded = _padded_weights(weights, c, h, width_c, width_h)
+    x_rows = jnp.pad(x.reshape(rows, c), ((0, 0), (0, width_c - c)))
+    # Triton on NVIDIA GPUs, whatever JAX's default Pallas GPU backend is (Mosaic GPU in some versions)
+    compiler = pltriton.CompilerParams() if platform == "gpu" and not interpret else None
 
     left, right, gate = pl.pallas_call(
-        functools.partial(_prologue_kernel, hidden=h),
-        out_shape=(jax.ShapeDtypeStruct((rows, h), matmul_dtype), jax.ShapeDtypeStruct((rows, h), matmul_dtype),
-                   jax.ShapeDtypeStruct((rows, h), jnp.float32)),
+        functools.partial(_prologue_kernel, channels=c),
+        out_shape=(jax.ShapeDtypeStruct((rows, width_h), matmul_dtype),
+                   jax.ShapeDtypeStruct((rows, width_h), matmul_dtype),
+                   jax.ShapeDtypeStruct((rows, width_h), jnp.float32)),
         grid=(rows // block_rows,),
-        in_specs=[_rows_spec(block_rows, c), _rows_spec(block_rows, 1), _whole_spec((1, c)), _whole_spec((1, c)),
-                  _whole_spec((c, 5 * h))],
-        out_specs=(_rows_spec(block_rows, h), _rows_spec(block_rows, h), _rows_spec(block_rows, h)),
-        interpret=interpret, name="trimul_prologue",
-    )(x.reshape(rows, c), mask.reshape(rows, 1).astype(jnp.float32), vec("norm.weight"), vec("norm.bias"),
-      w_in.astype(jnp.float32))
+        in_specs=[_rows_spec(block_rows, width_c), _rows_spec(block_rows, 1), _whole_spec((1, width_c)),
+                  _whole_spec((1, width_c))] + [_whole_spec((width_c, width_h))] * 5,
+        out_specs=(_rows_spec(block_rows, width_h),) * 3,
+        interpret=interpret, compiler_params=compiler, name="trimul_prologue",
+    )(x_rows, mask.reshape(rows, 1).astype(jnp.float32), *padded["norm"], *padded["in"])
 
-    # [B, N(i), N(k), H] -> [B*H, N(i), N(k)]: one matmul per (b, h).
-    to_bh = lambda t: t.reshape(b, n, n, h).transpose(0, 3, 1, 2).reshape(b * h, n, n)  # noqa: E731
+    # [B, N(i), N(k), H] -> [B*H, N(i), N(k)]: one matmul per (b, h); padded hidden channels are all 0.
+    to_bh = lambda t: t[:, :h].reshape(b, n, n, h).transpose(0, 3, 1, 2).reshape(b * h, n, n)  # noqa: E731
     bij, bk = _pick_block(n, block_ij), _pick_block(n, block_k)
     contracted = pl.pallas_call(
         functools.partial(_contraction_kernel, block_k=bk, n=n),
@@ -147,17 +209,18 @@ def _trimul_pallas(x, mask, weights, *, matmul_dtype, block_rows: int, block_ij:
         in_specs=[pl.BlockSpec((None, bij, n), lambda g, i, j: (g, i, 0)),
                   pl.BlockSpec((None, bij, n), lambda g, i, j: (g, j, 0))],
         out_specs=pl.BlockSpec((None, bij, bij), lambda g, i, j: (g, i, j)),
-        interpret=interpret, name="trimul_contraction",
+        interpret=interpret, compiler_params=compiler, name="trimul_contraction",
     )(to_bh(left), to_bh(right))
     y = contracted.reshape(b, h, n, n).transpose(0, 2, 3, 1).reshape(rows, h)
+    y = jnp.pad(y, ((0, 0), (0, width_h - h)))
 
     out = pl.pallas_call(
-        _epilogue_kernel,
-        out_shape=jax.ShapeDtypeStruct((rows, c), jnp.float32),
+        functools.partial(_epilogue_kernel, hidden=h),
+        out_shape=jax.ShapeDtypeStruct((rows, width_c), jnp.float32),
         grid=(rows // block_rows,),
-        in_specs=[_rows_spec(block_rows, h), _rows_spec(block_rows, h), _whole_spec((1, h)), _whole_spec((1, h)),
-                  _whole_spec((h, c))],
-        out_specs=_rows_spec(block_rows, c),
-        interpret=interpret, name="trimul_epilogue",
-    )(y, gate, vec("to_out_norm.weight"), vec("to_out_norm.bias"), weights["to_out.weight"].T.astype(jnp.float32))
-    return out.reshape(b, n, n, c)
+        in_specs=[_rows_spec(block_rows, width_h), _rows_spec(block_rows, width_h), _whole_spec((1, width_h)),
+                  _whole_spec((1, width_h)), _whole_spec((width_h, width_c))],
+        out_specs=_rows_spec(block_rows, width_c),
+        interpret=interpret, compiler_params=compiler, name="trimul_epilogue",
+    )(y, gate, *padded["out_norm"], padded["out"])
+    return out[:, :c].reshape(b, n, n, c)
