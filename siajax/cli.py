@@ -258,6 +258,8 @@ def _cmd_report(args) -> int:
 def _cmd_tasks(args) -> int:
     from siajax.tasks import TaskError, find_tasks
 
+    if args.check:
+        return _check_tasks(args.check)
     status = 0
     for name, task in find_tasks().items():
         if isinstance(task, TaskError):
@@ -266,6 +268,20 @@ def _cmd_tasks(args) -> int:
         else:
             first = next((line for line in task.description.splitlines() if line and not line.startswith("#")), "")
             print(f"{name:16s} {task.root}  reward={task.reward_kind}  {first[:70]}")
+    return status
+
+
+def _check_tasks(names: list[str]) -> int:
+    """``siajax tasks --check``: every split, slot and demonstration of each task; exit 1 on any problem."""
+    from siajax.taskcheck import check_task
+
+    status = 0
+    for name in names:
+        problems = check_task(name)
+        print(f"{name}: " + ("OK" if not problems else f"{len(problems)} problem(s)"))
+        for problem in problems:
+            print(f"  - {problem}")
+        status = status or (1 if problems else 0)
     return status
 
 
@@ -318,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_cmd_report)
 
     tasks = sub.add_parser("tasks", help="list the tasks found (bundled and $SIAJAX_TASKS_PATH)")
+    tasks.add_argument("--check", nargs="+", metavar="NAME", default=None,
+                       help="read every split of these tasks (names or directories) and check their items, "
+                            "template slots and demonstrations; exit 1 on any problem")
     tasks.set_defaults(func=_cmd_tasks)
 
     serve = sub.add_parser("serve", help="OpenAI-compatible chat endpoint over a local policy")
@@ -347,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
         enable_compilation_cache()  # a second run of the same config compiles nothing
     try:
         return args.func(args)
+    except BrokenPipeError:  # `siajax tasks | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except _user_errors() as err:
         if debug:
             raise

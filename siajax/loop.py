@@ -39,7 +39,8 @@ from siajax.rundir import (
     append_ledger, current_dev_records, fresh_generation_dir, is_resume, ledger_row, load_config, read_ledger,
     save_config, tried_versions, write_evaluations, write_json, write_jsonl,
 )
-from siajax.tasks import Task, resolve_task
+from siajax.taskcheck import task_problems
+from siajax.tasks import Task, TaskError, resolve_task
 from siajax.tracking import Trackers
 from siajax.train.trainable import TrainablePolicy
 
@@ -169,7 +170,11 @@ def restore_state(config: RunConfig, task: Task, store: HarnessStore, policy: Tr
 def check_start(config: RunConfig, run_dir: Path) -> Task:
     """Checks everything a run needs before anything is written or loaded; -> the task."""
     task = resolve_task(config.task)
-    dev = task.dev_items()[:config.dev_items]  # data a task loads itself (e.g. GPQA) must exist before a run starts
+    problems = task_problems(task)  # every split read, slots, demonstrations: data a task loads itself must exist
+    if problems:
+        more = f" ({len(problems) - 1} more: siajax tasks --check {config.task})" if len(problems) > 1 else ""
+        raise TaskError(problems[0] + more)
+    dev = task.dev_items()[:config.dev_items]
     if len(dev) < task.min_dev_items:
         raise ValueError(f"dev_items={config.dev_items} leaves {len(dev)} dev items; task {task.name!r} decides on "
                          f"no fewer than {task.min_dev_items}")

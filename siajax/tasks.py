@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import re
+import threading
 from functools import cached_property
 from pathlib import Path
 
@@ -151,19 +152,30 @@ class Task:
         return self._stored_splits[split]
 
     def _load_split(self, split: str) -> tuple[dict, ...]:
-        """A split as stored (JSONL, one object per line with an "id" and template slots)."""
+        """A split as stored (JSONL, one object per line with an "id" and template slots); a line that
+        is not UTF-8, not JSON or not such an object is named by file and line."""
         splits = self.spec["splits"]
         if self.loader is not None:
-            return tuple(self.loader.items(split))
+            try:
+                return tuple(self.loader.items(split))
+            except Exception as err:  # task code, e.g. gated data the user has not supplied
+                raise TaskError(f"task {self.name!r}: its items_loader cannot read split {split!r}: "
+                                f"{str(err).splitlines()[0] if str(err) else repr(err)}") from None
         path = self.root / splits[split]
-        items = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise TaskError(f"{path}:{number}: not valid JSON ({err})") from None
-        return tuple(items)
+        return tuple(_jsonl_item(path, number, line)
+                     for number, line in enumerate(path.read_bytes().splitlines(), 1) if line.strip())
+
+
+def _jsonl_item(path: Path, number: int, line: bytes) -> dict:
+    try:
+        item = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise TaskError(f"{path}:{number}: not UTF-8 (byte {err.start} of the line: {err.reason})") from None
+    except json.JSONDecodeError as err:
+        raise TaskError(f"{path}:{number}: not valid JSON ({err})") from None
+    if not isinstance(item, dict) or "id" not in item:
+        raise TaskError(f"{path}:{number}: an item must be a JSON object with an \"id\"")
+    return item
 
 
 def _identity(item: dict, key: str) -> str:
@@ -209,10 +221,31 @@ def _check_tools(task: Task) -> None:
                             "nor defined by its verifier (TOOLS function and TOOL_SPECS ToolSpec)")
 
 
+IMPORT_SECONDS = 30.0  # a task module still importing after this is reported, not waited for
+
+
 def _load_module(path: Path, name: str):
+    """Imports a task's module; any error it raises, or an import still running after
+    ``IMPORT_SECONDS`` (left behind on a daemon thread), is a one-line TaskError naming the file."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    failure: list[BaseException] = []
+
+    def execute():
+        try:
+            spec.loader.exec_module(module)
+        except BaseException as err:  # noqa: BLE001 -- task code: SyntaxError, SystemExit, anything
+            failure.append(err)
+
+    worker = threading.Thread(target=execute, name=f"import {path.name}", daemon=True)
+    worker.start()
+    worker.join(IMPORT_SECONDS)
+    where = f"{path.parent.name}/{path.name}"
+    if worker.is_alive():
+        raise TaskError(f"{where} did not finish importing within {IMPORT_SECONDS:g} s")
+    if failure:
+        err = failure[0]  # a SyntaxError's message names its line
+        raise TaskError(f"{where} fails to import: {type(err).__name__}: {(str(err) or '-').splitlines()[0]}")
     return module
 
 

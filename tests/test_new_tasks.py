@@ -9,7 +9,7 @@ import pytest
 from siajax.config import RunConfig
 from siajax.models import BUNDLED_TINY_MODEL
 from siajax.loop import run
-from siajax.tasks import resolve_task
+from siajax.tasks import TaskError, resolve_task
 
 FIXTURE = __import__("pathlib").Path(__file__).resolve().parent / "fixtures" / "gpqa_synthetic.csv"
 
@@ -57,9 +57,9 @@ def test_gpqa_json_in_the_official_shape_loads_too(tmp_path, monkeypatch):
 
 def test_missing_gpqa_data_stops_with_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setenv("SIAJAX_GPQA", str(tmp_path / "nope.csv"))
-    with pytest.raises(FileNotFoundError, match="huggingface.co/datasets/Idavidrein/gpqa"):
+    with pytest.raises(TaskError, match="huggingface.co/datasets/Idavidrein/gpqa"):
         resolve_task("gpqa").items("test")
-    with pytest.raises(FileNotFoundError, match="Idavidrein"):
+    with pytest.raises(TaskError, match="Idavidrein"):
         run(RunConfig(task="gpqa", model=str(BUNDLED_TINY_MODEL), generations=1), tmp_path / "run")
     assert not (tmp_path / "run").exists()  # nothing was written
 
