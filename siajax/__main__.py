@@ -1,5 +1,3 @@
-import sys
+from siajax.cli import entry
 
-from siajax.cli import main
-
-sys.exit(main())
+entry()

@@ -80,13 +80,30 @@ def load_config(run_dir: str | os.PathLike) -> RunConfig:
 
 def is_resume(config: RunConfig, run_dir: Path) -> bool:
     """Whether ``run_dir`` already holds this run; refuses a directory started with another config
-    (only where arrays live, ``LAYOUT_ONLY_FIELDS``, may change)."""
+    (only where arrays live, ``LAYOUT_ONLY_FIELDS``, may change, and ``generations`` by
+    :func:`extended_config`)."""
     if not (run_dir / "config.json").exists():
         return False
     stored = load_config(run_dir)
-    if dataclasses.replace(stored, **{name: getattr(config, name) for name in LAYOUT_ONLY_FIELDS}) != config:
+    kept = dataclasses.replace(stored, **{name: getattr(config, name) for name in LAYOUT_ONLY_FIELDS})
+    if kept != config and dataclasses.replace(kept, generations=config.generations) == config:
+        extended_config(stored, config.generations, read_ledger(run_dir))
+    elif kept != config:
         raise ValueError(f"{run_dir} was started with a different config; use `siajax resume {run_dir}`")
     return True
+
+
+def extended_config(config: RunConfig, generations: int, ledger: list[dict]) -> RunConfig:
+    """``config`` run to ``generations`` instead (``siajax resume RUN --generations N``): never fewer
+    than the run has finished, and only under a constant learning rate (a cosine schedule's horizon is
+    the run's length, so the steps already taken would have had other rates)."""
+    if generations < len(ledger):
+        raise ValueError(f"the run has finished {len(ledger)} generations; --generations {generations} would "
+                         f"drop some (give at least {len(ledger)})")
+    if generations != config.generations and config.lr_schedule != "constant":
+        raise ValueError(f"the run's {config.lr_schedule} learning-rate schedule decays over its "
+                         f"{config.generations} generations, so it cannot be extended; start a new run")
+    return dataclasses.replace(config, generations=generations)
 
 
 def save_config(config: RunConfig, run_dir: Path) -> None:

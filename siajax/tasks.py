@@ -19,10 +19,10 @@ import itertools
 import json
 import os
 import re
-import threading
 from functools import cached_property
 from pathlib import Path
 
+from siajax.deadline import DeadlineExceeded, call_with_deadline
 from siajax.harness import Harness, HarnessError, ToolSpec, from_json
 
 REQUIRED_FILES = ("task.md", "task.json", "harness.json", "verifier.py", "README.md")
@@ -226,26 +226,16 @@ IMPORT_SECONDS = 30.0  # a task module still importing after this is reported, n
 
 def _load_module(path: Path, name: str):
     """Imports a task's module; any error it raises, or an import still running after
-    ``IMPORT_SECONDS`` (left behind on a daemon thread), is a one-line TaskError naming the file."""
+    ``IMPORT_SECONDS`` (left behind), is a one-line TaskError naming the file."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    failure: list[BaseException] = []
-
-    def execute():
-        try:
-            spec.loader.exec_module(module)
-        except BaseException as err:  # noqa: BLE001 -- task code: SyntaxError, SystemExit, anything
-            failure.append(err)
-
-    worker = threading.Thread(target=execute, name=f"import {path.name}", daemon=True)
-    worker.start()
-    worker.join(IMPORT_SECONDS)
     where = f"{path.parent.name}/{path.name}"
-    if worker.is_alive():
-        raise TaskError(f"{where} did not finish importing within {IMPORT_SECONDS:g} s")
-    if failure:
-        err = failure[0]  # a SyntaxError's message names its line
-        raise TaskError(f"{where} fails to import: {type(err).__name__}: {(str(err) or '-').splitlines()[0]}")
+    try:
+        call_with_deadline(IMPORT_SECONDS, spec.loader.exec_module, module, name=f"importing {where}")
+    except DeadlineExceeded as err:
+        raise TaskError(str(err)) from None
+    except Exception as err:  # task code: SyntaxError, SystemExit (as RuntimeError), anything
+        raise TaskError(f"{where} fails to import: {type(err).__name__}: {(str(err) or '-').splitlines()[0]}") from None
     return module
 
 

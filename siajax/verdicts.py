@@ -20,6 +20,7 @@ import math
 import numbers
 
 from siajax import timing
+from siajax.deadline import DeadlineExceeded, call_with_deadline
 from siajax.harness.schema import FAILURE_KINDS
 
 
@@ -57,15 +58,27 @@ def checked_verdict(task, verdict) -> dict:
     return {"reward": reward, "failure": failure, "metrics": metrics}
 
 
+SCORE_SECONDS = 300.0  # the default per-item deadline of score(); task.json "score_timeout_s" sets a task's own
+
+
+def score_deadline(task) -> float:
+    return float(task.spec.get("score_timeout_s", SCORE_SECONDS))
+
+
 def score_answer(task, item: dict, answer, text: str) -> dict:
     """The checked verdict on one parsed answer (the record's reward, failure and metrics);
     ``parse_error`` when nothing parsed, ``verifier_error`` when the verifier raises or breaks the
-    contract (never fatal: the run goes on, the reason is in ``verifier_error``)."""
+    contract, ``timeout`` when it has not returned by the task's deadline (never fatal: the run goes
+    on, the reason is in ``verifier_error``)."""
     if answer is None:
         return {"reward": failure_reward(task), "failure": "parse_error", "metrics": {}}
     try:
         with timing.phase("verify"):
-            return checked_verdict(task, task.verifier.score(item, answer, text))
+            verdict = call_with_deadline(score_deadline(task), task.verifier.score, item, answer, text,
+                                         name=f"{task.name} score()")
+        return checked_verdict(task, verdict)
+    except DeadlineExceeded as err:
+        return {"reward": failure_reward(task), "failure": "timeout", "metrics": {}, "verifier_error": str(err)}
     except Exception as err:  # task code: anything it raises is its verdict's fault, not the run's
         reason = str(err) if isinstance(err, VerdictError) else repr(err)
         return {"reward": failure_reward(task), "failure": "verifier_error", "metrics": {},

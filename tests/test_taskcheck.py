@@ -87,7 +87,7 @@ def test_a_verifier_that_hangs_at_import_is_reported_not_waited_for(digits_copy,
     (digits_copy / "verifier.py").write_text("import time\ntime.sleep(30)\n")
     monkeypatch.setattr(tasks_module, "IMPORT_SECONDS", 0.5)
     (problem,) = check_task(str(digits_copy))
-    assert problem == "mine/verifier.py did not finish importing within 0.5 s"
+    assert problem == "importing mine/verifier.py did not finish within 0.5 s"
 
 
 def test_tasks_check_exits_1_with_each_problem_and_0_when_sound(digits_copy, capsys):

@@ -17,11 +17,12 @@ from siajax.tasks import TaskError, load_task, resolve_task
 from siajax.verdicts import checked_verdict, score_answer
 
 
-def fake_task(score, *, reward="binary", failure_reward=None, failure_kinds=()):
+def fake_task(score, *, reward="binary", failure_reward=None, failure_kinds=(), **spec):
     verifier = types.SimpleNamespace(score=score)
     if failure_reward is not None:
         verifier.FAILURE_REWARD = failure_reward
-    return types.SimpleNamespace(verifier=verifier, reward_kind=reward, spec={"failure_kinds": list(failure_kinds)})
+    return types.SimpleNamespace(name="fake", verifier=verifier, reward_kind=reward,
+                                 spec={"failure_kinds": list(failure_kinds), **spec})
 
 
 @pytest.mark.parametrize("verdict,reason", [
@@ -49,6 +50,31 @@ def test_a_verifier_that_raises_is_a_verifier_error_not_a_crash():
 
     scored = score_answer(fake_task(score), {"id": "x"}, "42", "42")
     assert scored == {"reward": 0.0, "failure": "verifier_error", "metrics": {}, "verifier_error": "KeyError('answer')"}
+
+
+def test_a_verifier_that_hangs_is_a_timeout_at_the_tasks_deadline_and_the_run_goes_on():
+    import threading
+
+    released, finished = threading.Event(), threading.Event()
+
+    def hangs(item, answer, text):
+        released.wait(30)
+        finished.set()
+        return {"reward": 1.0}
+
+    task = fake_task(hangs, failure_reward=-1.0, score_timeout_s=0.2)
+    verdict = score_answer(task, {"id": "a"}, "42", "42")
+    assert not finished.is_set()  # answered while the verifier was still stuck
+    assert verdict == {"reward": -1.0, "failure": "timeout", "metrics": {},
+                       "verifier_error": "fake score() did not finish within 0.2 s"}
+    released.set()
+
+
+def test_a_verifier_that_calls_sys_exit_is_a_verifier_error_not_the_end_of_the_run():
+    import sys
+
+    verdict = score_answer(fake_task(lambda item, answer, text: sys.exit(3)), {"id": "a"}, "42", "42")
+    assert verdict["failure"] == "verifier_error" and "SystemExit(3)" in verdict["verifier_error"]
 
 
 def test_valid_verdicts_pass_as_floats_in_the_tasks_range():
