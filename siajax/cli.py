@@ -26,10 +26,11 @@ def _user_errors():
     import tomllib
 
     from siajax.harness import HarnessError
+    from siajax.loop import RunHalted
     from siajax.tasks import TaskError
 
     return (CliError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError, TaskError,
-            HarnessError, tomllib.TOMLDecodeError)
+            HarnessError, tomllib.TOMLDecodeError, RunHalted)
 
 
 def _cmd_sample(args) -> int:

@@ -63,6 +63,7 @@ class RunConfig:
     meta_model: str | None = None
     meta_base_url: str | None = None
     trackers: str = ""  # comma-separated: "tensorboard", "wandb" (siajax.tracking); the ledger is always written
+    halt_after_verifier_errors: int = 2  # stop after this many generations in a row scored mostly by verifier errors
     mesh: str | None = None  # e.g. "data=2,fsdp=2,tensor=2" over this process's devices; None = one device
     decision_rule: DecisionRule = DecisionRule()
     acceptance_rule: AcceptanceRule = AcceptanceRule()
@@ -147,7 +148,8 @@ def _check_ranges(config: RunConfig) -> None:
     at_least_one = {"generations": config.generations, "items_per_generation": config.items_per_generation,
                     "updates_per_generation": config.updates_per_generation, "micro_batches": config.micro_batches,
                     "lora_rank": config.lora_rank, "samples_per_prompt": config.samples_per_prompt,
-                    "generation_budget": config.generation_budget}
+                    "generation_budget": config.generation_budget,
+                    "halt_after_verifier_errors": config.halt_after_verifier_errors}
     for name, value in at_least_one.items():
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")

@@ -30,6 +30,7 @@ from siajax.budget import SampleBudget, Spend
 from siajax.config import RunConfig
 from siajax.harness import Harness, HarnessStore, to_json
 from siajax.harness.store import atomic_write_text
+from siajax.health import flag_message, generation_flags, halt_reason
 from siajax.levers import LeverOutcome, no_change, search_harness, weights_generation
 from siajax.protocol import EvalPlan, checked_budget, evaluate_state, evaluation_plan, state_record
 from siajax.rl import RECIPES, recipe_config
@@ -80,12 +81,23 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
     last = config.generations if stop_after is None else min(config.generations, stop_after)
     for generation in range(len(ledger), last):
         entry = run_generation(context, generation, ledger, entering)
+        entry["flags"] = generation_flags(entry)
         append_ledger(run_dir, entry)
         ledger.append(entry)
         entering = entry["after"]
+        for flag in entry["flags"]:
+            emit("warning", {"generation": generation, "message": flag_message(flag)})
         emit("generation", entry)
+        halt = halt_reason(ledger, config.halt_after_verifier_errors)
+        if halt:
+            trackers.close()
+            raise RunHalted(halt)
     trackers.close()
     return ledger
+
+
+class RunHalted(RuntimeError):
+    """The run stopped itself (its ledger is complete up to here and it can be resumed); says why."""
 
 
 def resume(run_dir: str | os.PathLike, **kwargs) -> list[dict]:

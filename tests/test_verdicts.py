@@ -124,3 +124,29 @@ def test_task_json_failure_kinds_must_be_names(tmp_path):
     (root / "task.json").write_text(json.dumps({**spec, "failure_kinds": "illegal_move"}))
     with pytest.raises(TaskError, match="failure_kinds must be a list of snake_case names"):
         load_task(root)
+
+
+def test_a_run_whose_verifier_keeps_failing_is_flagged_then_halts_and_resumes_once_fixed(tmp_path):
+    """Generations scored mostly by verifier errors are flagged in the ledger; after
+    halt_after_verifier_errors of them in a row the run stops with one line, its ledger intact, and a
+    resume with the verifier fixed goes on (and is not flagged)."""
+    from siajax.config import RunConfig
+    from siajax.loop import RunHalted, resume, run
+    from siajax.models import BUNDLED_TINY_MODEL
+    from siajax.rundir import read_ledger
+
+    root = tmp_path / "broken"
+    shutil.copytree(resolve_task("digits").root, root)
+    harness = json.loads((root / "harness.json").read_text())
+    (root / "harness.json").write_text(json.dumps({**harness, "parser": {"kind": "raw"}}))  # every reply parses
+    fixed = (root / "verifier.py").read_text()
+    (root / "verifier.py").write_text("def score(item, answer, text):\n    raise RuntimeError('lost the key')\n")
+    config = RunConfig(task=str(root), model=str(BUNDLED_TINY_MODEL), levers="harness", generations=3, seed=1,
+                       items_per_generation=4, dev_items=4, test_items=4, halt_after_verifier_errors=2)
+    with pytest.raises(RunHalted, match="generations 0-1 scored mostly verifier errors"):
+        run(config, tmp_path / "run")
+    ledger = read_ledger(tmp_path / "run")
+    assert [e["flags"] for e in ledger] == [["dev_verifier_errors", "test_verifier_errors"]] * 2
+    (root / "verifier.py").write_text(fixed)
+    ledger = resume(tmp_path / "run")
+    assert len(ledger) == 3 and ledger[-1]["flags"] == []
