@@ -26,7 +26,7 @@ def _user_errors():
     import tomllib
 
     from siajax.harness import HarnessError
-    from siajax.loop import RunHalted
+    from siajax.health import RunHalted
     from siajax.tasks import TaskError
 
     return (CliError, ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError, TaskError,
@@ -241,9 +241,11 @@ def _require_run(run_dir) -> Path:
 def _cmd_resume(args) -> int:
     import dataclasses
 
-    from siajax.rundir import extended_config, load_config, read_ledger
+    from siajax.rundir import extended_config, load_config, read_ledger, replace_task_copy
 
     config = load_config(_require_run(args.run_dir))
+    if args.update_task:
+        print(f"the run's task copy so far: {replace_task_copy(config, args.run_dir)}")
     if args.generations is not None:
         config = extended_config(config, args.generations, read_ledger(Path(args.run_dir)))
     if args.mesh is not None:
@@ -333,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue a run after a crash or stop")
     resume.add_argument("run_dir")
     resume.add_argument("--mesh", default=None, help="continue on another mesh ('' for one device)")
+    resume.add_argument("--update-task", action="store_true",
+                        help="go on with the task as it is now (e.g. a fixed verifier), not the run's copy")
     resume.add_argument("--generations", type=int, default=None,
                         help="run to this many generations in all (extends a finished run)")
     resume.set_defaults(func=_cmd_resume)
@@ -385,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         from siajax.cache import enable_compilation_cache
 
         enable_compilation_cache()  # a second run of the same config compiles nothing
+    _one_line_warnings()
     try:
         return args.func(args)
     except BrokenPipeError:  # `siajax tasks | head`: the reader left; say nothing more
@@ -397,6 +402,23 @@ def main(argv: list[str] | None = None) -> int:
         message = (message.strip("'\"") if isinstance(err, KeyError) else message) or type(err).__name__  # KeyError quotes
         print(f"siajax {args.command}: error: {message.splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _one_line_warnings() -> None:
+    """siajax's own warnings (e.g. a run's task changed since) as one line, without the source line."""
+    import warnings
+
+    from siajax.tasks import TaskChanged
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TaskChanged):
+            print(f"siajax: warning: {message}", file=sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def entry() -> None:

@@ -22,7 +22,8 @@ from siajax.tracking import check_tracker_names
 from siajax.train.learner import DEFAULT_SCHEDULES, UpdateSchedule
 from siajax.train.optim import DEFAULT_CRITIC_LEARNING_RATE, LR_SCHEDULES
 
-LAYOUT_ONLY_FIELDS = ("mesh", "micro_batches")  # may change on resume: how the work is laid out, not what is computed
+# May change on resume: how the work is laid out, and when the run stops itself, not what is computed.
+RESUME_MAY_CHANGE = ("mesh", "micro_batches", "halt_after_flagged")
 RULE_FIELDS = {"decision_rule": DecisionRule, "acceptance_rule": AcceptanceRule, "edit_grid": EditGrid}
 AGENT_SETTINGS = {"feedback": ("heuristic", "llm"), "meta": ("default", "llm")}
 
@@ -63,7 +64,7 @@ class RunConfig:
     meta_model: str | None = None
     meta_base_url: str | None = None
     trackers: str = ""  # comma-separated: "tensorboard", "wandb" (siajax.tracking); the ledger is always written
-    halt_after_verifier_errors: int = 2  # stop after this many generations in a row scored mostly by verifier errors
+    halt_after_flagged: int = 2  # stop after this many flagged generations in a row (siajax.health); 0: never
     mesh: str | None = None  # e.g. "data=2,fsdp=2,tensor=2" over this process's devices; None = one device
     decision_rule: DecisionRule = DecisionRule()
     acceptance_rule: AcceptanceRule = AcceptanceRule()
@@ -148,11 +149,12 @@ def _check_ranges(config: RunConfig) -> None:
     at_least_one = {"generations": config.generations, "items_per_generation": config.items_per_generation,
                     "updates_per_generation": config.updates_per_generation, "micro_batches": config.micro_batches,
                     "lora_rank": config.lora_rank, "samples_per_prompt": config.samples_per_prompt,
-                    "generation_budget": config.generation_budget,
-                    "halt_after_verifier_errors": config.halt_after_verifier_errors}
+                    "generation_budget": config.generation_budget}
     for name, value in at_least_one.items():
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if config.halt_after_flagged < 0:
+        raise ValueError(f"halt_after_flagged must be >= 0 (0: never halt), got {config.halt_after_flagged}")
     for name in ("learning_rate", "critic_learning_rate"):
         value = getattr(config, name)
         if value is not None and not value > 0:

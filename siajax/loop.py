@@ -30,18 +30,18 @@ from siajax.budget import SampleBudget, Spend
 from siajax.config import RunConfig
 from siajax.harness import Harness, HarnessStore, to_json
 from siajax.harness.store import atomic_write_text
-from siajax.health import flag_message, generation_flags, halt_reason
+from siajax.health import RunHalted, flag_message, generation_flags, halt_reason, needs_rescoring
 from siajax.levers import LeverOutcome, no_change, search_harness, weights_generation
 from siajax.protocol import EvalPlan, checked_budget, evaluate_state, evaluation_plan, state_record
 from siajax.rl import RECIPES, recipe_config
 from siajax.rl.custom_loss import load_loss
 from siajax.rng import purpose_key
 from siajax.rundir import (
-    append_ledger, current_dev_records, fresh_generation_dir, is_resume, ledger_row, load_config, read_ledger,
-    save_config, tried_versions, write_evaluations, write_json, write_jsonl,
+    append_ledger, current_dev_records, fresh_generation_dir, is_resume, keep_task_copy, ledger_row, load_config,
+    read_ledger, run_task, save_config, tried_versions, write_evaluations, write_json, write_jsonl,
 )
 from siajax.taskcheck import task_problems
-from siajax.tasks import Task, TaskError, resolve_task
+from siajax.tasks import Task, TaskError
 from siajax.tracking import Trackers
 from siajax.train.trainable import TrainablePolicy
 
@@ -69,6 +69,7 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
     policy = TrainablePolicy(config)  # loads the model before the run directory exists: a bad model leaves nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir)
+    keep_task_copy(task, run_dir)
     trackers = Trackers(config.tracker_names, run_dir, config.to_dict(), config.updates_per_generation)
     emit = _emitter(trackers, on_event)
     store, plan, ledger = HarnessStore(run_dir / "harness"), evaluation_plan(task, config), read_ledger(run_dir)
@@ -86,18 +87,14 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
         ledger.append(entry)
         entering = entry["after"]
         for flag in entry["flags"]:
-            emit("warning", {"generation": generation, "message": flag_message(flag)})
+            emit("warning", {"generation": generation, "message": flag_message(flag, entry)})
         emit("generation", entry)
-        halt = halt_reason(ledger, config.halt_after_verifier_errors)
-        if halt:
+        halt = halt_reason(ledger, config.halt_after_flagged)
+        if halt and generation + 1 < last:  # stop spending: more generations were to come
             trackers.close()
             raise RunHalted(halt)
     trackers.close()
     return ledger
-
-
-class RunHalted(RuntimeError):
-    """The run stopped itself (its ledger is complete up to here and it can be resumed); says why."""
 
 
 def resume(run_dir: str | os.PathLike, **kwargs) -> list[dict]:
@@ -173,15 +170,22 @@ def start_state(config: RunConfig, task: Task, store: HarnessStore, policy: Trai
 
 def restore_state(config: RunConfig, task: Task, store: HarnessStore, policy: TrainablePolicy, plan: EvalPlan,
                   run_dir: Path, ledger: list[dict]) -> tuple[dict, int]:
-    """A resumed run: harness HEAD and train state as the last ledger line left them."""
+    """A resumed run: harness HEAD and train state as the last ledger line left them; its scores, or
+    after a generation scored by verifier errors, the state scored again (``siajax.health``)."""
     store.rollback(ledger[-1]["next_harness"])
     policy.restore(run_dir, ledger)
-    return ledger[-1]["after"], checked_budget(config, store.get(ledger[0]["harness_version"]), len(plan.dev), task)
+    limit = checked_budget(config, store.get(ledger[0]["harness_version"]), len(plan.dev), task)
+    if not needs_rescoring(ledger):
+        return ledger[-1]["after"], limit
+    key_index = ledger[-1]["after"]["dev"].get("key_index", len(ledger) - 1)
+    evaluations = evaluate_state(task, store.get(), policy.backend(), plan, key_index=key_index)
+    write_evaluations(run_dir / ledger[-1]["eval_records_from"], evaluations, keep_previous="before_rescoring")
+    return state_record(*evaluations, key_index=key_index), limit
 
 
 def check_start(config: RunConfig, run_dir: Path) -> Task:
     """Checks everything a run needs before anything is written or loaded; -> the task."""
-    task = resolve_task(config.task)
+    task = run_task(config, run_dir)  # a resume: the run's own copy
     problems = task_problems(task)  # every split read, slots, demonstrations: data a task loads itself must exist
     if problems:
         more = f" ({len(problems) - 1} more: siajax tasks --check {config.task})" if len(problems) > 1 else ""

@@ -2,6 +2,8 @@
 
     runs/<run_id>/
       config.json         the run's RunConfig, rules included (a resume checks and reads it)
+      task/               the run's own copy of its task (eval and resume use it; a task edited
+                          or moved since is reported, not silently used)
       ledger.jsonl        one fsynced line per finished generation (append-only)
       initial/            eval_dev.jsonl, eval_test.jsonl of harness v0 with the base weights
       harness/            HarnessStore: every harness version tried, parent, patch, why kept or rolled back
@@ -17,24 +19,28 @@ interrupted generation.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 from siajax.agents.decide import Decision
 from siajax.agents.evaluation import evaluate
 from siajax.budget import SampleBudget, Spend
-from siajax.config import LAYOUT_ONLY_FIELDS, RunConfig
+from siajax.config import RESUME_MAY_CHANGE, RunConfig
 from siajax.harness import Harness, HarnessStore
 from siajax.harness.store import atomic_write_text
 from siajax.levers import LeverOutcome
 from siajax.protocol import evaluation_plan
-from siajax.tasks import resolve_task
+from siajax.tasks import Task, TaskChanged, TaskError, load_task, resolve_task
 from siajax.train.trainable import TrainablePolicy
 
 
-TIMING_FIELDS = ("wall_seconds", "time")  # the ledger fields a replay of the same run does not repeat
+TIMING_FIELDS = ("wall_seconds", "time")
+TASK_COPY = "task"
+  # the ledger fields a replay of the same run does not repeat
 
 
 def read_ledger(run_dir: Path) -> list[dict]:
@@ -80,12 +86,12 @@ def load_config(run_dir: str | os.PathLike) -> RunConfig:
 
 def is_resume(config: RunConfig, run_dir: Path) -> bool:
     """Whether ``run_dir`` already holds this run; refuses a directory started with another config
-    (only where arrays live, ``LAYOUT_ONLY_FIELDS``, may change, and ``generations`` by
+    (only where arrays live and when the run stops itself, ``RESUME_MAY_CHANGE``, may change, and ``generations`` by
     :func:`extended_config`)."""
     if not (run_dir / "config.json").exists():
         return False
     stored = load_config(run_dir)
-    kept = dataclasses.replace(stored, **{name: getattr(config, name) for name in LAYOUT_ONLY_FIELDS})
+    kept = dataclasses.replace(stored, **{name: getattr(config, name) for name in RESUME_MAY_CHANGE})
     if kept != config and dataclasses.replace(kept, generations=config.generations) == config:
         extended_config(stored, config.generations, read_ledger(run_dir))
     elif kept != config:
@@ -122,9 +128,15 @@ def fresh_generation_dir(run_dir: Path, generation: int) -> Path:
     return gen_dir
 
 
-def write_evaluations(directory: Path, evaluations) -> None:
-    """eval_dev.jsonl and eval_test.jsonl of a (dev, test) evaluation pair."""
+def write_evaluations(directory: Path, evaluations, keep_previous: str | None = None) -> None:
+    """eval_dev.jsonl and eval_test.jsonl of a (dev, test) evaluation pair; ``keep_previous``: a
+    subdirectory the files already there move to first (a state scored again keeps its old records)."""
     directory.mkdir(exist_ok=True)
+    if keep_previous is not None:
+        (directory / keep_previous).mkdir(exist_ok=True)
+        for name in ("eval_dev.jsonl", "eval_test.jsonl"):
+            if (directory / name).exists():
+                os.replace(directory / name, directory / keep_previous / name)
     write_jsonl(directory / "eval_dev.jsonl", evaluations[0].records)
     write_jsonl(directory / "eval_test.jsonl", evaluations[1].records)
 
@@ -178,6 +190,56 @@ def saved_policy(run_dir: str | os.PathLike, generation: int | None = None):
     return config, ledger, generation, policy
 
 
+def task_digest(root: Path) -> str:
+    """A content hash of a task directory: every file's relative path and bytes (caches left out)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def keep_task_copy(task: Task, run_dir: Path) -> None:
+    """Copies the task into the run directory once, so the run can be re-scored and resumed from
+    anywhere, with the verifier and items it ran with."""
+    copy = run_dir / TASK_COPY
+    if copy.exists():
+        return
+    partial = run_dir / f".task.{os.getpid()}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(task.root, partial, ignore=shutil.ignore_patterns("__pycache__"))
+    os.replace(partial, copy)
+
+
+def replace_task_copy(config: RunConfig, run_dir: str | os.PathLike) -> Path:
+    """``siajax resume RUN --update-task``: the run goes on with the task as it is now (a fixed
+    verifier); the copy it ran with so far moves to ``task.before-gen<N>``. -> where it moved."""
+    run_dir = Path(run_dir)
+    task = resolve_task(config.task)
+    kept = run_dir / f"{TASK_COPY}.before-gen{len(read_ledger(run_dir))}"
+    if (run_dir / TASK_COPY).exists():
+        shutil.rmtree(kept, ignore_errors=True)
+        os.replace(run_dir / TASK_COPY, kept)
+    keep_task_copy(task, run_dir)
+    return kept
+
+
+def run_task(config: RunConfig, run_dir: str | os.PathLike) -> Task:
+    """The task a run ran: its copy in the run directory (a warning when the task ``config.task``
+    names now differs), else (a new run, or one made before runs kept a copy) ``config.task``."""
+    copy = Path(run_dir) / TASK_COPY
+    if not copy.is_dir():
+        return resolve_task(config.task)
+    task = load_task(copy)
+    try:
+        named = resolve_task(config.task)
+    except TaskError:
+        return task  # moved or deleted since: the copy is the task
+    if task_digest(named.root) != task_digest(copy):
+        warnings.warn(f"task {config.task!r} ({named.root}) has changed since this run started; using the run's "
+                      f"copy ({copy})", TaskChanged, stacklevel=2)
+    return task
+
+
 def evaluate_saved(run_dir: str | os.PathLike, generation: int | None = None, split: str = "test") -> dict:
     """Re-scores a saved generation's harness and weights (the last one by default) on ``split``,
     with the key the run scored it with."""
@@ -185,7 +247,7 @@ def evaluate_saved(run_dir: str | os.PathLike, generation: int | None = None, sp
         raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
     run_dir = Path(run_dir)
     config, ledger, generation, policy = saved_policy(run_dir, generation)
-    task = resolve_task(config.task)
+    task = run_task(config, run_dir)
     harness = HarnessStore(run_dir / "harness").get(ledger[generation]["next_harness"])
     plan = evaluation_plan(task, config)
     dev_key = plan.dev_key_at(ledger[generation]["after"]["dev"].get("key_index", 0))

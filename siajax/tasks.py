@@ -47,6 +47,10 @@ class TaskError(ValueError):
     """A task directory that does not follow the protocol; names the piece."""
 
 
+class TaskChanged(UserWarning):
+    """The task a run names is not the one it ran (the copy in its run directory is used)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str

@@ -312,3 +312,23 @@ def test_both_arms_spend_within_the_same_hard_budget(tmp_path):
         totals[levers] = (sum(e["spend"]["spent_samples"] for e in ledger), budgets.pop())
     assert totals["harness"][1] == totals["both"][1]  # the same budget for both arms
     assert all(spent <= 2 * budget for spent, budget in totals.values())
+
+
+def test_a_run_keeps_its_task_and_eval_uses_that_copy_after_the_task_changes_or_moves(tmp_path):
+    import shutil
+
+    from siajax.rundir import evaluate_saved, task_digest
+    from siajax.tasks import TaskChanged
+
+    task_dir = _digits_task_with(tmp_path, "mine")
+    run_dir = tmp_path / "run"
+    run(RunConfig(**{**SMALL, "task": str(task_dir)}, levers="harness", generations=1, dev_items=4, test_items=4),
+        run_dir)
+    assert task_digest(run_dir / "task") == task_digest(task_dir)
+    scored = evaluate_saved(run_dir, split="test")
+    assert scored["score"] < 1.0
+    (task_dir / "verifier.py").write_text('def score(item, answer, text):\n    return {"reward": 1.0}\n')
+    with pytest.warns(TaskChanged, match="has changed since this run started"):
+        assert evaluate_saved(run_dir, split="test")["score"] == scored["score"]  # the copy's verifier
+    shutil.rmtree(task_dir)  # gone (or run from another directory): the copy is the task
+    assert evaluate_saved(run_dir, split="test")["score"] == scored["score"]

@@ -131,9 +131,10 @@ def test_a_run_whose_verifier_keeps_failing_is_flagged_then_halts_and_resumes_on
     halt_after_verifier_errors of them in a row the run stops with one line, its ledger intact, and a
     resume with the verifier fixed goes on (and is not flagged)."""
     from siajax.config import RunConfig
-    from siajax.loop import RunHalted, resume, run
+    from siajax.health import RunHalted
+    from siajax.loop import resume, run
     from siajax.models import BUNDLED_TINY_MODEL
-    from siajax.rundir import read_ledger
+    from siajax.rundir import load_config, read_ledger, replace_task_copy
 
     root = tmp_path / "broken"
     shutil.copytree(resolve_task("digits").root, root)
@@ -142,11 +143,16 @@ def test_a_run_whose_verifier_keeps_failing_is_flagged_then_halts_and_resumes_on
     fixed = (root / "verifier.py").read_text()
     (root / "verifier.py").write_text("def score(item, answer, text):\n    raise RuntimeError('lost the key')\n")
     config = RunConfig(task=str(root), model=str(BUNDLED_TINY_MODEL), levers="harness", generations=3, seed=1,
-                       items_per_generation=4, dev_items=4, test_items=4, halt_after_verifier_errors=2)
+                       items_per_generation=4, dev_items=4, test_items=4, halt_after_flagged=2)
     with pytest.raises(RunHalted, match="generations 0-1 scored mostly verifier errors"):
         run(config, tmp_path / "run")
     ledger = read_ledger(tmp_path / "run")
     assert [e["flags"] for e in ledger] == [["dev_verifier_errors", "test_verifier_errors"]] * 2
     (root / "verifier.py").write_text(fixed)
+    replace_task_copy(load_config(tmp_path / "run"), tmp_path / "run")  # siajax resume RUN --update-task
     ledger = resume(tmp_path / "run")
     assert len(ledger) == 3 and ledger[-1]["flags"] == []
+    assert ledger[-1]["before"]["dev"]["failure_rates"].get("verifier_error", 0.0) == 0.0  # the state scored again
+    kept_from = tmp_path / "run" / ledger[1]["eval_records_from"]
+    assert all(r["failure"] == "verifier_error"
+               for r in map(json.loads, (kept_from / "before_rescoring" / "eval_dev.jsonl").read_text().splitlines()))

@@ -48,7 +48,8 @@ def run_arms(base: RunConfig, seeds, out: Path, log=print) -> dict:
     results = {arm: [] for arm in ARMS}
     for seed in seeds:
         for arm, levers in ARMS.items():
-            config = dataclasses.replace(base, levers=levers, seed=seed)
+            # every arm runs all its generations (flags stay in the ledger): equal budgets, equal lengths
+            config = dataclasses.replace(base, levers=levers, seed=seed, halt_after_flagged=0)
             start = time.perf_counter()
             ledger = run(config, out / "runs" / f"{levers}-s{seed}")
             results[arm].append(ledger)
