@@ -273,6 +273,10 @@ def _cmd_report(args) -> int:
     from siajax.report import report
 
     print(f"plot: {report(_require_run(args.run_dir))}")
+    if args.html:
+        from siajax.html_report import write_html_report
+
+        print(f"html: {write_html_report(args.run_dir)}")
     return 0
 
 
@@ -356,6 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="per-generation table and score plot of a run")
     report.add_argument("run_dir")
+    report.add_argument("--html", action="store_true",
+                        help="also write report.html: one self-contained page (plot, table, harness diffs, "
+                             "candidates, updates, failures with examples, time)")
     report.set_defaults(func=_cmd_report)
 
     tasks = sub.add_parser("tasks", help="list the tasks found (bundled and $SIAJAX_TASKS_PATH)")

@@ -60,3 +60,32 @@ def test_the_example_task_passes_the_check_and_runs_one_generation_then_extends(
     ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
     assert [entry["generation"] for entry in ledger] == [0, 1]
     assert json.loads((run_dir / "config.json").read_text())["generations"] == 2
+    _check_html_report(run_dir, ledger)
+
+
+def _check_html_report(run_dir: Path, ledger: list[dict]) -> None:
+    """``siajax report RUN --html``: one self-contained page holding the ledger's numbers."""
+    import collections
+    import re
+    import shutil
+
+    reported = siajax("report", run_dir, "--html")
+    assert reported.returncode == 0 and "html: " in reported.stdout, reported.stderr[-2000:]
+    page = (run_dir / "report.html").read_text()
+    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched: the plot is inlined
+    assert page.count('src="data:image/png;base64,') == 1
+    for entry in ledger:
+        assert f"generation {entry['generation']}: {entry['decision']['lever']}" in page
+        for candidate in entry["candidates"]:
+            assert f"<td class=n>{candidate['dev_score']:.3f}</td>" in page
+        records = [json.loads(line) for line in
+                   (run_dir / entry["eval_records_from"] / "eval_dev.jsonl").read_text().splitlines()]
+        kinds = collections.Counter(record["failure"] or "success" for record in records)
+        for kind, count in kinds.items():
+            assert f"<td>{kind}</td><td class=n>{count}</td>" in page
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser:  # where a browser is installed: it renders the page (a screenshot is written)
+        shot = run_dir / "report.png"
+        subprocess.run([browser, "--headless", "--no-sandbox", f"--screenshot={shot}", (run_dir / "report.html")
+                        .as_uri()], capture_output=True, timeout=120)
+        assert shot.stat().st_size > 10_000

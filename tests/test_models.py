@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -140,3 +141,39 @@ def test_unsupported_or_broken_configs_fail_with_a_clear_message(tmp_path):
         (tmp_path / name).write_bytes((BUNDLED_TINY_MODEL / name).read_bytes())
     with pytest.raises(KeyError, match="lacks"):
         load_weights(read_hf_config(tmp_path), iter_checkpoint_tensors(tmp_path))
+
+
+def _tiny_model_builder():
+    import sys
+
+    scripts = str(Path(__file__).resolve().parent.parent / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    import make_tiny_model
+
+    return make_tiny_model
+
+
+def test_the_bundled_tiny_model_read_only_lawbench_train_cases():
+    """BUILD.json names the LawBench cases its tokenizer and pretraining read: the bundled train split."""
+    from siajax.tasks import resolve_task
+
+    builder = _tiny_model_builder()
+    build = json.loads((Path(BUNDLED_TINY_MODEL) / "BUILD.json").read_text())
+    task = resolve_task("lawbench")
+    assert build["lawbench_split"] == "train"
+    assert build["lawbench_ids_sha256"] == builder.held_out_digest(task.train_items())
+    assert build["final_nll"] < 4.0  # pretrained, not the random init (nll ~ ln 4096 = 8.3)
+
+
+def test_the_tiny_model_corpus_holds_no_lawbench_dev_or_test_case():
+    from siajax.tasks import resolve_task
+
+    lines = _tiny_model_builder().corpus_lines()
+    text, whole_lines = "\n".join(lines), set(lines)
+    task = resolve_task("lawbench")
+    # a short boilerplate fact (test-147: "经二审审理查明的事实、证据与一审相同。") may open a train case's
+    # longer text; it must not be a line of its own, and no held-out fact of 40+ characters may occur
+    leaked = [item["id"] for item in task.dev_items() + task.items("test")
+              if item["facts"] in whole_lines or (len(item["facts"]) >= 40 and item["facts"] in text)]
+    assert not leaked, f"{len(leaked)} held-out LawBench cases in the tiny model's corpus, e.g. {leaked[:3]}"
