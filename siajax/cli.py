@@ -316,6 +316,29 @@ def _cmd_serve(args) -> int:
     return serve_from_args(args)
 
 
+def _add_run_dir_commands(sub) -> None:
+    """The commands that read a finished run: eval, export, report."""
+    evaluate = sub.add_parser("eval", help="re-score a saved generation on dev or test")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--generation", type=int, default=None, help="default: the last one")
+    evaluate.add_argument("--split", default="test", choices=["dev", "test"])
+    evaluate.set_defaults(func=_cmd_eval)
+
+    export = sub.add_parser("export", help="a run's weights as a PEFT adapter or a merged HF checkpoint")
+    export.add_argument("run_dir")
+    export.add_argument("--generation", type=int, default=None, help="default: the last one")
+    export.add_argument("--format", default="peft", choices=["peft", "merged"])
+    export.add_argument("--out", default=None, help="default: <run_dir>/export-<format>")
+    export.set_defaults(func=_cmd_export)
+
+    report = sub.add_parser("report", help="per-generation table and score plot of a run")
+    report.add_argument("run_dir")
+    report.add_argument("--html", action="store_true",
+                        help="also write report.html: one self-contained page (plot, table, harness diffs, "
+                             "candidates, updates, failures with examples, time)")
+    report.set_defaults(func=_cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="siajax", description="Self-improving AI in JAX.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (also SIAJAX_DEBUG=1)")
@@ -345,25 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run to this many generations in all (extends a finished run)")
     resume.set_defaults(func=_cmd_resume)
 
-    evaluate = sub.add_parser("eval", help="re-score a saved generation on dev or test")
-    evaluate.add_argument("run_dir")
-    evaluate.add_argument("--generation", type=int, default=None, help="default: the last one")
-    evaluate.add_argument("--split", default="test", choices=["dev", "test"])
-    evaluate.set_defaults(func=_cmd_eval)
-
-    export = sub.add_parser("export", help="a run's weights as a PEFT adapter or a merged HF checkpoint")
-    export.add_argument("run_dir")
-    export.add_argument("--generation", type=int, default=None, help="default: the last one")
-    export.add_argument("--format", default="peft", choices=["peft", "merged"])
-    export.add_argument("--out", default=None, help="default: <run_dir>/export-<format>")
-    export.set_defaults(func=_cmd_export)
-
-    report = sub.add_parser("report", help="per-generation table and score plot of a run")
-    report.add_argument("run_dir")
-    report.add_argument("--html", action="store_true",
-                        help="also write report.html: one self-contained page (plot, table, harness diffs, "
-                             "candidates, updates, failures with examples, time)")
-    report.set_defaults(func=_cmd_report)
+    _add_run_dir_commands(sub)
 
     tasks = sub.add_parser("tasks", help="list the tasks found (bundled and $SIAJAX_TASKS_PATH)")
     tasks.add_argument("--check", nargs="+", metavar="NAME", default=None,
