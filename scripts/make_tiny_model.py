@@ -12,6 +12,7 @@ and Chinese; byte fallback covers everything else.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,6 +51,20 @@ def lawbench_train_cases() -> list[dict]:
     return resolve_task("lawbench").train_items()
 
 
+def held_out_digest(items: list[dict]) -> str:
+    """What names a set of LawBench cases: the sha256 of their ids, sorted."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(item["id"] for item in items)).encode()).hexdigest()
+
+
+def build_record() -> dict:
+    """BUILD.json: which LawBench cases the tokenizer and pretraining read (the train split, by the
+    digest of its ids; tests/test_models.py checks it against the bundled task)."""
+    return {"lawbench_split": "train", "lawbench_ids_sha256": held_out_digest(lawbench_train_cases()),
+            "vocab_size": TINY_CONFIG["vocab_size"]}
+
+
 def build_tokenizer(lines: list[str], vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -82,9 +97,11 @@ def main():
     parser.add_argument("--out", type=Path, default=ROOT / "siajax" / "assets" / "tiny-llama")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(corpus_lines(), TINY_CONFIG["vocab_size"])
+    lines = corpus_lines()
+    tokenizer = build_tokenizer(lines, TINY_CONFIG["vocab_size"])
     assert tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS) == [0, 1, 2]
     tokenizer.save_pretrained(args.out)
+    (args.out / "BUILD.json").write_text(json.dumps(build_record(), indent=1) + "\n")
     build_model(args.out)
     print(f"wrote {args.out}")
 

@@ -13,6 +13,7 @@ jitted train step with a full-parameter cross-entropy loss.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -92,6 +93,10 @@ def main():
     tensors = to_hf_tensors(trained)
     tensors.pop("lm_head.weight", None)  # tied
     save_file(tensors, str(args.dir / "model.safetensors"), metadata={"format": "pt"})
+    record_path = args.dir / "BUILD.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record.update(pretrain_steps=args.steps, pretrain_tokens=len(stream), final_nll=round(float(metrics["nll"]), 3))
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.dir / 'model.safetensors'}")
 
 
