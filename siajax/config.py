@@ -64,7 +64,7 @@ class RunConfig:
     meta_model: str | None = None
     meta_base_url: str | None = None
     trackers: str = ""  # comma-separated: "tensorboard", "wandb" (siajax.tracking); the ledger is always written
-    halt_after_flagged: int = 2  # stop after this many flagged generations in a row (siajax.health); 0: never
+    halt_after_flagged: int = 2  # stop after this many generations in a row of verifier errors (siajax.health); 0: never
     mesh: str | None = None  # e.g. "data=2,fsdp=2,tensor=2" over this process's devices; None = one device
     decision_rule: DecisionRule = DecisionRule()
     acceptance_rule: AcceptanceRule = AcceptanceRule()

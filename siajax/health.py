@@ -4,9 +4,9 @@ A verifier that fails on most answers makes a split's score a sum of failure
 rewards; a lever that could not run (a weights generation whose every step was
 non-finite or without signal, or that did not fit the budget) spends a
 generation on nothing. Such a generation is flagged in its ledger line
-(``flags``) and on the console, and a run stops after
-``halt_after_flagged`` flagged generations in a row instead of spending its
-budget on more. A resume after a verifier-error flag re-scores the state it
+(``flags``) and on the console. After ``halt_after_flagged`` generations in a
+row scored mostly by verifier errors the run stops instead of spending its
+budget on scores that measure nothing; a resume then re-scores the state it
 continues from (the fixed verifier's scores, not the broken one's).
 """
 
@@ -37,19 +37,16 @@ def flag_message(flag: str, entry: dict) -> str:
 
 
 def halt_reason(ledger: list[dict], limit: int) -> str | None:
-    """Why the run stops now: its last ``limit`` generations were all flagged (``limit`` 0: never)."""
-    if limit == 0:
-        return None
-    recent = ledger[-limit:]
-    if len(recent) < limit or not all(entry.get("flags") for entry in recent):
+    """Why the run stops now: its last ``limit`` generations were scored mostly by verifier errors
+    (``limit`` 0: never). A lever that could not run is flagged, not halted on: the next generation
+    may pull the other lever, and its scores still measure."""
+    recent = ledger[-limit:] if limit else []
+    if not recent or len(recent) < limit or not all(set(e.get("flags", ())) & set(VERIFIER_FLAGS) for e in recent):
         return None
     span = f"generations {recent[0]['generation']}-{recent[-1]['generation']}" if limit > 1 else \
         f"generation {recent[0]['generation']}"
-    if all(set(entry["flags"]) & set(VERIFIER_FLAGS) for entry in recent):
-        return (f"{span} scored mostly verifier errors (the records' verifier_error says why): fix the task's "
-                "verifier, then siajax resume RUN --update-task")
-    failures = sorted({entry["failed"] for entry in recent if entry.get("failed")})
-    return f"{span} measured or changed nothing ({'; '.join(failures) or 'verifier errors'}); see the ledger's flags"
+    return (f"{span} scored mostly verifier errors (the records' verifier_error says why): fix the task's "
+            "verifier, then siajax resume RUN --update-task")
 
 
 def needs_rescoring(ledger: list[dict]) -> bool:

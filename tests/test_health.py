@@ -25,14 +25,14 @@ def test_a_split_mostly_of_verifier_errors_and_a_lever_that_could_not_run_are_fl
                                                     "(4 steps: 0 skipped, 4 no_signal, 0 kl_stop)")
 
 
-def test_the_run_halts_after_the_limit_of_flagged_generations_in_a_row_only():
-    no_signal = "no optimiser step applied"
-    ledger = flagged(entry(0, failed=no_signal), entry(1), entry(2, failed=no_signal))
-    assert halt_reason(ledger, 2) is None  # not in a row
-    ledger += flagged(entry(3, failed="budget"))
-    assert halt_reason(ledger, 2) == ("generations 2-3 measured or changed nothing (budget; no optimiser step "
-                                      "applied); see the ledger's flags")
-    assert halt_reason(ledger, 1) == "generation 3 measured or changed nothing (budget); see the ledger's flags"
-    broken = flagged(entry(4, verifier_errors=1.0), entry(5, verifier_errors=0.9))
-    assert halt_reason(broken, 2).startswith("generations 4-5 scored mostly verifier errors")
-    assert needs_rescoring(broken) and not needs_rescoring(ledger) and not needs_rescoring([])
+def test_the_run_halts_after_the_limit_of_verifier_error_generations_in_a_row_only():
+    broken = flagged(entry(0, verifier_errors=1.0), entry(1), entry(2, verifier_errors=0.9))
+    assert halt_reason(broken, 2) is None  # not in a row
+    broken += flagged(entry(3, verifier_errors=0.6))
+    assert halt_reason(broken, 2) == ("generations 2-3 scored mostly verifier errors (the records' verifier_error "
+                                      "says why): fix the task's verifier, then siajax resume RUN --update-task")
+    assert halt_reason(broken, 1).startswith("generation 3 scored mostly verifier errors")
+    assert halt_reason(broken, 0) is None  # 0: never
+    failing = flagged(entry(4, failed="no optimiser step applied"), entry(5, failed="budget"))
+    assert halt_reason(failing, 2) is None  # a lever that could not run is flagged, not halted on
+    assert needs_rescoring(broken) and not needs_rescoring(failing) and not needs_rescoring([])

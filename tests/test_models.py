@@ -154,18 +154,6 @@ def _tiny_model_builder():
     return make_tiny_model
 
 
-def test_the_bundled_tiny_model_read_only_lawbench_train_cases():
-    """BUILD.json names the LawBench cases its tokenizer and pretraining read: the bundled train split."""
-    from siajax.tasks import resolve_task
-
-    builder = _tiny_model_builder()
-    build = json.loads((Path(BUNDLED_TINY_MODEL) / "BUILD.json").read_text())
-    task = resolve_task("lawbench")
-    assert build["lawbench_split"] == "train"
-    assert build["lawbench_ids_sha256"] == builder.held_out_digest(task.train_items())
-    assert build["final_nll"] < 4.0  # pretrained, not the random init (nll ~ ln 4096 = 8.3)
-
-
 def test_the_tiny_model_corpus_holds_no_lawbench_dev_or_test_case():
     from siajax.tasks import resolve_task
 
