@@ -119,29 +119,46 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's stop), raised on the main thread so a run stops as on Ctrl-C."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+def _stop_exception(signum: int) -> KeyboardInterrupt:
+    import signal
+
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def _run_with_progress(config, run_dir) -> int:
     """The loop with a live display; Ctrl-C or SIGTERM end it with 130 / 143 and the resume command
-    (a generation counts once its ledger line is written, so a resume redoes the interrupted one)."""
+    (a generation counts once its ledger line is written, so a resume redoes the interrupted one).
+
+    The signal is remembered as well as raised: raised inside a garbage-collection callback (JAX
+    registers one) the exception is printed and swallowed, so the next progress event raises it again."""
     import signal
 
     from siajax import loop, report
 
     progress, on_event = _progress_printer(config)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    received: list[int] = []
+
+    def stop(signum, frame):
+        received.append(signum)
+        raise _stop_exception(signum)
+
+    def on_event_or_stop(kind, event):
+        if received:
+            raise _stop_exception(received[0])
+        on_event(kind, event)
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         with progress:  # a resume too: with the stored config, its mesh or length changed as asked
-            loop.run(config, run_dir, on_event=on_event)
-    except KeyboardInterrupt as stop:
-        terminated = isinstance(stop, Terminated)
+            loop.run(config, run_dir, on_event=on_event_or_stop)
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, Terminated)
         hint = f"; continue with: siajax resume {run_dir}" if Path(run_dir, "config.json").exists() else ""
         print(f"{'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     png = report.report(run_dir)
     print(f"run directory: {run_dir}\nplot: {png}")
     return 0
