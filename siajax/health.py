@@ -12,12 +12,17 @@ continues from (the fixed verifier's scores, not the broken one's).
 
 from __future__ import annotations
 
+
 class RunHalted(RuntimeError):
     """The run stopped itself (its ledger is complete up to here and it can be resumed); says why."""
 
 
 VERIFIER_ERROR_SHARE = 0.5  # of a split's scored samples, from which its score is not a measurement
 VERIFIER_FLAGS = ("dev_verifier_errors", "test_verifier_errors")
+
+
+def _verifier_flagged(entry: dict) -> bool:
+    return bool(set(entry.get("flags", ())) & set(VERIFIER_FLAGS))
 
 
 def generation_flags(entry: dict) -> list[str]:
@@ -41,7 +46,7 @@ def halt_reason(ledger: list[dict], limit: int) -> str | None:
     (``limit`` 0: never). A lever that could not run is flagged, not halted on: the next generation
     may pull the other lever, and its scores still measure."""
     recent = ledger[-limit:] if limit else []
-    if not recent or len(recent) < limit or not all(set(e.get("flags", ())) & set(VERIFIER_FLAGS) for e in recent):
+    if not recent or len(recent) < limit or not all(map(_verifier_flagged, recent)):
         return None
     span = f"generations {recent[0]['generation']}-{recent[-1]['generation']}" if limit > 1 else \
         f"generation {recent[0]['generation']}"
@@ -51,4 +56,4 @@ def halt_reason(ledger: list[dict], limit: int) -> str | None:
 
 def needs_rescoring(ledger: list[dict]) -> bool:
     """Whether a resume must score its entering state again: the last line's scores were verifier errors."""
-    return bool(ledger) and bool(set(ledger[-1].get("flags", ())) & set(VERIFIER_FLAGS))
+    return bool(ledger) and _verifier_flagged(ledger[-1])

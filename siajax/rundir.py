@@ -38,9 +38,8 @@ from siajax.tasks import Task, TaskChanged, TaskError, load_task, resolve_task
 from siajax.train.trainable import TrainablePolicy
 
 
-TIMING_FIELDS = ("wall_seconds", "time")
-TASK_COPY = "task"
-  # the ledger fields a replay of the same run does not repeat
+TIMING_FIELDS = ("wall_seconds", "time")  # the ledger fields a replay of the same run does not repeat
+TASK_COPY = "task"  # the run's own copy of its task, inside the run directory
 
 
 def read_ledger(run_dir: Path) -> list[dict]:
