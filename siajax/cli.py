@@ -173,7 +173,8 @@ RUN_OPTION_GROUPS = {
         ("--seed", int, "seed of every key and item draw"),
     ],
     "weight lever": [
-        ("--recipe", ["ppo_gae", "grpo", "entropic"], "force the RL recipe (default: the Feedback-Agent's rule)"),
+        ("--recipe", str, "force the RL recipe: ppo_gae, grpo, entropic or one a recipe_modules module "
+                          "registers (default: the Feedback-Agent's rule)"),
         ("--items-per-generation", int, "train prompts per update"),
         ("--updates-per-generation", int, "updates in a weights generation"),
         ("--samples-per-prompt", int, "group size of the training rollouts (default: the harness's)"),

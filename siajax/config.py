@@ -14,7 +14,7 @@ import os
 import tomllib
 
 from siajax.agents.rules import LEVER_MODES, AcceptanceRule, DecisionRule, EditGrid, frozen_from_dict
-from siajax.fieldtypes import check_field_types
+from siajax.fieldtypes import check_field_types, type_problem
 from siajax.models.hf_import import EMBEDDED_DEFAULT
 from siajax.parallel import MeshConfig
 from siajax.rl import RECIPES
@@ -39,6 +39,10 @@ class RunConfig:
     updates_per_generation: int = 6  # weight updates per weights generation
     samples_per_prompt: int | None = None  # training group size; None: the harness's
     recipe: str | None = None  # force the weight lever's recipe; None: the Feedback-Agent's rule
+    # modules imported before anything else, whose siajax.rl.register_recipe calls add recipes
+    recipe_modules: tuple[str, ...] = ()
+    # per recipe, its config's fields set (TOML: [recipe_settings.grpo] kl_coef = 0.02); see siajax.rl.losses
+    recipe_settings: dict = dataclasses.field(default_factory=dict)
     loss: str | None = None  # "package.module:function" replacing every recipe's loss (siajax.rl.custom_loss)
     temperature: float | None = None  # sets the initial harness's sampling temperature
     epochs: int | None = None  # None: the recipe's default schedule
@@ -71,16 +75,25 @@ class RunConfig:
     edit_grid: EditGrid = EditGrid()
 
     def __post_init__(self):
+        if isinstance(self.recipe_modules, list):  # from TOML / JSON
+            object.__setattr__(self, "recipe_modules", tuple(self.recipe_modules))
+        check_field_types(self, "config")
+        import_recipe_modules(self.recipe_modules)
         for name, cls in RULE_FIELDS.items():
             if isinstance(getattr(self, name), dict):
                 object.__setattr__(self, name, frozen_from_dict(cls, getattr(self, name), name))
             check_field_types(getattr(self, name), name)
-        check_field_types(self, "config")
         _check_choices(self)
         _check_ranges(self)
+        for recipe in self.recipe_settings:
+            self.recipe_config(recipe)  # every table names a recipe and fields its config has, well typed
+
+    def recipe_config(self, recipe: str):
+        """The recipe's config with this run's ``recipe_settings`` for it (one line on a bad setting)."""
+        return checked_recipe_config(recipe, self.recipe_settings.get(recipe, {}))
 
     def schedule(self, recipe: str) -> UpdateSchedule:
-        default = DEFAULT_SCHEDULES[recipe]
+        default = DEFAULT_SCHEDULES.get(recipe, UpdateSchedule())
         return UpdateSchedule(epochs=self.epochs or default.epochs, minibatches=self.minibatches or default.minibatches,
                               micro_batches=self.micro_batches, target_kl=self.target_kl)
 
@@ -107,6 +120,38 @@ class RunConfig:
         if unknown:
             raise ValueError(f"unknown run settings {sorted(unknown)}; known: {sorted(fields)}")
         return cls(**data)
+
+
+def import_recipe_modules(names) -> None:
+    """Imports each module a run names, so the recipes it registers exist before they are checked."""
+    import importlib
+
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 -- the user's module: one line, whatever it raised
+            raise ValueError(f"recipe_modules: cannot import {name} ({type(err).__name__}: {err})") from None
+
+
+def checked_recipe_config(recipe: str, settings):
+    """``recipe``'s config built from ``settings`` (a dict), each field checked against its annotation."""
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe_settings.{recipe}: no such recipe; registered: {sorted(RECIPES)}")
+    if not isinstance(settings, dict):
+        raise ValueError(f"recipe_settings.{recipe}: expected a table of its config's fields, got {settings!r}")
+    config_type = RECIPES[recipe].config_type
+    fields = {f.name: f for f in dataclasses.fields(config_type)}
+    for name, value in settings.items():
+        if name not in fields:
+            raise ValueError(f"recipe_settings.{recipe}.{name}: {config_type.__name__} has no such field; "
+                             f"it has {sorted(fields)}")
+        problem = type_problem(str(fields[name].type), value)
+        if problem:
+            raise ValueError(f"recipe_settings.{recipe}.{name}: {problem}")
+    try:
+        return config_type(**settings)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"recipe_settings.{recipe}: {err}") from None
 
 
 def _split_feedback_rules(data: dict) -> dict:

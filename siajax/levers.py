@@ -221,7 +221,8 @@ def train_weights(policy: TrainablePolicy, task: Task, harness: Harness, recipe:
 
     policy.state, history = drive_updates(learner, policy.state, policy.frozen, rollout, updates=updates, key=key,
                                           group_size=group, on_update=account)
-    return {"recipe": recipe, "updates": history, "logprob_mismatch": max(h["logprob_mismatch"] for h in history),
+    return {"recipe": recipe, "recipe_config": dataclasses.asdict(learner.cfg), "updates": history,
+            "logprob_mismatch": max(h["logprob_mismatch"] for h in history),
             "applied_steps": sum(h["applied_steps"] for h in history),
             "skipped_steps": sum(h["skipped"] for h in history), "turns_per_episode": harness.max_turns,
             **({"tool_use": tool_use_stats(records)} if harness.tools else {})}, records

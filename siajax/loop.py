@@ -33,7 +33,7 @@ from siajax.harness.store import atomic_write_text
 from siajax.health import RunHalted, flag_message, generation_flags, halt_reason, needs_rescoring
 from siajax.levers import LeverOutcome, no_change, search_harness, weights_generation
 from siajax.protocol import EvalPlan, checked_budget, evaluate_state, evaluation_plan, state_record
-from siajax.rl import RECIPES, recipe_config
+from siajax.rl import RECIPES
 from siajax.rl.custom_loss import load_loss
 from siajax.rng import purpose_key
 from siajax.rundir import (
@@ -210,7 +210,7 @@ def _check_weight_lever(config: RunConfig, harness: Harness) -> None:
     for recipe in recipes:
         config.schedule(recipe).check_rows(config.items_per_generation * group)
     if config.loss is not None:  # before the model loads: a loss that cannot serve costs nothing
-        load_loss(config.loss, [recipe_config(recipe) for recipe in recipes])
+        load_loss(config.loss, [config.recipe_config(recipe) for recipe in recipes])
 
 
 def with_temperature(harness: Harness, temperature: float | None) -> Harness:

@@ -11,11 +11,11 @@ from siajax.rl.losses import (
 )
 from siajax.rl.recipes import (
     RECIPES, Recipe, entropic_token_advantages, grpo_advantages, ppo_gae_advantages, ppo_token_rewards, get_recipe,
-    recipe_config,
+    recipe_config, register_recipe,
 )
 
 __all__ = [
-    "RECIPES", "Recipe", "get_recipe", "recipe_config", "EntropicConfig", "GRPOConfig", "PPOConfig", "PolicyOutputs", "RLBatch", "SurrogateConfig",
+    "RECIPES", "Recipe", "get_recipe", "recipe_config", "register_recipe", "EntropicConfig", "GRPOConfig", "PPOConfig", "PolicyOutputs", "RLBatch", "SurrogateConfig",
     "adaptive_entropic_beta", "aggregate", "aggregation_normaliser", "approx_kl_to_old", "clipped_policy_loss",
     "clipped_surrogate", "effective_sample_size", "entropic_advantages", "entropic_loss",
     "entropic_token_advantages", "entropic_weights", "explained_variance", "gae", "group_relative", "grpo_advantages", "grpo_loss",

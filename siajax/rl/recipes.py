@@ -120,6 +120,24 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+def register_recipe(recipe: Recipe, *, replace: bool = False) -> Recipe:
+    """Adds a recipe (its advantage estimator, loss and config type) to :data:`RECIPES` under its name,
+    so ``recipe = "<name>"`` in a run's TOML (or ``--recipe``) trains with it. A module a run names in
+    ``recipe_modules`` calls this when imported. Built-in names are kept unless ``replace``."""
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"register_recipe takes a siajax.rl.Recipe, got {type(recipe).__name__}")
+    known = RECIPES.get(recipe.name)
+    same = known is not None and (known.advantages, known.config_type) == (recipe.advantages, recipe.config_type)
+    if known is not None and not replace and not same:  # a module imported twice registers the same again
+        raise ValueError(f"a recipe named {recipe.name!r} is already registered (replace=True to override)")
+    if not dataclasses.is_dataclass(recipe.config_type) or recipe.min_group_size < 1:
+        raise ValueError(f"recipe {recipe.name!r}: config_type must be a dataclass and min_group_size >= 1")
+    from siajax.rl.custom_loss import with_step_monitors  # the learner reads approx_kl and clip_fraction
+
+    RECIPES[recipe.name] = dataclasses.replace(recipe, loss=with_step_monitors(recipe.loss))
+    return RECIPES[recipe.name]
+
+
 def get_recipe(name: str) -> Recipe:
     """The registered recipe ``name``; unknown names fail loudly."""
     if name not in RECIPES:

@@ -12,7 +12,6 @@ from siajax.agents import LocalPolicyBackend
 from siajax.config import RunConfig, total_optimizer_steps
 from siajax.models import LoRAConfig, from_pretrained
 from siajax.parallel import MeshConfig, make_mesh
-from siajax.rl import recipe_config
 from siajax.rl.custom_loss import load_loss
 from siajax.train.checkpoint import restore_pytree
 from siajax.train.learner import Learner, bind_learner, place_on_mesh
@@ -46,8 +45,9 @@ class TrainablePolicy:
 
     def learner(self, recipe: str) -> Learner:
         if recipe not in self._learners:
-            objective = None if self.config.loss is None else load_loss(self.config.loss, [recipe_config(recipe)])
-            self._learners[recipe] = bind_learner(self.parts, recipe, self.optimizer, objective=objective,
+            cfg = self.config.recipe_config(recipe)  # the recipe's defaults with the run's recipe_settings
+            objective = None if self.config.loss is None else load_loss(self.config.loss, [cfg])
+            self._learners[recipe] = bind_learner(self.parts, recipe, self.optimizer, cfg=cfg, objective=objective,
                                                   schedule=self.config.schedule(recipe), shardings=self.shardings)
         return self._learners[recipe]
 
