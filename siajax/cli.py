@@ -113,6 +113,17 @@ def _generation_line(entry: dict) -> str:
 
 
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # the shell's 128 + SIGINT / SIGTERM
+EXIT_IO = 74  # sysexits' EX_IOERR: the disk refused a file (full, over quota, read-only, not ours)
+
+
+def _disk_refusal(err: BaseException) -> str | None:
+    """One line for an OSError that means the disk refused a file, else None."""
+    import errno
+
+    refusals = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+    if not isinstance(err, OSError) or err.errno not in refusals:
+        return None
+    return f"{err.filename}: {err.strerror}" if err.filename else (err.strerror or str(err))
 
 
 class Terminated(KeyboardInterrupt):
@@ -125,7 +136,7 @@ def _stop_exception(signum: int) -> KeyboardInterrupt:
     return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
-def _run_with_progress(config, run_dir) -> int:
+def _run_with_progress(config, run_dir, command: str = "run") -> int:
     """The loop with a live display; Ctrl-C or SIGTERM end it with 130 / 143 and the resume command
     (a generation counts once its ledger line is written, so a resume redoes the interrupted one).
 
@@ -156,6 +167,14 @@ def _run_with_progress(config, run_dir) -> int:
         hint = f"; continue with: siajax resume {run_dir}" if Path(run_dir, "config.json").exists() else ""
         print(f"{'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except OSError as err:
+        refusal = _disk_refusal(err)
+        if refusal is None:
+            raise
+        kept = Path(run_dir, "config.json").exists()
+        hint = f" (the run so far is kept; once the disk takes it, continue with: siajax resume {run_dir})"
+        print(f"siajax {command}: error: {refusal}{hint if kept else ''}", file=sys.stderr)
+        return EXIT_IO
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -268,7 +287,7 @@ def _cmd_resume(args) -> int:
         config = extended_config(config, args.generations, read_ledger(Path(args.run_dir)))
     if args.mesh is not None:
         config = dataclasses.replace(config, mesh=args.mesh or None)
-    return _run_with_progress(config, args.run_dir)
+    return _run_with_progress(config, args.run_dir, "resume")
 
 
 def _cmd_eval(args) -> int:
@@ -394,13 +413,27 @@ def build_parser() -> argparse.ArgumentParser:
                             "template slots and demonstrations; exit 1 on any problem")
     tasks.set_defaults(func=_cmd_tasks)
 
-    serve = sub.add_parser("serve", help="OpenAI-compatible chat endpoint over a local policy")
-    serve.add_argument("--model", default=None)
-    serve.add_argument("--run", default=None, help="serve a run's policy with its latest LoRA and harness")
-    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--name", default="siajax-policy")
+    serve = sub.add_parser(
+        "serve", help="OpenAI-compatible chat endpoint over a local policy",
+        description="Serves POST /v1/chat/completions (streamed as tokens are decoded) and GET /v1/models on "
+                    "loopback for the openai client and tools built on it. With --run: the run's policy with its "
+                    "latest LoRA, and its harness around every chat (its system prompt before the client's, its "
+                    "few-shot turns, the template, its sampling settings as defaults). One line per request on "
+                    "stderr.")
+    source = serve.add_mutually_exclusive_group()
+    source.add_argument("--model", default=None,
+                        help="HF-format directory, .gguf file or hub id (default: the embedded SmolLM2)")
+    source.add_argument("--run", default=None, help="a run directory: serve its policy and harness")
+    serve.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="parameters and activations (with --model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on, checked before loading (0: any free)")
+    serve.add_argument("--name", default="siajax-policy",
+                       help="the model name clients ask for; other names get 404")
+    serve.add_argument("--context", type=int, default=None,
+                       help="most prompt + completion tokens a request may take (default: the checkpoint's "
+                            "max_position_embeddings; larger relies on RoPE extrapolating)")
+    serve.add_argument("--quiet", action="store_true", help="no request log")
     serve.set_defaults(func=_cmd_serve)
     return parser
 
@@ -408,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("SIAJAX_DEBUG") == "1"
-    if args.command in ("sample", "serve") and args.model is None:
+    if args.command in ("sample", "serve") and args.model is None and not getattr(args, "run", None):
         from siajax.models.hf_import import EMBEDDED_DEFAULT  # RunConfig's default model too
 
         args.model = EMBEDDED_DEFAULT
@@ -425,9 +458,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `siajax tasks | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except _user_errors() as err:
-        if debug:
+    except Exception as err:
+        refusal = _disk_refusal(err)  # a full or read-only disk: one line, not a traceback
+        if debug or (refusal is None and not isinstance(err, _user_errors())):
             raise
+        if refusal is not None:
+            print(f"siajax {args.command}: error: {refusal}", file=sys.stderr)
+            return EXIT_IO
         message = str(err).strip()
         message = (message.strip("'\"") if isinstance(err, KeyError) else message) or type(err).__name__  # KeyError quotes
         print(f"siajax {args.command}: error: {message.splitlines()[0]}", file=sys.stderr)

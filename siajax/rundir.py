@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -56,10 +57,18 @@ def read_ledger(run_dir: Path) -> list[dict]:
 
 
 def append_ledger(run_dir: Path, entry: dict) -> None:
-    with open(run_dir / "ledger.jsonl", "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    """One fsynced line; a write that fails (full disk) is cut off again, so the ledger never keeps a
+    torn line that a resumed run's next line would be glued to."""
+    path = run_dir / "ledger.jsonl"
+    with open(path, "a", encoding="utf-8") as handle:
+        size = handle.tell()
+        try:
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        except OSError as err:
+            os.truncate(path, size)
+            raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 def write_json(path: Path, value) -> None:
@@ -205,7 +214,16 @@ def keep_task_copy(task: Task, run_dir: Path) -> None:
         return
     partial = run_dir / f".task.{os.getpid()}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(task.root, partial, ignore=shutil.ignore_patterns("__pycache__"))
+    try:
+        shutil.copytree(task.root, partial, ignore=shutil.ignore_patterns("__pycache__"))
+    except shutil.Error as err:  # its first failure as the OSError it was (a full disk: one line)
+        shutil.rmtree(partial, ignore_errors=True)
+        _, target, why = err.args[0][0]
+        code = re.match(r"\[Errno (\d+)\] ([^:]+)", why)
+        raise OSError(int(code.group(1)), code.group(2), target) if code else err
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     os.replace(partial, copy)
 
 

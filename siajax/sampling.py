@@ -12,7 +12,7 @@ part of the preallocated KV cache (doubling spans), not all of it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import NamedTuple
 
@@ -257,17 +257,14 @@ def _prefill(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temper
                                             allowed_log, lengths, key, automaton_state)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "spec", "rules"), donate_argnames=("cache",))
-def _decode(graphdef, state, cache, carry, prompt_tokens, prompt_mask, temperature, top_p, limit,
-            spec: DecodeSpec, automaton: TokenAutomaton | None = None, rules: Rules | None = None):
-    """Token after token from the prefill's cache and carry until every row stops; -> (result, the
-    final cache: returned only so that the donated cache is updated in place, not copied)."""
-    model = nnx.merge(graphdef, state)
-    batch, prompt_len = prompt_tokens.shape
-    steps = spec.max_new_tokens
+def _decode_loop(model, cache, carry, prompt_len: int, temperature, top_p, limit, spec: DecodeSpec, automaton,
+                 rules, unstacked):
+    """Token after token from ``carry`` (step, position, done, tokens, logprobs, allowed_log, lengths, key,
+    automaton_state) until ``limit`` tokens or every row stopped; -> (cache, carry) in the same layout.
+    ``unstacked``: the model's per-layer weights to run unrolled (None: scan the stack)."""
+    batch, steps = carry[3].shape[0], spec.max_new_tokens
     stop_ids = jnp.asarray(spec.stop_token_ids or (-1,), jnp.int32)
     draw = partial(_draw, spec, automaton, temperature, top_p)
-    unstacked = model.unstacked_layers() if model.config.decode_unroll else None
 
     def decode_step(span, carry):
         step, cache, position, done, tokens, logprobs, allowed_log, lengths, key, automaton_state = carry
@@ -296,10 +293,38 @@ def _decode(graphdef, state, cache, carry, prompt_tokens, prompt_mask, temperatu
             return (step < limit) & (prompt_len + step <= span) & ~jnp.all(done)
 
         carry = jax.lax.while_loop(keep_going, partial(decode_step, span), carry)
-    _, cache, _, _, tokens, logprobs, allowed_log, lengths, _, _ = carry
-    mask = jnp.arange(steps)[None, :] < lengths[:, None]
+    step, cache, *rest = carry
+    return cache, (step, *rest)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "spec", "rules"), donate_argnames=("cache",))
+def _decode(graphdef, state, cache, carry, prompt_tokens, prompt_mask, temperature, top_p, limit,
+            spec: DecodeSpec, automaton: TokenAutomaton | None = None, rules: Rules | None = None):
+    """Token after token from the prefill's cache and carry until every row stops; -> (result, the
+    final cache: returned only so that the donated cache is updated in place, not copied)."""
+    model = nnx.merge(graphdef, state)
+    unstacked = model.unstacked_layers() if model.config.decode_unroll else None
+    cache, carry = _decode_loop(model, cache, carry, prompt_tokens.shape[1], temperature, top_p, limit, spec,
+                                automaton, rules, unstacked)
+    _, _, _, tokens, logprobs, allowed_log, lengths, _, _ = carry
+    mask = jnp.arange(spec.max_new_tokens)[None, :] < lengths[:, None]
     return GenerationResult(tokens, logprobs, mask, lengths, prompt_tokens, prompt_mask, temperature, top_p,
                             jnp.int32(spec.top_k), allowed_log if spec.constrained else None), cache
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _unstacked_layers(graphdef, state):
+    """The per-layer weight copies a stream's chunks share (made once per call, as in :func:`_decode`)."""
+    return nnx.merge(graphdef, state).unstacked_layers()
+
+
+@partial(jax.jit, static_argnames=("graphdef", "spec", "prompt_len"), donate_argnames=("cache",))
+def _decode_until(graphdef, state, unstacked, cache, carry, temperature, top_p, limit, spec: DecodeSpec,
+                  prompt_len: int):
+    """The decode loop stopped after ``limit`` tokens (traced: every chunk of a stream runs this one
+    program); -> (cache, carry) to continue from."""
+    return _decode_loop(nnx.merge(graphdef, state), cache, carry, prompt_len, temperature, top_p, limit, spec,
+                        None, None, unstacked)
 
 
 def _prefill_then_decode(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p, limit,
@@ -437,6 +462,68 @@ def generate(
     if jax.process_count() > 1:
         return result
     return _take_rows(result, rows, max_new_tokens)
+
+
+class StreamedTokens(NamedTuple):
+    """One chunk of :func:`stream`: per row, the token ids and log-probs decoded since the last chunk,
+    and whether the row is finished (it drew a stop token, or has ``max_new_tokens``)."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finished: list[bool]
+
+
+def stream(
+    model: Transformer,
+    prompt_token_ids,
+    *,
+    key: jax.Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    lora: bool = True,
+    chunk_tokens: int = 1,
+) -> Iterator[StreamedTokens]:
+    """Samples as :func:`generate` does (the same prefill, decode step and key splits: the same tokens
+    for the same key) but yields them as they are decoded, every ``chunk_tokens`` steps, for a server
+    that streams. Closing the generator stops decoding. One device, no constraint.
+
+    Every chunk runs the same compiled decode program (its step limit is traced); the host reads the
+    token buffer after each, which costs a device round trip per chunk.
+    """
+    validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=int(top_k or 0),
+                      pad_token_id=pad_token_id)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    prompts = [list(p) for p in prompt_token_ids]
+    rows = len(prompts)
+    spec = DecodeSpec(bucket_length(max_new_tokens), int(top_k or 0), tuple(int(t) for t in stop_token_ids),
+                      int(pad_token_id), lora)
+    graphdef, state = nnx.split(model)
+    temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
+    tokens, mask = left_pad(prompts + [prompts[-1]] * (row_bucket(rows) - rows), pad_token_id)
+    distinct = distinct_prompts(tokens, mask)
+    prefill_tokens, prefill_mask, row_source = (jnp.asarray(tokens), jnp.asarray(mask), None) \
+        if distinct is None else distinct
+    cache, carry = _prefill(graphdef, state, prefill_tokens, prefill_mask, jnp.int32(rows), key, temperature, top_p,
+                            spec, None, None, row_source)
+    unstacked = _unstacked_layers(graphdef, state) if model.config.decode_unroll else None
+    sent = np.zeros(rows, np.int64)
+    while True:
+        step, done = int(carry[0]), np.asarray(carry[2])[:rows]
+        ids, logprobs, lengths = (np.asarray(carry[i])[:rows] for i in (3, 4, 6))
+        finished = done | (lengths >= max_new_tokens)
+        yield StreamedTokens([[int(t) for t in ids[r, sent[r]:lengths[r]]] for r in range(rows)],
+                             [[float(x) for x in logprobs[r, sent[r]:lengths[r]]] for r in range(rows)],
+                             [bool(f) for f in finished])
+        sent = lengths
+        if finished.all():
+            return
+        cache, carry = _decode_until(graphdef, state, unstacked, cache, carry, temperature, top_p,
+                                     jnp.int32(min(step + chunk_tokens, max_new_tokens)), spec, tokens.shape[1])
 
 
 def _pad_rows_for_mesh(prompts: list, mesh) -> list:

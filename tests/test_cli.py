@@ -165,3 +165,69 @@ def test_ctrl_c_and_sigterm_end_a_run_with_the_resume_command(tmp_path, signal_n
     _, err = process.communicate(timeout=120)
     assert process.returncode == code, err[-2000:]
     assert err.strip().splitlines()[-1] == f"{said}; continue with: siajax resume {run_dir}"
+
+
+def _limit_file_size(limit: int):
+    """A child whose files may not grow past ``limit`` bytes: a full disk's refusal (EFBIG), as a
+    user without root can make it."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_when_there_is_room(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "SIAJAX_COMPILE_CACHE": "0"}
+    argv = [sys.executable, "-m", "siajax"]
+    full = subprocess.run([*argv, "run", "--task", "digits", "--model", str(BUNDLED_TINY_MODEL), "--levers", "harness",
+                           "--generations", "1", "--dev-items", "4", "--test-items", "4", "--run-dir", str(run_dir)],
+                          env=env, capture_output=True, text=True, timeout=600, preexec_fn=_limit_file_size(4096))
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 74 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert lines[-1].startswith(f"siajax run: error: {run_dir}") and "File too large (the run so far is kept" in lines[-1]
+    assert lines[-1].endswith(f"continue with: siajax resume {run_dir})")
+    assert not list(run_dir.rglob("*.tmp"))  # no partial file left behind
+    resumed = subprocess.run([*argv, "resume", str(run_dir)], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert len(read_ledger(run_dir)) == 1
+
+
+def test_a_checkpoint_the_disk_refuses_is_one_oserror_without_orbax_noise(tmp_path):
+    script = (
+        "import errno, numpy as np, jax.numpy as jnp\n"
+        "from siajax.train.checkpoint import save_pytree\n"
+        f"target = {str(tmp_path / 'ckpt')!r}\n"
+        "try:\n"
+        "    save_pytree(target, {'w': jnp.asarray(np.random.rand(100_000))})\n"
+        "except OSError as err:\n"
+        "    print(err.errno == errno.EFBIG, err.filename == target)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          preexec_fn=_limit_file_size(64 * 1024))
+    assert done.stdout.split() == ["True", "True"], done.stdout + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "absl" not in done.stderr, done.stderr[-3000:]
+    assert not list(tmp_path.glob("ckpt*"))  # orbax's temp dir removed
+
+
+def test_a_read_only_run_directory_is_one_line(tmp_path):
+    """Writes denied by the kernel (Landlock: the whole filesystem read-only but a scratch dir, as a
+    read-only mount would be, for root too): exit 74 and one line naming the file."""
+    from siajax.sandbox import launcher
+
+    if launcher.landlock_abi() < 1:
+        pytest.skip("Landlock is not available in this kernel")
+    scratch, locked = tmp_path / "scratch", tmp_path / "locked"
+    scratch.mkdir()
+    locked.mkdir()
+    env = {**os.environ, "SIAJAX_COMPILE_CACHE": "0", "HOME": str(scratch), "TMPDIR": str(scratch),
+           "MPLCONFIGDIR": str(scratch), "SIAJAX_CACHE": str(scratch / "cache")}
+    done = subprocess.run([sys.executable, "-m", "siajax", "run", "--task", "digits", "--model", str(BUNDLED_TINY_MODEL),
+                           "--levers", "harness", "--generations", "1", "--run-dir", str(locked / "run")], env=env,
+                          capture_output=True, text=True, timeout=300,
+                          preexec_fn=lambda: launcher.landlock(["/"], [str(scratch), "/dev"]))
+    assert done.returncode == 74, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines() == [f"siajax run: error: {locked / 'run'}: Permission denied"]

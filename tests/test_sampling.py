@@ -103,6 +103,32 @@ def test_a_prompt_sampled_many_times_is_prefilled_once_and_samples_the_same(mode
     assert row_clock.counts["prefill_tokens"] == 16 * prompt_len
 
 
+@pytest.mark.parametrize("temperature,chunk_tokens", [(1.0, 1), (0.0, 5)])
+def test_streaming_yields_the_tokens_generate_draws_as_they_are_decoded(models, temperature, chunk_tokens):
+    """stream() runs generate's prefill and decode step in chunks: the same tokens and log-probs for the
+    same key, a chunk every ``chunk_tokens`` steps, and each row finished once it stops."""
+    from siajax.sampling import stream
+
+    _, model = models
+    rows = [PROMPTS[0], PROMPTS[1], PROMPTS[1]]
+    kwargs = dict(key=jax.random.key(4), max_new_tokens=11, temperature=temperature, stop_token_ids=[3],
+                  pad_token_id=0)
+    whole = generate(model, rows, **kwargs)
+    chunks = list(stream(model, rows, chunk_tokens=chunk_tokens, **kwargs))
+    assert 1 < len(chunks) <= 1 + -(-10 // chunk_tokens)
+    assert all(len(ids) <= chunk_tokens for chunk in chunks[1:] for ids in chunk.tokens)
+    for row in range(3):
+        n = int(whole.lengths[row])
+        assert sum((chunk.tokens[row] for chunk in chunks), []) == np.asarray(whole.tokens[row, :n]).tolist()
+        np.testing.assert_array_equal(sum((chunk.logprobs[row] for chunk in chunks), []),
+                                      np.asarray(whole.logprobs[row, :n]))
+        finished_at = next(i for i, chunk in enumerate(chunks) if chunk.finished[row])
+        assert sum(len(chunk.tokens[row]) for chunk in chunks[:finished_at + 1]) == n
+    early = stream(model, rows, **kwargs)
+    next(early)
+    early.close()  # a client that leaves: decoding stops, nothing raised
+
+
 def test_temperature_and_top_p_changes_do_not_recompile(models):
     _, model = models
     generate(model, PROMPTS, key=jax.random.key(0), max_new_tokens=8, temperature=0.9, top_p=0.9)

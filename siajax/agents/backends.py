@@ -17,7 +17,7 @@ import numpy as np
 from siajax.harness import SamplingParams
 from siajax.harness.constrained import label_automaton
 from siajax.models.tokenizer import DecodingIds, decoding_ids
-from siajax.sampling import bucket_length, concatenate_results, generate, row_bucket
+from siajax.sampling import bucket_length, concatenate_results, generate, row_bucket, stream
 
 
 _PROBE = "\u2063probe\u2063"  # an assistant text no template rewrites, to find where a turn ends
@@ -116,6 +116,19 @@ class LocalPolicyBackend:
 
     def complete(self, conversations, sampling: SamplingParams, key: jax.Array) -> list[list[Completion]]:
         return self.sample(conversations, sampling, key)[0]
+
+    def stream(self, prompt_ids: list[int], sampling: SamplingParams, key: jax.Array, chunk_tokens: int = 1):
+        """``samples_per_prompt`` completions of one prompt, yielded as they are decoded, ``chunk_tokens``
+        steps at a time (:class:`~siajax.sampling.StreamedTokens`); the tokens :func:`generate` draws."""
+        return stream(self.model, [prompt_ids] * sampling.samples_per_prompt, key=key,
+                      max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k,
+                      top_p=sampling.top_p, stop_token_ids=self.decoding.stop_token_ids,
+                      pad_token_id=self.decoding.pad_token_id, chunk_tokens=chunk_tokens)
+
+    @property
+    def context_length(self) -> int | None:
+        """The checkpoint's stated context (prompt plus completion), or None."""
+        return self.model.config.max_position_embeddings
 
     max_call_tokens: int = 1 << 15  # rows x padded length per sampler call
     max_call_scores: int = 1 << 29  # rows x heads x prompt x cache entries of the prefill attention

@@ -16,13 +16,18 @@ from siajax.harness.schema import Harness, HarnessError, from_dict, patch_harnes
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` via a fsynced temp file and an atomic rename."""
+    """Writes ``text`` to ``path`` via a fsynced temp file and an atomic rename; an OSError names
+    ``path``."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:  # a full or read-only disk: the old file stands, the partial one goes
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror, str(path)) from err
 
 
 class HarnessStore:

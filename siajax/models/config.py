@@ -61,6 +61,9 @@ class ModelConfig:
     # Decode with the layers unrolled over per-layer weight copies (2x faster decode on CPU, one extra
     # copy of the block weights while sampling, longer sampler compile); False scans the stack.
     decode_unroll: bool = True
+    # The context the checkpoint was trained for (HF ``max_position_embeddings``); None: not stated.
+    # Nothing stops longer sequences (RoPE extrapolates); a server refuses requests past it.
+    max_position_embeddings: int | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -126,6 +129,7 @@ def config_from_hf(cfg: dict[str, Any], dtype: str = "float32") -> ModelConfig:
         qk_norm=model_type == "qwen3",
         model_type=model_type,
         dtype=dtype,
+        max_position_embeddings=int(cfg["max_position_embeddings"]) if cfg.get("max_position_embeddings") else None,
     )
 
 

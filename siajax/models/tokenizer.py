@@ -47,3 +47,30 @@ def decoding_ids(tokenizer, directory: str | os.PathLike | None = None) -> Decod
     if pad is None:
         pad = (_as_ids(config.get("pad_token_id")) or stops)[0]
     return DecodingIds(tuple(stops), int(pad))
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins (GPT-2's scheme) -> the byte each stands for: printable
+    Latin-1 bytes stand for themselves, the other 68 bytes for code points 256, 257, ... in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def token_bytes(tokenizer, ids: list[int]) -> list[bytes]:
+    """Each token's own bytes: a byte-level BPE piece mapped back through its alphabet (a piece may
+    hold part of a UTF-8 character), a special token's text, else the token decoded alone."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = "ByteLevel" in repr(getattr(backend, "decoder", None))  # SentencePiece's "<0xE4>" is not
+    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    pieces = tokenizer.convert_ids_to_tokens(list(ids))
+    out = []
+    for token_id, piece in zip(ids, pieces):
+        if byte_level and token_id not in special and piece and all(ch in _BYTE_LEVEL for ch in piece):
+            out.append(bytes(_BYTE_LEVEL[ch] for ch in piece))
+        else:
+            out.append(tokenizer.decode([token_id]).encode("utf-8"))
+    return out
