@@ -439,3 +439,23 @@ def _probe_as_nobody(tmp_path: Path) -> None:
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["layers"]["namespaces"] == "mount+pid+net+ipc+uts+user"
     assert SECRET not in json.dumps({k: v for k, v in report.items() if k != "layers"})
+
+
+@pytest.mark.parametrize("header", [
+    b"[" * 100_000 + b"]" * 100_000,  # nested past the JSON parser's recursion limit
+    b'{"status": "ok", "arrays": [{"name": "a", "dtype": "<f4", "shape": [1e400]}]}',  # int(inf)
+    b'{"status": "ok", "arrays": [{"name": "a", "dtype": "<f4", "shape": [4294967296, 4294967296, 4294967296]}]}',
+    b'{"status": "ok", "arrays": [{"name": "a", "dtype": "<f4", "shape": [true]}]}',
+    b'{"status": "ok", "arrays": [7]}',
+])
+def test_a_forged_reply_frame_is_an_error_status_not_an_exception(header):
+    """Agent code can write to the reply pipe itself (its fd is in the runner's argv): whatever frame it
+    forges, run_sandboxed answers an error status and never raises."""
+    result = run(f"""
+        import os, sys, time
+        def main():
+            body = {header!r}
+            os.write(int(sys.argv[2]), len(body).to_bytes(8, 'little') + body)
+            time.sleep(30)
+    """)
+    assert result.status == "runtime_error" and "malformed reply" in result.error, (result.status, result.error)

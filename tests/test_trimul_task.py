@@ -122,3 +122,24 @@ def test_cuda_answers_compile_in_the_jail_and_need_a_gpu_to_score(verifier):
     assert verdict["failure"] == "needs_gpu" and verdict["reward"] == verifier.FAILURE_REWARD, verdict
     broken = score(verifier, CUDA_ANSWER.replace("cudaGetLastError();", "cudaGetLastError()"))
     assert broken["failure"] == "compile_error", broken
+
+
+def test_timed_inputs_come_from_full_entropy_seeds(verifier, monkeypatch):
+    """A score's seed and every call's inputs seed are 128-bit: an agent that sees one call's inputs
+    cannot search the seed space for the next (31-bit seeds could be searched in a few budgets)."""
+    import numpy as np
+
+    seen = []
+
+    def recorded(source, seed, **kwargs):
+        seen.append(seed)
+        return {"reward": -1.0, "failure": "compile_error", "metrics": {}}, {}
+
+    monkeypatch.setattr(verifier, "time_kernel", recorded)
+    verifier.score({"id": "t"}, "def custom_kernel(x, mask, weights):\n    return x", "")
+    assert seen[0].bit_length() > 100
+    rng = np.random.default_rng(seen[0])
+    calls = [verifier._child_seed(rng) for _ in range(4)]
+    assert len(set(calls)) == 4 and min(c.bit_length() for c in calls) > 100
+    x, _, _ = verifier.generate_inputs(seqlen=8, bs=1, dim=4, hiddendim=4, seed=calls[0], nomask=True)
+    assert x.shape == (1, 8, 8, 4)

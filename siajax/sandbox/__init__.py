@@ -124,8 +124,9 @@ def _read_reply(fd: int, deadline: float, limit: int):
         return read_message(fd, limit)
     except (EOFError, OSError):
         return None
-    except (ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
-        return {"status": "runtime_error", "error": f"malformed reply from the sandbox: {err}"}, {}
+    except Exception as err:  # fail closed on any frame the runner would never write (nested JSON, shape 1e400)
+        return {"status": "runtime_error",
+                "error": f"malformed reply from the sandbox: {type(err).__name__}: {str(err)[:200]}"}, {}
 
 
 class SandboxSession:

@@ -16,6 +16,7 @@ process are the barrier.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -47,10 +48,14 @@ def read_message(fd: int, limit: int = ARRAY_LIMIT) -> tuple[dict, dict]:
         raise ValueError("header is not an object")
     arrays, total = {}, 0
     for spec in header.pop("arrays", []):
-        dtype, shape = np.dtype(spec["dtype"]), tuple(int(d) for d in spec["shape"])
+        dtype, shape = np.dtype(spec["dtype"]), spec["shape"]
+        if not isinstance(shape, list) or len(shape) > 32 or not all(
+                type(d) is int and 0 <= d <= limit for d in shape):
+            raise ValueError(f"array shape {str(shape)[:80]} is not a list of up to 32 sizes in [0, {limit}]")
+        shape = tuple(shape)
         if dtype.hasobject:
             raise ValueError("object arrays are not accepted")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # exact: no int64 wrap-around
         total += nbytes
         if nbytes < 0 or total > limit:
             raise ValueError(f"arrays of {total} bytes exceed the {limit}-byte limit")

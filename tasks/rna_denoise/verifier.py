@@ -46,7 +46,7 @@ def quality_reward(normalised_mse: float) -> float:
 def score(item: dict, answer, text: str, seed: int | None = None) -> dict:
     if not answer:
         return _fail("parse_error", "no ```python code block defining denoise(counts) in the reply")
-    seed = secrets.randbits(31) if seed is None else seed
+    seed = secrets.randbits(128) if seed is None else seed  # full entropy: no seed search recovers it
     counts, _ = mcv.simulate_counts(**{**DATA, **item.get("dataset", {})}, seed=seed)
     train, test = mcv.split_counts(counts, seed + 1)
     result = run_sandboxed(answer, entry="denoise", arrays={"counts": train}, limits=LIMITS,

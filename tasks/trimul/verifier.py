@@ -84,6 +84,14 @@ def _gpu_devices() -> list[str]:
     return sorted(str(p) for p in Path("/dev").glob("nvidia*"))
 
 
+SEED_BITS = 128  # inputs an agent cannot recover by searching the seed space (31 bits could be)
+
+
+def _child_seed(rng: np.random.Generator) -> int:
+    """A full-entropy seed for one call's inputs, drawn from the score's generator."""
+    return int.from_bytes(rng.bytes(SEED_BITS // 8), "little")
+
+
 def time_kernel(source: str, seed: int, *, check: bool = True, time_shape: dict = TIME_SHAPE) -> tuple[dict | None, dict]:
     """-> (failure verdict or None, {"seconds": median, "times": [...]}) for one kernel source."""
     rng = np.random.default_rng(seed)
@@ -98,13 +106,13 @@ def time_kernel(source: str, seed: int, *, check: bool = True, time_shape: dict 
             result = session.result()
             return _fail(_kernel_failure(result), _detail(result)), {}
         for shape in shapes:
-            verdict = _checked_call(session, shape, int(rng.integers(2**31)))[0]
+            verdict = _checked_call(session, shape, _child_seed(rng))[0]
             if verdict is not None:
                 return verdict, {}
-        _, _ = _checked_call(session, time_shape, int(rng.integers(2**31)))  # warm-up (compilation), untimed
+        _, _ = _checked_call(session, time_shape, _child_seed(rng))  # warm-up (compilation), untimed
         times = []
         for _ in range(REPEATS):
-            verdict, seconds = _checked_call(session, time_shape, int(rng.integers(2**31)))
+            verdict, seconds = _checked_call(session, time_shape, _child_seed(rng))
             if verdict is not None:
                 return verdict, {}
             times.append(seconds)
@@ -153,7 +161,7 @@ def reference_seconds(seed: int, time_shape: tuple = tuple(sorted(TIME_SHAPE.ite
 def score(item: dict, answer, text: str, seed: int | None = None) -> dict:
     if not answer:
         return _fail("parse_error", "no ```python code block with custom_kernel in the reply")
-    seed = secrets.randbits(31) if seed is None else seed
+    seed = secrets.randbits(SEED_BITS) if seed is None else seed
     time_shape = {**TIME_SHAPE, **item.get("time_shape", {})}
     verdict, timing = time_kernel(answer, seed, time_shape=time_shape)
     if verdict is not None:
