@@ -4,6 +4,7 @@ SIA-H vs SIA-W+H comparison script at reduced size."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -85,9 +86,11 @@ def test_compare_levers_writes_table_plot_and_summary(tmp_path):
 
     recorded = RESULTS.read_text()
 
-    summary = main(["--task", "digits", "--model", str(BUNDLED_TINY_MODEL), "--seeds", "0", "1", "--generations", "2",
-                    "--items-per-generation", "4", "--updates-per-generation", "2", "--out", str(tmp_path)])
-    out = tmp_path / "digits"
+    args = ["--task", "digits", "--model", str(BUNDLED_TINY_MODEL), "--seeds", "0", "1", "--generations", "2",
+            "--items-per-generation", "4", "--updates-per-generation", "2", "--out", str(tmp_path / "out"),
+            "--keep", str(tmp_path / "kept")]
+    summary = main(args)
+    out = tmp_path / "out" / "digits"
     assert (out / "test_by_generation.png").stat().st_size > 10_000
     table = (out / "table.md").read_text()
     assert "SIA-H" in table and "SIA-W+H" in table
@@ -99,6 +102,16 @@ def test_compare_levers_writes_table_plot_and_summary(tmp_path):
     assert len(rows) == 3 and "W+H - H (paired t)" in rows[2] and "cludes 0" in rows[2]
     spent = summary["SIA-H"]["samples_spent"]
     assert rows[0].endswith(f"| {spent[0]}, {spent[1]} |")
+
+    # finished runs are kept (config + ledger) and a second comparison reuses them without running
+    assert sorted(p.name for p in (tmp_path / "kept" / "digits").iterdir()) == ["both-s0", "both-s1",
+                                                                                "harness-s0", "harness-s1"]
+    shutil.rmtree(out / "runs")
+    assert main(args) == summary and not (out / "runs").exists()
+    # a kept run of another config (here: 1 generation) is refused before anything runs
+    with pytest.raises(ValueError, match="holds a run of another config"):
+        main([*args, "--seeds", "0", "--generations", "1"])
+    assert not (out / "runs").exists()
 
 
 def _point(score, tool_use=None):

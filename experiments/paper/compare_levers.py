@@ -25,13 +25,16 @@ import argparse
 import dataclasses
 import datetime
 import json
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
-from siajax.config import RunConfig, load_settings
+from siajax.config import RESUME_MAY_CHANGE, RunConfig, load_settings
 from siajax.loop import run
+from siajax.rundir import read_ledger
 from siajax.stats import mean_confidence_interval
 
 ARMS = {"SIA-H": "harness", "SIA-W+H": "both"}
@@ -43,18 +46,53 @@ def curve(ledger: list[dict], split: str) -> list[float]:
     return [ledger[0]["before"][split]["score"]] + [entry["after"][split]["score"] for entry in ledger]
 
 
-def run_arms(base: RunConfig, seeds, out: Path, log=print) -> dict:
-    """-> {arm: [ledger per seed]}; every run writes its own directory under ``out/runs``."""
+def kept_ledger(config: RunConfig, kept: Path) -> list[dict] | None:
+    """A finished run's ledger kept under ``kept``, else None; refuses a kept run of another config
+    (before anything runs, so a comparison never overwrites another one's results)."""
+    if not (kept / "config.json").is_file():
+        return None
+    stored = RunConfig.from_dict(json.loads((kept / "config.json").read_text()))
+    if dataclasses.replace(stored, **{name: getattr(config, name) for name in RESUME_MAY_CHANGE}) != config:
+        raise ValueError(f"{kept} holds a run of another config; pass another --keep directory")
+    ledger = read_ledger(kept)
+    return ledger if len(ledger) == config.generations else None
+
+
+def keep_ledger(run_dir: Path, kept: Path) -> None:
+    """Copies a finished run's config.json and ledger.jsonl (kilobytes) where git keeps them, so a
+    comparison that outlasts one machine resumes from the runs already finished."""
+    kept.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "ledger.jsonl"):
+        shutil.copyfile(run_dir / name, kept / name)
+    (kept / "code.txt").write_text(code_version() + "\n")
+
+
+def code_version() -> str:
+    """The commit the comparison ran (with "+changes" when the checkout differed from it)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True).stdout.strip()
+    commit = git("rev-parse", "HEAD") or "unknown (not a git checkout)"
+    return commit + (" +changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def run_arms(base: RunConfig, seeds, out: Path, keep: Path | None = None, log=print) -> dict:
+    """-> {arm: [ledger per seed]}; every run writes its own directory under ``out/runs``; with
+    ``keep``, finished runs found there are reused and new ones copied there."""
+    # every arm runs all its generations (flags stay in the ledger): equal budgets, equal lengths
+    configs = {(seed, arm): dataclasses.replace(base, levers=levers, seed=seed, halt_after_flagged=0)
+               for seed in seeds for arm, levers in ARMS.items()}
+    kept = {key: None if keep is None else kept_ledger(config, keep / f"{config.levers}-s{config.seed}")
+            for key, config in configs.items()}
     results = {arm: [] for arm in ARMS}
-    for seed in seeds:
-        for arm, levers in ARMS.items():
-            # every arm runs all its generations (flags stay in the ledger): equal budgets, equal lengths
-            config = dataclasses.replace(base, levers=levers, seed=seed, halt_after_flagged=0)
-            start = time.perf_counter()
-            ledger = run(config, out / "runs" / f"{levers}-s{seed}")
-            results[arm].append(ledger)
-            log(f"{arm:8s} seed {seed}: test {curve(ledger, 'test')[0]:.3f} -> {curve(ledger, 'test')[-1]:.3f} "
-                f"({time.perf_counter() - start:.0f}s)")
+    for (seed, arm), config in configs.items():
+        start, name, ledger = time.perf_counter(), f"{config.levers}-s{seed}", kept[seed, arm]
+        if ledger is None:
+            ledger = run(config, out / "runs" / name)
+            if keep is not None:
+                keep_ledger(out / "runs" / name, keep / name)
+        results[arm].append(ledger)
+        log(f"{arm:8s} seed {seed}: test {curve(ledger, 'test')[0]:.3f} -> {curve(ledger, 'test')[-1]:.3f} "
+            f"({time.perf_counter() - start:.0f}s)")
     return results
 
 
@@ -193,6 +231,9 @@ def main(argv=None):
     parser.add_argument("--dev-items", type=int, default=None)
     parser.add_argument("--test-items", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("experiments/out/paper"))
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="reuse finished runs' ledgers found under KEEP/<task>/ and copy new ones there "
+                             "(e.g. experiments/paper/ledgers, kept in git)")
     parser.add_argument("--record", action="store_true", help="append the rows to experiments/paper/RESULTS.md")
     args = parser.parse_args(argv)
 
@@ -204,7 +245,7 @@ def main(argv=None):
     base = RunConfig.from_dict(settings)
     args.task, args.generations = base.task, base.generations
     out = args.out / Path(args.task).name
-    results = run_arms(base, args.seeds, out)
+    results = run_arms(base, args.seeds, out, None if args.keep is None else args.keep / Path(args.task).name)
     summary = summarise(results)
     rendered = table(summary, Path(args.task).name)
     tools = tool_use_table(results, Path(args.task).name)
