@@ -72,7 +72,8 @@ def test_verifier_scores_baselines_where_they_belong():
     ("def denoise(counts):\n    raise ValueError('no')", "crash"),
     ("def denoise(counts:\n    pass", "compile_error"),
     ("import mcv\ndef denoise(counts):\n    return counts", "crash"),  # the task's code is not in the jail
-    ("import os\ndef denoise(counts):\n    os.mkfifo('output.npy')\n    return 'output.npy'", "wrong_shape"),
+    # a FIFO the parent would block on: the system-call filter refuses to make one (and the parent opens no file)
+    ("import os\ndef denoise(counts):\n    os.mkfifo('output.npy')\n    return 'output.npy'", "crash"),
 ])
 def test_verifier_failure_kinds(source, failure):
     verdict = score(source)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,27 +28,63 @@ from siajax.sandbox import SandboxLimits, SandboxSession, run_sandboxed
 FAST = SandboxLimits(wall_seconds=15, cpu_seconds=15, memory_bytes=1 << 30)
 SECRET = "SIAJAX-SECRET-7c41"
 SETUPS = {"jail": True, "landlock_only": False}
+REPO = Path(__file__).resolve().parents[1]
+# An interpreter with NumPy that an unprivileged user can run (.ci/run makes one from the system Python).
+UNPRIVILEGED_PYTHON = os.environ.get("SIAJAX_UNPRIVILEGED_PYTHON", "")
+
+
+def _reachable_by_nobody(path: str) -> bool:
+    real = os.path.realpath(path)
+    parts = real.split("/")
+    return all(os.stat("/".join(parts[:depth]) or "/").st_mode & 0o001 for depth in range(1, len(parts))) and bool(
+        os.stat(real).st_mode & 0o005)
+
+
+def _fallback_python() -> str | None:
+    """The interpreter for the Landlock-only fallback: as root it must be one nobody can run (the
+    sandbox refuses to run agent code as root), e.g. .ci/run's SIAJAX_UNPRIVILEGED_PYTHON."""
+    if os.geteuid() != 0 or _reachable_by_nobody(sys.executable):
+        return sys.executable
+    return UNPRIVILEGED_PYTHON if UNPRIVILEGED_PYTHON and _reachable_by_nobody(UNPRIVILEGED_PYTHON) else None
+
+
+FALLBACK_PYTHON = _fallback_python()
 
 
 @pytest.fixture(params=sorted(SETUPS))
 def setup(request):
+    if not SETUPS[request.param] and FALLBACK_PYTHON is None:
+        pytest.skip("the Landlock-only fallback as root needs an interpreter nobody can run (SIAJAX_UNPRIVILEGED_PYTHON)")
     return SETUPS[request.param]
 
 
 @pytest.fixture
-def task_dirs(tmp_path):
+def task_dirs():
+    """A task directory nobody can reach (pytest's tmp_path is under a 0700 directory): in the fallback
+    the code runs as nobody on the host's filesystem."""
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="siajax-task-"))
+    yield from _task_dirs(tmp_path)
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _task_dirs(tmp_path):
     public, private = tmp_path / "task" / "data" / "public", tmp_path / "task" / "data" / "private"
     public.mkdir(parents=True)
     private.mkdir(parents=True)
     (public / "inputs.txt").write_text("1 2 3")
     (private / "answers.txt").write_text(SECRET)
     (tmp_path / "task" / "verifier.py").write_text("def score():\n    return 0\n")
-    os.chmod(tmp_path, 0o755)
-    return tmp_path / "task"
+    for path in (tmp_path, tmp_path / "task", tmp_path / "task" / "data", public, public / "inputs.txt"):
+        os.chmod(path, 0o755)
+    yield tmp_path / "task"
 
 
 def run(code: str, namespaces: bool = True, limits: SandboxLimits = FAST, **kwargs):
-    return run_sandboxed(textwrap.dedent(code), entry="main", limits=limits, namespaces=namespaces, **kwargs)
+    python = None if namespaces else FALLBACK_PYTHON
+    return run_sandboxed(textwrap.dedent(code), entry="main", limits=limits, namespaces=namespaces, python=python,
+                         **kwargs)
 
 
 def leaked(result) -> bool:
@@ -383,18 +420,6 @@ def test_a_reply_larger_than_allowed_is_refused():
     assert result.status == "runtime_error" and "limit" in result.error
 
 
-def _reachable_by_nobody(path: str) -> bool:
-    real = os.path.realpath(path)
-    parts = real.split("/")
-    return all(os.stat("/".join(parts[:depth]) or "/").st_mode & 0o001 for depth in range(1, len(parts))) and bool(
-        os.stat(real).st_mode & 0o005)
-
-
-REPO = Path(__file__).resolve().parents[1]
-# An interpreter with NumPy that an unprivileged user can run (.ci/run makes one from the system Python).
-UNPRIVILEGED_PYTHON = os.environ.get("SIAJAX_UNPRIVILEGED_PYTHON", "")
-
-
 @pytest.mark.skipif(os.geteuid() != 0 or not UNPRIVILEGED_PYTHON or not _reachable_by_nobody(UNPRIVILEGED_PYTHON)
                     or not _reachable_by_nobody(str(REPO / "siajax" / "sandbox" / "launcher.py")),
                     reason="needs root to switch users, SIAJAX_UNPRIVILEGED_PYTHON (an interpreter with NumPy that "
@@ -459,3 +484,274 @@ def test_a_forged_reply_frame_is_an_error_status_not_an_exception(header):
             time.sleep(30)
     """)
     assert result.status == "runtime_error" and "malformed reply" in result.error, (result.status, result.error)
+
+
+# Round 2: the jail dies with its call, the parent never blocks, memory and kernel surface are bounded.
+ESCAPE = """
+    import ctypes, os, time
+    libc = ctypes.CDLL(None, use_errno=True)
+    def burn(name):
+        libc.prctl(15, name.encode(), 0, 0, 0)  # PR_SET_NAME: findable on the host
+        while True:
+            pass
+    def main():
+        libc.prctl(1, 0, 0, 0, 0)  # clear the parent-death signal
+        libc.setsid()
+        if libc.fork() == 0:  # a daemon: double fork, new session, no parent-death signal
+            libc.setsid()
+            if libc.fork() == 0:
+                burn({marker!r})
+            os._exit(0)
+        if libc.fork() == 0:
+            burn({marker!r})
+        time.sleep(1000)
+"""
+
+
+def _host_processes_named(name: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and open(f"/proc/{pid}/comm").read().strip() == name:
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def _jail_cgroups() -> list[str]:
+    import glob
+
+    return glob.glob("/sys/fs/cgroup/**/siajax-sbx-*", recursive=True)
+
+
+def test_no_process_of_the_jail_outlives_its_call(setup):
+    """Burners that cleared their parent-death signal, left the session and double-forked are all gone
+    (killed and reaped) when the call returns, within the wall limit plus the grace."""
+    from siajax.sandbox import GRACE_SECONDS
+
+    marker = f"sxb{os.getpid() % 100000}{int(setup)}"
+    limits = SandboxLimits(wall_seconds=3, cpu_seconds=60, memory_bytes=1 << 30)
+    start = time.monotonic()
+    result = run(ESCAPE.format(marker=marker), setup, limits=limits)
+    elapsed = time.monotonic() - start
+    assert not _host_processes_named(marker), "a process of the jail outlived its call"
+    assert result.status == "timeout" and elapsed < limits.wall_seconds + GRACE_SECONDS + 1, (result, elapsed)
+    assert result.layers["contained"] is True
+    assert not _jail_cgroups(), "a jail's cgroup was left behind"
+
+
+def test_a_verifier_refuses_to_score_when_a_process_may_have_survived(monkeypatch):
+    """Fail closed: an ok call whose jail cannot be shown gone is not a result."""
+    import siajax.sandbox as sandbox
+
+    monkeypatch.setattr(sandbox.jail_cgroup, "members", lambda cgroup: {1})  # "something is still in it"
+    monkeypatch.setattr(sandbox.jail_cgroup, "kill_all", lambda cgroup, timeout=5.0: False)
+    monkeypatch.setattr(sandbox.SandboxSession, "_launcher_reaped", lambda self: False)
+    result = run("def main():\n    return 1")
+    assert result.status == "forbidden" and result.value is None and "gone" in result.error
+    assert result.layers["contained"] is False
+
+
+def test_the_parent_never_blocks_on_a_child_that_stops_reading(setup):
+    """The runner stops reading (its loop patched by the agent); a call with 8 MiB of inputs returns at
+    the wall limit instead of blocking the parent on a full pipe."""
+    from siajax.sandbox import GRACE_SECONDS
+
+    limits = SandboxLimits(wall_seconds=4, cpu_seconds=30, memory_bytes=1 << 30)
+    start = time.monotonic()
+    with SandboxSession(textwrap.dedent("""
+        import __main__, time
+        def deafen():
+            __main__.read_message = lambda *args, **kwargs: time.sleep(3600)
+            return 1
+        def echo(x):
+            return x
+    """), limits=limits, namespaces=setup, python=None if setup else FALLBACK_PYTHON) as session:
+        assert session.call("deafen").value == 1
+        reply = session.call("echo", arrays={"x": np.zeros(1 << 20)})
+    elapsed = time.monotonic() - start
+    assert reply.status == "timeout" and elapsed < limits.wall_seconds + 2 * GRACE_SECONDS + 1, (reply, elapsed)
+
+
+def test_a_reply_that_stalls_mid_frame_times_out():
+    from siajax.sandbox import GRACE_SECONDS
+
+    limits = SandboxLimits(wall_seconds=3, cpu_seconds=30)
+    start = time.monotonic()
+    result = run("""
+        import os, sys, time
+        def main():
+            os.write(int(sys.argv[2]), (100).to_bytes(8, "little") + b'{"status": ')
+            time.sleep(1000)
+    """, limits=limits)
+    elapsed = time.monotonic() - start
+    assert result.status == "timeout" and elapsed < limits.wall_seconds + GRACE_SECONDS + 1, (result, elapsed)
+
+
+def _memory_cgroup_available() -> bool:
+    return os.geteuid() == 0 and (os.path.isfile("/sys/fs/cgroup/memory/cgroup.procs") or "memory" in (
+        open("/sys/fs/cgroup/cgroup.controllers").read() if os.path.isfile("/sys/fs/cgroup/cgroup.controllers") else ""))
+
+
+@pytest.mark.skipif(not _memory_cgroup_available(), reason="needs root and a memory cgroup controller")
+def test_memory_is_bounded_for_the_jail_as_a_whole():
+    """4 children x 400 MiB under a 1 GiB limit: RLIMIT_AS (per process) lets each one through; the jail's
+    memory cgroup does not let all of them hold it at once."""
+    result = run("""
+        import ctypes, os, time
+        libc = ctypes.CDLL(None, use_errno=True)
+        def main():
+            read, write = os.pipe()
+            for _ in range(4):
+                if libc.fork() == 0:
+                    block = bytearray(400 << 20)
+                    for i in range(0, len(block), 4096):
+                        block[i] = 1
+                    os.write(write, b"1")
+                    time.sleep(1000)
+            os.close(write)
+            time.sleep(6)
+            os.set_blocking(read, False)
+            try:
+                return len(os.read(read, 64))
+            except BlockingIOError:
+                return 0
+    """, limits=SandboxLimits(wall_seconds=20, cpu_seconds=60, memory_bytes=1 << 30))
+    assert result.status == "oom" or (result.ok and result.value <= 2), result
+    assert not _jail_cgroups()
+
+
+SURFACE = """
+    import ctypes, errno, os, socket, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    NR = {nr!r}
+    def attempt(name, *args):
+        ctypes.set_errno(0)
+        result = libc.syscall(NR[name], *args)
+        return [result, ctypes.get_errno()]
+    def main():
+        public = open("/etc/hostname" if os.path.exists("/etc/hostname") else sys.executable, "rb")
+        lock = (ctypes.c_short * 16)()  # struct flock, F_RDLCK = 0 at offset 0
+        params = (ctypes.c_byte * 120)()
+        memfd = libc.syscall(NR["memfd_create"], b"x", 0)
+        out = {{
+            "unshare(CLONE_NEWUSER)": attempt("unshare", 0x10000000),
+            "clone(CLONE_NEWUSER)": attempt("clone", 0x10000000 | 17, 0, 0, 0, 0),
+            "clone3": attempt("clone3", 0, 0),
+            "io_uring_setup": attempt("io_uring_setup", 1, ctypes.byref(params)),
+            "keyctl(get session keyring)": attempt("keyctl", 0, -3, 0),
+            "add_key(user keyring)": attempt("add_key", b"user", b"planted", b"x", 1, -4),
+            "socket(AF_NETLINK)": attempt("socket", 16, 3, 0),
+            "socket(AF_VSOCK)": attempt("socket", 40, 1, 0),
+            "fcntl(F_OFD_SETLK)": attempt("fcntl", public.fileno(), 37, ctypes.byref(lock)),
+            "flock(LOCK_SH)": attempt("flock", public.fileno(), 1),
+            "personality(PER_LINUX32)": attempt("personality", 8),
+            "ptrace(TRACEME)": attempt("ptrace", 0, 0, 0, 0),
+            "mknodat(fifo)": attempt("mknodat", -100, b"/tmp/fifo" if os.path.isdir("/tmp") else b"fifo", 0o10600, 0),
+            "execveat(memfd)": attempt("execveat", memfd, b"", 0, 0, 0x1000),
+            "bpf": attempt("bpf", 0, 0, 0),
+            "perf_event_open": attempt("perf_event_open", 0, 0, -1, -1, 0),
+            "userfaultfd": attempt("userfaultfd", 0),
+        }}
+        allowed = {{"personality(query)": attempt("personality", 0xFFFFFFFF), "fcntl(F_GETFL)":
+                    attempt("fcntl", public.fileno(), 3, 0)}}
+        status = open("/proc/self/status").read()
+        seccomp = [line.split()[1] for line in status.splitlines() if line.startswith("Seccomp:")]
+        return {{"denied": out, "allowed": allowed, "seccomp": seccomp}}
+"""
+
+
+def _syscall_numbers() -> dict:
+    from siajax.sandbox import seccomp
+
+    column = 0 if seccomp.machine() == "x86_64" else 1
+    numbers = {name: pair[column] for name, pair in seccomp.SYSCALLS.items()}
+    return {**numbers, "memfd_create": 319 if column == 0 else 279}
+
+
+def test_the_kernel_surface_is_filtered(setup):
+    """Calls that succeed for any process without the filter (new user namespaces, io_uring, keyrings,
+    netlink/vsock sockets, file locks, personality, ptrace, fifos, memfd exec, bpf, perf) fail with
+    EPERM (clone3 with ENOSYS, so libc falls back to clone) in the jail and in the fallback."""
+    result = run(SURFACE.format(nr=_syscall_numbers()), setup, limits=SandboxLimits(wall_seconds=20, cpu_seconds=20))
+    assert result.ok, result
+    expected = {name: [-1, 38 if name == "clone3" else 1] for name in result.value["denied"]}
+    assert result.value["denied"] == expected
+    assert result.value["allowed"]["personality(query)"][0] >= 0 and result.value["allowed"]["fcntl(F_GETFL)"][0] >= 0
+    assert result.value["seccomp"] == ["2"]  # SECCOMP_MODE_FILTER
+
+
+def test_no_key_reaches_or_persists_across_jails():
+    """A secret in the parent's session keyring is out of reach, and nothing one jail writes to a keyring
+    is there for the next."""
+    import ctypes
+
+    nr = _syscall_numbers()
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = libc.syscall(nr["add_key"], b"user", b"siajax-test-secret", SECRET.encode(), len(SECRET), -3)
+    assert key > 0, os.strerror(ctypes.get_errno())
+    try:
+        code = """
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            NR = {nr!r}
+            def main():
+                found = libc.syscall(NR["request_key"], b"user", b"siajax-test-secret", None, 0)
+                buffer = ctypes.create_string_buffer(256)
+                read = libc.syscall(NR["keyctl"], 11, found if found > 0 else {key}, buffer, 256)  # KEYCTL_READ
+                planted = libc.syscall(NR["add_key"], b"user", b"siajax-planted", b"hello", 5, -4)
+                later = libc.syscall(NR["request_key"], b"user", b"siajax-planted", None, 0)
+                return {{"found": found, "read": buffer.raw[:max(read, 0)].decode("latin-1"), "planted": planted,
+                         "later": later}}
+        """.format(nr=nr, key=key)
+        first, second = run(code), run(code)
+        for result in (first, second):
+            assert result.ok and not leaked(result), result
+            assert result.value["found"] < 0 and result.value["planted"] < 0 and result.value["later"] < 0
+    finally:
+        libc.syscall(nr["keyctl"], 3, key)  # KEYCTL_REVOKE
+
+
+def test_the_fallback_denies_every_socket_and_device_node():
+    if FALLBACK_PYTHON is None:
+        pytest.skip("the Landlock-only fallback as root needs an interpreter nobody can run (SIAJAX_UNPRIVILEGED_PYTHON)")
+    result = run("""
+        import ctypes, os, socket
+        libc = ctypes.CDLL(None, use_errno=True)
+        def main():
+            out = {}
+            for name, family, kind in (("udp", socket.AF_INET, socket.SOCK_DGRAM), ("unix", socket.AF_UNIX,
+                                       socket.SOCK_STREAM), ("tcp6", socket.AF_INET6, socket.SOCK_STREAM)):
+                ctypes.set_errno(0)
+                out[name] = [libc.socket(int(family), int(kind), 0), ctypes.get_errno()]  # the tripwire aside
+            ctypes.set_errno(0)
+            out["mknod"] = [libc.mknod(b"disk", 0o60600, os.makedev(8, 0)), ctypes.get_errno()]
+            return out
+    """, False, limits=SandboxLimits(wall_seconds=20, cpu_seconds=20))
+    assert result.ok and result.value == {name: [-1, 1] for name in ("udp", "unix", "tcp6", "mknod")}, result
+    assert result.layers["seccomp"].startswith("fallback")
+
+
+def test_root_never_runs_agent_code_in_the_fallback():
+    from siajax.sandbox.launcher import identity_plan
+
+    assert identity_plan(0, True, False) == "nobody" and identity_plan(0, False, True) == "nobody"
+    assert identity_plan(0, False, False) == "refuse" and identity_plan(1000, False, False) == "self"
+    if os.geteuid() != 0 or _reachable_by_nobody(sys.executable):
+        pytest.skip("here the interpreter is reachable by nobody (or we are not root): nothing to refuse")
+    result = run_sandboxed("def main():\n    return 1", namespaces=False, limits=FAST)
+    assert result.status == "runtime_error" and "refusing to run agent code as root" in result.error, result
+
+
+def _runs_jax(python: str | None) -> bool:
+    return bool(python) and subprocess.run([python, "-c", "import jax"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _runs_jax(FALLBACK_PYTHON), reason="no interpreter with JAX for the fallback")
+def test_jnp_runs_in_the_fallback():
+    """XLA's CPU backend reads its probes (/proc/cpuinfo, /sys/devices/system/cpu, ...) in the fallback."""
+    result = run_sandboxed("import jax.numpy as jnp\ndef main():\n    return float(jnp.arange(4.0).sum())",
+                           namespaces=False, python=FALLBACK_PYTHON, env={"JAX_PLATFORMS": "cpu"},
+                           limits=SandboxLimits(wall_seconds=60, cpu_seconds=60, memory_bytes=4 << 30))
+    assert result.ok and result.value == 6.0, result

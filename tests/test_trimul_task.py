@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import textwrap
 
 import pytest
 
@@ -75,12 +77,39 @@ def test_timing_from_outside_cannot_be_gamed(verifier):
     the parent times every call and the reference runs only once the agent's jail is gone."""
     patched = ("import time, sys\ntime.perf_counter = lambda: 0.0\ntime.monotonic = lambda: 0.0\n" + REFERENCE)
     verdict = score(verifier, patched)
-    assert verdict["failure"] is None and verdict["metrics"]["speedup"] < 3, verdict
-    # A busy child forked around the tripwire (ctypes), in its own session, left running.
-    throttle = ("import ctypes, os\nif ctypes.CDLL(None).fork() == 0:\n    os.setsid()\n    while True:\n"
-                "        pass\n" + REFERENCE)
+    assert verdict["failure"] is None and verdict["metrics"]["speedup"] < 5, verdict
+    # Burners forked around the tripwire (ctypes): the jail's pid 1 and a double-forked daemon clear their
+    # parent-death signal and leave the session (speed-up 12 against 1.07 honest, when they survived)
+    marker = f"sxt{os.getpid() % 100000}"
+    throttle = textwrap.dedent(f"""
+        import ctypes, os
+        libc = ctypes.CDLL(None)
+        libc.prctl(1, 0, 0, 0, 0)
+        libc.setsid()
+        for _ in range(2):
+            if libc.fork() == 0:
+                libc.prctl(1, 0, 0, 0, 0)
+                libc.setsid()
+                if libc.fork() == 0:
+                    libc.prctl(15, {marker!r}.encode(), 0, 0, 0)
+                    while True:
+                        pass
+                os._exit(0)
+    """) + REFERENCE
     verdict = score(verifier, throttle)
-    assert verdict["failure"] is None and verdict["metrics"]["speedup"] < 3, verdict
+    assert not _host_processes_named(marker), "a burner outlived the score"
+    assert verdict["failure"] is None and verdict["metrics"]["speedup"] < 5, verdict
+
+
+def _host_processes_named(name: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and open(f"/proc/{pid}/comm").read().strip() == name:
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
 
 
 @pytest.mark.slow

@@ -8,12 +8,16 @@ memory or environment, reach the network, touch other processes, outlive its
 wall limit, or make the parent read, wait or allocate without bound.
 
 The barrier is the kernel (``launcher.py``: namespaces, a minimal read-only
-filesystem view, Landlock, a pids cgroup, rlimits, nobody/no capabilities);
-the audit hook in ``runner.py`` only names attempts. Every session records
-which layers held (:attr:`SandboxResult.layers`). Data crosses in both
-directions only as framed messages on pipes (no files the parent opens),
-bounded in size; stdout/stderr are captured up to a cap; every call is timed
-by the parent, outside the agent's process.
+filesystem view, Landlock, a cgroup per jail bounding processes and memory,
+rlimits, nobody/no capabilities, a fresh keyring, a system-call filter from
+``seccomp.py``); the audit hook in ``runner.py`` only names attempts. Every
+session records which layers held (:attr:`SandboxResult.layers`), and
+``layers["contained"]`` whether every process of the jail was gone when it
+ended. Data crosses in both directions only as framed messages on pipes (no
+files the parent opens), bounded in size and written and read against the
+wall-clock deadline, so the parent never blocks past it; stdout/stderr are
+captured up to a cap; every call is timed by the parent, outside the agent's
+process.
 
     with SandboxSession(source, limits=SandboxLimits(wall_seconds=60)) as session:
         reply = session.call("custom_kernel", arrays={"x": x, "mask": m, "weights/w": w})
@@ -23,6 +27,7 @@ by the parent, outside the agent's process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import select
@@ -35,13 +40,15 @@ import threading
 import time
 from pathlib import Path
 
-from siajax.sandbox.runner import EXIT_FORBIDDEN, write_message
+from siajax.sandbox import cgroup as jail_cgroup
+from siajax.sandbox import seccomp
+from siajax.sandbox.runner import EXIT_FORBIDDEN, frame
 
 HERE = Path(__file__).resolve().parent
 STATUSES = ("ok", "compile_error", "runtime_error", "timeout", "oom", "forbidden")
 SYSTEM_PATHS = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc")
 DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
-GRACE_SECONDS = 2.0
+GRACE_SECONDS = 2.0  # past the wall limit, the most a call takes to kill, reap and report
 PR_SET_DUMPABLE = 4
 
 
@@ -55,7 +62,7 @@ class SandboxLimits:
     max_processes: int = 64
     max_open_files: int = 256
     output_bytes: int = 1 << 20  # stdout and stderr kept, each; the rest is read and dropped
-    message_bytes: int = 1 << 30  # the largest reply accepted
+    message_bytes: int = 64 << 20  # the largest reply accepted (arrays, in bytes); size it to the task's outputs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,84 +115,134 @@ class _BoundedReader(threading.Thread):
         return self.kept.decode("utf-8", "replace") + note
 
 
-def _interpreter_paths() -> list[str]:
-    paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
-    return sorted(p for p in paths if p and not any(p.startswith(s + "/") for s in SYSTEM_PATHS))
+@functools.lru_cache(maxsize=8)
+def _interpreter_paths(python: str) -> tuple[str, ...]:
+    """What the jail must see to run ``python``: its prefixes and its binary's directory."""
+    if python == sys.executable:
+        prefixes = [sys.prefix, sys.base_prefix]
+    else:
+        prefixes = subprocess.run([python, "-I", "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
+                                  capture_output=True, text=True, timeout=30, check=True).stdout.split("\n")[:2]
+    paths = {*prefixes, os.path.dirname(os.path.realpath(python))}
+    return tuple(sorted(p for p in paths if p and not any(p.startswith(s + "/") for s in SYSTEM_PATHS)))
+
+
+def _wait_until_ready(fd: int, deadline: float, *, write: bool = False) -> None:
+    """Blocks until ``fd`` can be read (written), or raises TimeoutError at ``deadline``."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if write else select.POLLIN)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0 or not poller.poll(remaining * 1000):
+        raise TimeoutError
 
 
 def _read_reply(fd: int, deadline: float, limit: int):
-    """A framed reply from the runner, or None at the deadline / on a closed pipe."""
+    """A framed reply from the runner, or None at the deadline (mid-frame included) / on a closed pipe."""
     from siajax.sandbox.runner import read_message
 
-    remaining = deadline - time.monotonic()
-    if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-        return None
     try:
-        return read_message(fd, limit)
-    except (EOFError, OSError):
+        return read_message(fd, limit, wait=lambda: _wait_until_ready(fd, deadline))
+    except (TimeoutError, EOFError, OSError):
         return None
     except Exception as err:  # fail closed on any frame the runner would never write (nested JSON, shape 1e400)
         return {"status": "runtime_error",
                 "error": f"malformed reply from the sandbox: {type(err).__name__}: {str(err)[:200]}"}, {}
 
 
+def _send(fd: int, deadline: float, header: dict, arrays: dict | None = None) -> None:
+    """Writes a message to the runner (``fd`` is non-blocking); TimeoutError when it stops reading."""
+    for piece in frame(header, arrays):
+        view = memoryview(piece)
+        while view:
+            _wait_until_ready(fd, deadline, write=True)
+            try:
+                view = view[os.write(fd, view[:1 << 16]):]
+            except BlockingIOError:
+                continue
+
+
 class SandboxSession:
     """A running jail with the agent's code loaded; ``call`` it any number of times."""
 
     def __init__(self, source: str, *, limits: SandboxLimits = SandboxLimits(), readable_dirs=(), devices=(),
-                 env: dict | None = None, threads: int = 1, namespaces: bool = True, tripwire: bool = True):
+                 env: dict | None = None, threads: int = 1, namespaces: bool = True, tripwire: bool = True,
+                 python: str | None = None):
+        """``python``: the interpreter that runs the code (default: this one; it needs NumPy and whatever the
+        code imports). Outside a mount namespace, root runs the code as nobody only when nobody can run
+        ``python``, and refuses otherwise."""
         self.source, self.limits, self.tripwire = source, limits, tripwire
+        self.python = python or sys.executable
         self.readable_dirs = [str(Path(p).resolve()) for p in readable_dirs]
         self.devices, self.env, self.threads, self.namespaces = list(devices), dict(env or {}), threads, namespaces
         self.layers: dict = {}
         self.status, self.error = "ok", ""
-        self._process = None
+        self._process, self._cgroup, self._stopped, self._oom = None, None, False, False
 
-    def __enter__(self) -> SandboxSession:
-        hide_parent_memory()
+    def _make_control_directory(self) -> dict:
+        """The host side of the jail: the code (readable by nobody), a scratch directory nobody owns (the
+        fallback's), and the jail's root mount point; -> the spec's paths."""
         self._control = Path(tempfile.mkdtemp(prefix="siajax-sbx-"))
         os.chmod(self._control, 0o711)
-        sandbox, scratch = self._control / "sandbox", self._control / "scratch"
-        sandbox.mkdir()
-        scratch.mkdir()
+        sandbox, scratch, jail = self._control / "sandbox", self._control / "scratch", self._control / "jail"
+        for directory in (sandbox, scratch, jail):
+            directory.mkdir()
         files = {"runner.py": (HERE / "runner.py").read_text(), "agent.py": self.source}
         for name, text in files.items():
             (sandbox / name).write_text(text, encoding="utf-8")
         os.chmod(sandbox, 0o755)
         if os.geteuid() == 0:
             os.chown(scratch, 65534, 65534)  # the no-namespace fallback runs as nobody
-        jail = self._control / "jail"
-        jail.mkdir()
-        request_read, self._request = os.pipe()
-        self._response, response_write = os.pipe()
+        return {"jail_root": str(jail), "host_sandbox": str(sandbox), "host_scratch": str(scratch), "files": files}
+
+    def _spec(self, paths: dict, fds: dict) -> dict:
+        """What the launcher builds: layers, limits, views, filters and the pipes' descriptors."""
         rlimits = {"RLIMIT_AS": self.limits.memory_bytes, "RLIMIT_CPU": self.limits.cpu_seconds,
                    "RLIMIT_FSIZE": self.limits.file_bytes, "RLIMIT_NOFILE": self.limits.max_open_files,
                    "RLIMIT_CORE": 0}
         if os.geteuid() != 0:
             rlimits["RLIMIT_NPROC"] = self.limits.max_processes + _own_processes()
-        spec = {"namespaces": self.namespaces, "jail_root": str(jail), "host_sandbox": str(sandbox),
-                "host_scratch": str(scratch), "files": files, "scratch_bytes": self.limits.scratch_bytes,
-                "read_only": [p for p in SYSTEM_PATHS if os.path.exists(p)] + _interpreter_paths() + self.readable_dirs,
+        column = 0 if seccomp.machine() == "x86_64" else 1
+        return {**paths, **fds, "namespaces": self.namespaces, "scratch_bytes": self.limits.scratch_bytes,
+                "read_only": [p for p in SYSTEM_PATHS if os.path.exists(p)] + [*_interpreter_paths(self.python)]
+                             + self.readable_dirs,
                 "devices": [d for d in (*DEVICES, *self.devices) if os.path.exists(d)], "rlimits": rlimits,
-                "max_processes": self.limits.max_processes, "python": sys.executable, "threads": self.threads,
-                "env": self.env, "request_fd": request_read, "response_fd": response_write}
+                "max_processes": self.limits.max_processes, "python": self.python, "threads": self.threads,
+                "env": self.env, "cgroup_procs": self._cgroup.procs_files if self._cgroup else [],
+                "seccomp_jail": seccomp.program(), "seccomp_fallback": seccomp.program(network_namespace=False),
+                "syscalls": {name: seccomp.SYSCALLS[name][column] for name in ("keyctl", "pivot_root")}}
+
+    def __enter__(self) -> SandboxSession:
+        hide_parent_memory()
+        paths = self._make_control_directory()
+        request_read, self._request = os.pipe()
+        self._response, response_write = os.pipe()
+        self._done, done_write = os.pipe()
+        os.set_blocking(self._request, False)
+        self._cgroup = jail_cgroup.create(self._control.name, max_processes=self.limits.max_processes,
+                                          memory_bytes=self.limits.memory_bytes)
+        spec = self._spec(paths, {"request_fd": request_read, "response_fd": response_write, "done_fd": done_write})
         (self._control / "spec.json").write_text(json.dumps(spec))
         self._started = time.monotonic()
         self._deadline = self._started + self.limits.wall_seconds
         self._process = subprocess.Popen(
             [sys.executable, "-I", str(HERE / "launcher.py"), str(self._control / "spec.json")],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"},
-            pass_fds=(request_read, response_write), start_new_session=True, cwd=str(self._control))
-        os.close(request_read)
-        os.close(response_write)
+            pass_fds=(request_read, response_write, done_write), start_new_session=True, cwd=str(self._control))
+        for fd in (request_read, response_write, done_write):
+            os.close(fd)
         self._stdout = _BoundedReader(self._process.stdout, self.limits.output_bytes)
         self._stderr = _BoundedReader(self._process.stderr, self.limits.output_bytes)
         report = _read_reply(self._response, self._deadline, 1 << 20)
-        self.layers = (report[0].get("layers", {}) if report else {}) or {}
+        self.layers = {**((report[0].get("layers", {}) if report else {}) or {}), "cgroup": (
+            f"v{self._cgroup.version}: {', '.join(self._cgroup.controllers)}" if self._cgroup else "off: not root, or none")}
         if "fatal" in self.layers or report is None:
             self._fail("runtime_error", f"the sandbox could not start: {self.layers.get('fatal', 'no report')}")
             return self
-        write_message(self._request, {"source": "agent.py", "tripwire": self.tripwire})
+        try:
+            _send(self._request, self._deadline, {"source": "agent.py", "tripwire": self.tripwire})
+        except (TimeoutError, OSError):
+            self._fail(*self._after_silence("while loading the code"))
+            return self
         ready = _read_reply(self._response, self._deadline, 1 << 20)
         if ready is None:
             self._fail(*self._after_silence("while loading the code"))
@@ -200,8 +257,8 @@ class SandboxSession:
             return self.result()
         start = time.perf_counter()
         try:
-            write_message(self._request, {"op": "call", "entry": entry, "kwargs": kwargs or {}}, arrays)
-        except OSError:
+            _send(self._request, self._deadline, {"op": "call", "entry": entry, "kwargs": kwargs or {}}, arrays)
+        except (TimeoutError, OSError):
             self._fail(*self._after_silence("while sending the inputs"))
             return self.result()
         reply = _read_reply(self._response, self._deadline, self.limits.message_bytes)
@@ -224,10 +281,16 @@ class SandboxSession:
         """Why the runner went quiet: the deadline, a signal (memory, CPU), or an exit."""
         if time.monotonic() >= self._deadline:
             return "timeout", f"killed at the wall-clock limit ({self.limits.wall_seconds}s) {when}"
+        try:  # the runner died or closed its pipe: let the launcher report how before stopping it
+            self._process.wait(timeout=max(min(GRACE_SECONDS, self._deadline - time.monotonic()), 0))
+        except subprocess.TimeoutExpired:
+            pass
         self._stop()
         code = self._process.returncode
         if code == EXIT_FORBIDDEN:
             return "forbidden", "the tripwire fired"
+        if self._oom:
+            return "oom", f"killed by the kernel at the jail's memory limit ({self.limits.memory_bytes} bytes) {when}"
         if code in (128 + signal.SIGXCPU, -signal.SIGXCPU, 128 + signal.SIGKILL, -signal.SIGKILL):
             return "timeout", f"killed at the CPU-time limit {when}"
         if code in (128 + signal.SIGSEGV, 128 + signal.SIGABRT, -signal.SIGSEGV, -signal.SIGABRT) or any(
@@ -236,18 +299,38 @@ class SandboxSession:
         return "runtime_error", f"the sandbox exited with code {code} {when}"
 
     def _stop(self) -> None:
-        """Ends the jail: SIGKILL to the launcher's group; the jail's pid 1 dies with it (parent-death
-        signal), and the kernel kills everything else in its pid namespace."""
-        if self._process is None or self._process.returncode is not None:
+        """Ends the jail and proves it gone before returning. The launcher, on SIGTERM, kills the jail's
+        pid 1 (the kernel then kills its whole pid namespace) or, with no pid namespace, every
+        descendant, reaps them and says "reaped"; with a cgroup, whatever is still in it is then killed
+        and the empty cgroup removed. ``layers["contained"]`` records the proof."""
+        if self._process is None or self._stopped:
             return
-        try:
-            os.killpg(self._process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self._stopped = True
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
         try:
             self._process.wait(timeout=GRACE_SECONDS)
         except subprocess.TimeoutExpired:
             pass
+        emptied = jail_cgroup.kill_all(self._cgroup) if self._cgroup is not None else True
+        if self._process.poll() is None:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait()
+        if self._cgroup is not None:
+            self._oom = jail_cgroup.oom_killed(self._cgroup)
+            contained = emptied and not jail_cgroup.members(self._cgroup)
+            self.layers["cgroup_removed"] = jail_cgroup.remove(self._cgroup)
+        else:
+            contained = self._launcher_reaped()
+        self.layers["contained"] = bool(contained)
+
+    def _launcher_reaped(self) -> bool:
+        """Whether the (exited) launcher wrote "reaped" on its own pipe, which the jail never holds."""
+        os.set_blocking(self._done, False)
+        try:
+            return os.read(self._done, 16) == b"reaped"
+        except BlockingIOError:
+            return False
 
     def result(self) -> SandboxResult:
         return SandboxResult(self.status, error=self.error, stdout=self._stdout.text() if self._process else "",
@@ -258,12 +341,12 @@ class SandboxSession:
     def __exit__(self, *exc) -> None:
         if self._process is not None and self._process.returncode is None and self.status == "ok":
             try:
-                write_message(self._request, {"op": "close"})
+                _send(self._request, min(self._deadline, time.monotonic() + GRACE_SECONDS), {"op": "close"})
                 self._process.wait(timeout=GRACE_SECONDS)
-            except (OSError, subprocess.TimeoutExpired):
+            except (OSError, TimeoutError, subprocess.TimeoutExpired):
                 pass
         self._stop()
-        for fd in (self._request, self._response):
+        for fd in (self._request, self._response, getattr(self, "_done", -1)):
             try:
                 os.close(fd)
             except OSError:
@@ -288,13 +371,18 @@ def _own_processes() -> int:
 
 def run_sandboxed(source: str, *, entry: str = "main", kwargs: dict | None = None, arrays: dict | None = None,
                   limits: SandboxLimits = SandboxLimits(), readable_dirs=(), devices=(), env=None,
-                  namespaces: bool = True) -> SandboxResult:
+                  namespaces: bool = True, python: str | None = None) -> SandboxResult:
     """One call of ``entry`` from ``source`` in a fresh jail; never raises for the code's faults and
     returns within ``limits.wall_seconds`` plus a small grace."""
     with SandboxSession(source, limits=limits, readable_dirs=readable_dirs, devices=devices, env=env,
-                        namespaces=namespaces) as session:
+                        namespaces=namespaces, python=python) as session:
         result = session.call(entry, kwargs, arrays)
-    return dataclasses.replace(result, stdout=session.result().stdout, stderr=session.result().stderr)
+    final = session.result()
+    result = dataclasses.replace(result, stdout=final.stdout, stderr=final.stderr, layers=final.layers)
+    if result.ok and not final.layers.get("contained"):  # fail closed: a process may have outlived the call
+        result = dataclasses.replace(result, status="forbidden", value=None, arrays={},
+                                     error="a process of the jail could not be shown gone after the call")
+    return result
 
 
 COMPILE_FAULTS = ("SyntaxError", "IndentationError", "TabError", "NameError: the code must define")

@@ -15,12 +15,20 @@ this file is never imported inside the jail). Layers, each recorded in the
               writable), TCP bind/connect denied (ABI >= 4), signals and abstract
               unix sockets scoped to the jail (ABI >= 6). The whole layer when
               namespaces are unavailable (e.g. unprivileged user namespaces off).
-  cgroup      (root, cgroup v1/v2 pids controller) a pids.max on the jail.
+  cgroup      (root) the parent's cgroup for this jail, joined before anything else: pids.max and
+              memory limits on the jail as a whole; the parent kills and removes it.
+  keyring     a fresh anonymous session keyring (no key of the parent's session reachable).
+  seccomp     the parent's system-call filter (``seccomp.py``), installed just before exec.
   identity    as root: setgroups([]) + setuid/setgid(nobody) after setup, which
               drops every capability; otherwise the user namespace's creator
               capabilities end at execve (uid != 0 inside).
   rlimits     address space, CPU seconds, file size, open files, processes, no core.
   no_new_privs, parent-death SIGKILL, and a minimal environment.
+
+On SIGTERM from the parent the launcher kills the jail (its pid 1, which takes
+the whole pid namespace with it; without one, every descendant, which come back
+to the launcher as their subreaper), reaps it, and only then writes "reaped" on
+its own pipe (never inherited by the jail), so the parent knows nothing is left.
 
 A layer the kernel refuses is recorded as off, with the reason, and the launch
 goes on with the rest, so a verifier always knows what held.
@@ -41,8 +49,10 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
 MNT_DETACH = 0x2
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 4, 38, 36
-SYS_PIVOT_ROOT, SYS_LANDLOCK_CREATE, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT = 155, 444, 445, 446
+SYS_LANDLOCK_CREATE, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT = 444, 445, 446
 NOBODY = 65534
+# what XLA's CPU backend probes (cores, caches, memory); read-only, outside a mount namespace only
+FALLBACK_PROBES = ("/proc/cpuinfo", "/proc/meminfo", "/proc/stat", "/sys/devices/system/cpu", "/sys/fs/cgroup")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -140,10 +150,10 @@ def bind(source: str, root: str, *, writable: bool = False, device: bool = False
     mount(None, target, None, flags)
 
 
-def pivot_into(root: str) -> None:
+def pivot_into(root: str, pivot_root: int) -> None:
     old = os.path.join(root, ".oldroot")
     os.makedirs(old, exist_ok=True)
-    _check(_libc.syscall(SYS_PIVOT_ROOT, root.encode(), old.encode()), "pivot_root")
+    _check(_libc.syscall(pivot_root, root.encode(), old.encode()), "pivot_root")
     os.chdir("/")
     _check(_libc.umount2(b"/.oldroot", MNT_DETACH), "umount old root")
     os.rmdir("/.oldroot")
@@ -171,7 +181,7 @@ def build_jail(spec: dict) -> None:
             handle.write(text)
     os.makedirs(root + "/proc")
     mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    pivot_into(root)
+    pivot_into(root, spec["syscalls"]["pivot_root"])
     mount(None, "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
@@ -192,25 +202,31 @@ def set_limits(limits: dict) -> None:
         resource.setrlimit(getattr(resource, name), (value, value))
 
 
-def join_pids_cgroup(limit: int) -> str | None:
-    """(root) A pids cgroup capping the jail's processes; the path, or None where there is none."""
-    for base in ("/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
-        if not os.path.isfile(os.path.join(base, "cgroup.procs")) or not os.access(base, os.W_OK):
-            continue
-        path = os.path.join(base, f"siajax-sandbox-{os.getpid()}")
-        try:
-            os.makedirs(path, exist_ok=True)
-            with open(os.path.join(path, "pids.max"), "w") as handle:
-                handle.write(str(limit))
-            with open(os.path.join(path, "cgroup.procs"), "w") as handle:
-                handle.write(str(os.getpid()))
-            return path
-        except OSError:
-            try:
-                os.rmdir(path)
-            except OSError:
-                pass
-    return None
+def join_cgroup(procs_files: list[str]) -> None:
+    """(root) Moves this process into the cgroup the parent made for the jail, before any fork."""
+    for procs in procs_files:
+        with open(procs, "w") as handle:
+            handle.write(str(os.getpid()))
+
+
+def join_fresh_session_keyring(keyctl: int) -> None:
+    """KEYCTL_JOIN_SESSION_KEYRING with no name: a new anonymous session keyring for the jail."""
+    _check(_libc.syscall(keyctl, 1, None), "keyctl(JOIN_SESSION_KEYRING)")
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def install_seccomp(instructions: list) -> None:
+    """PR_SET_SECCOMP with the parent's filter (no_new_privs is already set)."""
+    table = (_SockFilter * len(instructions))(*[_SockFilter(*map(int, row)) for row in instructions])
+    program = _SockFprog(len(instructions), table)
+    _check(_libc.prctl(22, 2, ctypes.byref(program), 0, 0), "prctl(PR_SET_SECCOMP)")  # SECCOMP_MODE_FILTER
 
 
 def _write_report(fd: int, report: dict) -> None:
@@ -237,8 +253,10 @@ def enter_namespaces(spec: dict) -> dict:
 
 
 def child(spec: dict, layers: dict, report_fd: int) -> None:
-    """The jail's pid 1: filesystem, Landlock, limits, identity, then exec the runner."""
+    """The jail's pid 1: filesystem, Landlock, limits, identity, keyring, system-call filter, then
+    exec the runner."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.close(spec["done_fd"])  # only the launcher may say the jail is gone
     jailed = layers["namespaces"].startswith("mount")
     if jailed:
         try:
@@ -247,8 +265,9 @@ def child(spec: dict, layers: dict, report_fd: int) -> None:
             jailed, layers["mount"] = False, f"off: {err}"
     if jailed:
         read_only, writable = ["/"], ["/tmp", "/dev/null"]
-    else:  # Landlock alone draws the same view on the host's filesystem
-        read_only = spec["read_only"] + spec["devices"] + [spec["host_sandbox"]]  # no /proc: no parent to read
+    else:  # Landlock alone draws the same view on the host's filesystem; of /proc only our own process
+        read_only = spec["read_only"] + spec["devices"] + [spec["host_sandbox"], f"/proc/{os.getpid()}",
+                                                            *FALLBACK_PROBES]
         writable = [spec["host_scratch"], "/dev/null"]
         os.chdir(spec["host_scratch"])
     try:
@@ -260,16 +279,29 @@ def child(spec: dict, layers: dict, report_fd: int) -> None:
     set_limits(spec["rlimits"])
     layers["rlimits"] = sorted(spec["rlimits"])
     prctl(PR_SET_NO_NEW_PRIVS, 1)
-    if os.geteuid() == 0 and (jailed or _reachable_by_others(spec["python"])):
+    try:
+        join_fresh_session_keyring(spec["syscalls"]["keyctl"])
+        layers["keyring"] = "fresh anonymous session keyring"
+    except OSError as err:
+        layers["keyring"] = f"off: {err}"
+    identity = identity_plan(os.geteuid(), jailed, _reachable_by_others(spec["python"]))
+    if identity == "nobody":
         os.setgroups([])
         os.setgid(NOBODY)
         os.setuid(NOBODY)
         layers["identity"] = "nobody (65534), no capabilities"
-    elif os.geteuid() == 0:
-        layers["identity"] = "root: the interpreter is not reachable by nobody outside a mount namespace"
+    elif identity == "refuse":
+        layers["fatal"] = ("the interpreter is not reachable by nobody outside a mount namespace; refusing to run "
+                           "agent code as root (install Python where every user can run it)")
     else:
         layers["identity"] = f"uid {os.getuid()} (capabilities end at exec)"
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # credentials changed: set it again
+    filter_name = "seccomp_jail" if layers["namespaces"].startswith("mount") else "seccomp_fallback"
+    try:
+        install_seccomp(spec[filter_name])
+        layers["seccomp"] = f"{filter_name.split('_')[1]} deny-list ({len(spec[filter_name])} instructions)"
+    except OSError as err:
+        layers["seccomp"] = f"off: {err}"
     _write_report(report_fd, {"layers": layers})
     if "fatal" in layers:
         os._exit(3)
@@ -281,14 +313,24 @@ def child(spec: dict, layers: dict, report_fd: int) -> None:
                                str(spec["response_fd"]), sandbox], env)
 
 
+def identity_plan(euid: int, jailed: bool, interpreter_reachable: bool) -> str:
+    """Who runs the agent's code: "nobody" (root drops to it), "self" (an ordinary user), or "refuse"
+    (root outside a mount namespace where nobody cannot run the interpreter: never run it as root)."""
+    if euid != 0:
+        return "self"
+    return "nobody" if jailed or interpreter_reachable else "refuse"
+
+
 def main() -> None:
     spec = json.loads(open(sys.argv[1], encoding="utf-8").read())
     report_fd = spec["response_fd"]
+    try:
+        join_cgroup(spec["cgroup_procs"])
+    except OSError as err:
+        _write_report(report_fd, {"layers": {"fatal": f"could not join the jail's cgroup: {err}"}})
+        os._exit(3)
     layers = enter_namespaces(spec)
-    cgroup = join_pids_cgroup(spec["max_processes"]) if os.geteuid() == 0 else None
-    layers["cgroup_pids"] = cgroup is not None
-    if not layers["namespaces"].startswith("mount"):
-        prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans of the runner come back to us and die with us
+    prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans (setsid, double forks) come back to us and die with us
     pid = os.fork()
     if pid == 0:
         try:
@@ -298,19 +340,18 @@ def main() -> None:
                 _write_report(report_fd, {"layers": {**layers, "fatal": f"{type(err).__name__}: {err}"}})
             finally:
                 os._exit(3)
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(pid, signal.SIGKILL))  # pid 1: its namespace dies with it
     _, status = os.waitpid(pid, 0)
-    if not layers["namespaces"].startswith("mount"):
-        _kill_descendants()
-    if cgroup is not None:
-        _empty_cgroup(cgroup)
+    if _kill_descendants():  # without a pid namespace: whatever came back to us
+        os.write(spec["done_fd"], b"reaped")
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
 
-def _kill_descendants() -> None:
-    """Without a pid namespace: SIGKILL every process reparented to us (we are their subreaper)."""
+def _kill_descendants() -> bool:
+    """SIGKILL and reap every process reparented to us (we are their subreaper) until none is left;
+    -> whether none is. (Inside a pid namespace there are none: they die with its pid 1.)"""
     me = str(os.getpid())
-    for _ in range(50):
+    for _ in range(200):
         children = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
@@ -321,30 +362,14 @@ def _kill_descendants() -> None:
                 except (OSError, IndexError):
                     continue
         if not children:
-            return
+            return True
         for pid in children:
             try:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
-
-
-def _empty_cgroup(path: str) -> None:
-    try:
-        with open(os.path.join(path, "cgroup.procs")) as handle:
-            for pid in handle.read().split():
-                if int(pid) != os.getpid():
-                    try:
-                        os.kill(int(pid), signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-        parent = os.path.dirname(path)
-        with open(os.path.join(parent, "cgroup.procs"), "w") as handle:
-            handle.write(str(os.getpid()))
-        os.rmdir(path)
-    except OSError:
-        pass
+    return False
 
 
 if __name__ == "__main__":

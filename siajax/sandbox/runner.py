@@ -25,52 +25,65 @@ EXIT_FORBIDDEN = 86
 ARRAY_LIMIT = 1 << 31  # bytes a single message may carry
 
 
-def read_exact(fd: int, size: int) -> bytes:
-    chunks, remaining = [], size
-    while remaining:
-        chunk = os.read(fd, min(remaining, 1 << 20))
-        if not chunk:
+def read_exact(fd: int, size: int, wait=None) -> bytearray:
+    """``size`` bytes into one buffer (no second copy); ``wait()`` is called before each read (the
+    parent's deadline: it raises TimeoutError when the time is up)."""
+    buffer = bytearray(size)
+    view, filled = memoryview(buffer), 0
+    while filled < size:
+        if wait is not None:
+            wait()
+        count = os.readv(fd, [view[filled:filled + (1 << 20)]])
+        if not count:
             raise EOFError("pipe closed mid-message")
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+        filled += count
+    return buffer
 
 
-def read_message(fd: int, limit: int = ARRAY_LIMIT) -> tuple[dict, dict]:
-    """-> (header, {name: ndarray}); raises ValueError on a malformed or oversized message."""
+def read_message(fd: int, limit: int = ARRAY_LIMIT, wait=None) -> tuple[dict, dict]:
+    """-> (header, {name: ndarray}); raises ValueError on a malformed or oversized message (before
+    reading its arrays)."""
     import numpy as np
 
-    size = int.from_bytes(read_exact(fd, 8), "little")
+    size = int.from_bytes(read_exact(fd, 8, wait), "little")
     if size > 1 << 24:
         raise ValueError(f"header of {size} bytes")
-    header = json.loads(read_exact(fd, size))
+    header = json.loads(read_exact(fd, size, wait))
     if not isinstance(header, dict):
         raise ValueError("header is not an object")
-    arrays, total = {}, 0
-    for spec in header.pop("arrays", []):
+    specs, total = header.pop("arrays", []), 0
+    if not isinstance(specs, list):
+        raise ValueError("arrays is not a list")
+    for spec in specs:
         dtype, shape = np.dtype(spec["dtype"]), spec["shape"]
         if not isinstance(shape, list) or len(shape) > 32 or not all(type(d) is int and d >= 0 for d in shape):
             raise ValueError(f"array shape {str(shape)[:80]} is not a list of up to 32 sizes >= 0")
-        shape = tuple(shape)
         if dtype.hasobject:
             raise ValueError("object arrays are not accepted")
-        nbytes = math.prod(shape) * dtype.itemsize  # exact: no int64 wrap-around
-        total += nbytes
-        if nbytes < 0 or total > limit:
+        total += math.prod(shape) * dtype.itemsize  # exact: no int64 wrap-around
+        if total > limit:
             raise ValueError(f"arrays of {total} bytes exceed the {limit}-byte limit")
-        arrays[str(spec["name"])] = np.frombuffer(read_exact(fd, nbytes), dtype).reshape(shape)
+    arrays = {}
+    for spec in specs:
+        dtype, shape = np.dtype(spec["dtype"]), tuple(spec["shape"])
+        arrays[str(spec["name"])] = np.frombuffer(read_exact(fd, math.prod(shape) * dtype.itemsize, wait),
+                                                  dtype).reshape(shape)
     return header, arrays
 
 
-def write_message(fd: int, header: dict, arrays: dict | None = None) -> None:
+def frame(header: dict, arrays: dict | None = None) -> list:
+    """A message as the buffers to write in order: length + JSON header, then each array's bytes."""
     import numpy as np
 
     arrays = {name: np.asarray(value, order="C") for name, value in (arrays or {}).items()}  # keeps 0-d
     header = {**header, "arrays": [{"name": n, "dtype": a.dtype.str, "shape": list(a.shape)} for n, a in arrays.items()]}
     body = json.dumps(header, default=repr).encode()
-    os.write(fd, len(body).to_bytes(8, "little") + body)
-    for array in arrays.values():
-        view = memoryview(array.tobytes())
+    return [len(body).to_bytes(8, "little") + body, *(memoryview(a.reshape(-1).view(np.uint8)) for a in arrays.values())]
+
+
+def write_message(fd: int, header: dict, arrays: dict | None = None) -> None:
+    for piece in frame(header, arrays):
+        view = memoryview(piece)
         while view:
             view = view[os.write(fd, view):]
 

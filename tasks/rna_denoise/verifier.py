@@ -15,6 +15,7 @@ negative_or_nan, so any valid denoiser beats any failure.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import sys
 from pathlib import Path
@@ -49,7 +50,8 @@ def score(item: dict, answer, text: str, seed: int | None = None) -> dict:
     seed = secrets.randbits(128) if seed is None else seed  # full entropy: no seed search recovers it
     counts, _ = mcv.simulate_counts(**{**DATA, **item.get("dataset", {})}, seed=seed)
     train, test = mcv.split_counts(counts, seed + 1)
-    result = run_sandboxed(answer, entry="denoise", arrays={"counts": train}, limits=LIMITS,
+    limits = dataclasses.replace(LIMITS, message_bytes=8 * train.size)  # one float64 matrix back, nothing more
+    result = run_sandboxed(answer, entry="denoise", arrays={"counts": train}, limits=limits,
                            env={"JAX_PLATFORMS": "cpu"})
     kind = failure_kind(result)
     if kind is not None:

@@ -8,8 +8,9 @@ at the shape the item names (``time_shape``; TIME_SHAPE when it names none):
 the parent's clock around each call (inputs in, output back), on a fresh,
 distinct input for every timed repeat, every timed output checked - nothing in
 the agent's process can touch the clock, replay an output or memoise an input.
-The jnp reference is timed the same way in its own session, after the agent's
-jail (and every process in it) is gone. A time below the machine's physical
+The jnp reference is timed the same way in its own session, only after the
+agent's jail is shown gone (its cgroup empty, or its launcher's "reaped"; a
+kernel whose jail cannot be shown gone is a cheat). A time below the machine's physical
 floor is a cheat.
 
 Languages (the harness switch): Python (jnp, or Pallas, lowered natively on a
@@ -26,6 +27,7 @@ correct kernel, however slow, beats any failure.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from functools import lru_cache
@@ -100,7 +102,9 @@ def time_kernel(source: str, seed: int, *, check: bool = True, time_shape: dict 
     cuda = is_cuda(source)
     program = cuda_program(source) if cuda else source
     # CUDA mode runs nvcc in the jail (a subprocess): the tripwire, which names subprocesses, is off there.
-    with SandboxSession(program, limits=LIMITS, env={} if gpu else JAIL_ENV, devices=_gpu_devices(),
+    largest = max([time_shape, *shapes], key=lambda shape: shape["bs"] * shape["seqlen"] ** 2 * shape["dim"])
+    limits = dataclasses.replace(LIMITS, message_bytes=4 * largest["bs"] * largest["seqlen"] ** 2 * largest["dim"])
+    with SandboxSession(program, limits=limits, env={} if gpu else JAIL_ENV, devices=_gpu_devices(),
                         tripwire=not cuda) as session:
         if session.status != "ok":
             result = session.result()
@@ -116,6 +120,8 @@ def time_kernel(source: str, seed: int, *, check: bool = True, time_shape: dict 
             if verdict is not None:
                 return verdict, {}
             times.append(seconds)
+    if not session.layers.get("contained"):  # nothing of the agent's may run while the reference is timed
+        return _fail("cheat", "a process of the kernel's jail could not be shown gone after its session"), {}
     return None, {"seconds": float(np.median(times)), "times": times, "layers": session.layers}
 
 
