@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import host_processes_named
 
 from siajax.sandbox import SandboxLimits, SandboxSession, run_sandboxed
 
@@ -508,17 +509,6 @@ ESCAPE = """
 """
 
 
-def _host_processes_named(name: str) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        try:
-            if pid.isdigit() and open(f"/proc/{pid}/comm").read().strip() == name:
-                found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
 def _jail_cgroups() -> list[str]:
     import glob
 
@@ -535,7 +525,7 @@ def test_no_process_of_the_jail_outlives_its_call(setup):
     start = time.monotonic()
     result = run(ESCAPE.format(marker=marker), setup, limits=limits)
     elapsed = time.monotonic() - start
-    assert not _host_processes_named(marker), "a process of the jail outlived its call"
+    assert not host_processes_named(marker), "a process of the jail outlived its call"
     assert result.status == "timeout" and elapsed < limits.wall_seconds + GRACE_SECONDS + 1, (result, elapsed)
     assert result.layers["contained"] is True
     assert not _jail_cgroups(), "a jail's cgroup was left behind"

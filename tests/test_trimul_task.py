@@ -6,6 +6,7 @@ import os
 import textwrap
 
 import pytest
+from conftest import host_processes_named
 
 from siajax.tasks import resolve_task
 
@@ -97,19 +98,8 @@ def test_timing_from_outside_cannot_be_gamed(verifier):
                 os._exit(0)
     """) + REFERENCE
     verdict = score(verifier, throttle)
-    assert not _host_processes_named(marker), "a burner outlived the score"
+    assert not host_processes_named(marker), "a burner outlived the score"
     assert verdict["failure"] is None and verdict["metrics"]["speedup"] < 5, verdict
-
-
-def _host_processes_named(name: str) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        try:
-            if pid.isdigit() and open(f"/proc/{pid}/comm").read().strip() == name:
-                found.append(int(pid))
-        except OSError:
-            pass
-    return found
 
 
 @pytest.mark.slow
