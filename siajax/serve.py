@@ -17,6 +17,7 @@ JSON: 400 (bad field, or prompt plus ``max_tokens`` past the model's context),
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import sys
@@ -106,10 +107,14 @@ def apply_harness(harness: Harness | None, messages: list[dict]) -> list[dict]:
 
 
 class ChoiceText:
-    """One choice's reply as its tokens arrive: the text (decoded from all its tokens, so a character
-    split over tokens comes out whole), cut where the first stop string begins; what may be sent so
-    far (never half a character, nor text that could still turn into a stop string); and the tokens
-    behind it. After a stop string, the reply's tokens end with the one where that string begins."""
+    """One choice's reply as its tokens arrive: the text (a character split over tokens comes out
+    whole), cut where the first stop string begins; what may be sent so far (never half a character,
+    nor text that could still turn into a stop string); and the tokens behind it. After a stop string,
+    the reply's tokens end with the one where that string begins.
+
+    Decoding is incremental: each token decodes a window from the last few tokens already turned into
+    whole characters (so context-dependent decoders, e.g. a leading space, agree with decoding the
+    whole reply), which keeps a long stream linear in its length."""
 
     def __init__(self, tokenizer, stops: list[str], stop_token_ids: tuple[int, ...]):
         self.tokenizer, self.stops, self.stop_token_ids = tokenizer, stops, stop_token_ids
@@ -118,22 +123,34 @@ class ChoiceText:
         self.starts: list[int] = []  # where each token's text begins in the decoded text
         self.text, self.finish_reason = "", None
         self.sent_chars = self.sent_tokens = 0
+        self._committed = ""  # whole characters decoded so far
+        self._window = self._read = 0  # ids[_window:_read] give context; ids[_read:] are not yet committed
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _append(self, token_id: int) -> None:
+        self.starts.append(len(self._committed))
+        self.ids.append(token_id)
+        context = self._decode(self.ids[self._window:self._read])
+        window = self._decode(self.ids[self._window:])
+        tail = window[len(context):] if window.startswith(context) else window
+        if tail and not tail.endswith("\ufffd"):  # whole characters: commit them, move the window on
+            self._committed, tail = self._committed + tail, ""
+            self._window, self._read = self._read, len(self.ids)
+        self.text = self._committed + tail
+
     def add(self, ids: list[int], logprobs: list[float], finished: bool) -> None:
         if self.finish_reason is not None:
             return
+        searched_from = max(len(self._committed) - max((len(s) for s in self.stops), default=0), 0)
         for token_id, logprob in zip(ids, logprobs):
-            self.starts.append(len(self._decode(self.ids)))
-            self.ids.append(token_id)
+            self._append(token_id)
             self.logprobs.append(logprob)
-        self.text = self._decode(self.ids)
-        hits = [self.text.find(s) for s in self.stops if s in self.text]
+        hits = [at for at in (self.text.find(s, searched_from) for s in self.stops) if at >= 0]
         if hits:
             cut = min(hits)
-            kept = sum(start < cut for start in self.starts)
+            kept = bisect.bisect_left(self.starts, cut)  # starts never decrease
             self.text, self.finish_reason = self.text[:cut], "stop"
             del self.ids[kept:], self.logprobs[kept:], self.starts[kept:]
         elif finished:
@@ -151,7 +168,7 @@ class ChoiceText:
     def take(self) -> tuple[str, list[dict]]:
         """-> (text not yet sent, the log-prob entries of the tokens behind it)."""
         end = self._sendable()
-        last = len(self.ids) if self.finish_reason is not None else sum(start < end for start in self.starts)
+        last = len(self.ids) if self.finish_reason is not None else bisect.bisect_left(self.starts, end)
         delta, entries = self.text[self.sent_chars:end], self.entries(self.sent_tokens, last)
         self.sent_chars, self.sent_tokens = max(end, self.sent_chars), max(last, self.sent_tokens)
         return delta, entries

@@ -394,3 +394,26 @@ def test_the_real_binary_streams_to_the_official_client():
         process.terminate()
         _, stderr = process.communicate(timeout=60)
     assert "POST /v1/chat/completions 200" in stderr
+
+
+@pytest.mark.parametrize("model", ["tiny", "smollm2"])
+def test_incremental_text_is_the_whole_replys_decode(model):
+    """Decoded a token at a time through a moving window, the reply (and what was streamed of it) equals
+    decoding all its tokens at once, split multi-byte characters and leading spaces included."""
+    import numpy as np
+
+    from siajax.models import load_tokenizer
+    from siajax.models.hf_import import EMBEDDED_DEFAULT, resolve_checkpoint_dir
+    from siajax.serve import ChoiceText
+
+    tokenizer = load_tokenizer(resolve_checkpoint_dir(BUNDLED_TINY_MODEL if model == "tiny" else EMBEDDED_DEFAULT))
+    pieces = tokenizer("Le café coûte 3 €; 日本語 🙂 naïve  spaces\n\ttabs", add_special_tokens=False)["input_ids"]
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        ids = [int(i) for i in rng.choice(pieces, size=40)] if trial else pieces
+        text = ChoiceText(tokenizer, stops=[], stop_token_ids=())
+        streamed = ""
+        for start in range(0, len(ids), 3):
+            text.add(ids[start:start + 3], [0.0] * len(ids[start:start + 3]), finished=start + 3 >= len(ids))
+            streamed += text.take()[0]
+        assert text.text == tokenizer.decode(ids, skip_special_tokens=True) == streamed
