@@ -404,6 +404,20 @@ def row_bucket(rows: int, multiple: int = 1) -> int:
     return -(-padded // multiple) * multiple
 
 
+def _decode_spec(max_new_tokens: int, top_k, stop_token_ids, pad_token_id: int, lora: bool, *,
+                 constrained: bool = False) -> DecodeSpec:
+    return DecodeSpec(bucket_length(max_new_tokens), int(top_k or 0), tuple(int(t) for t in stop_token_ids),
+                      int(pad_token_id), lora, constrained=constrained)
+
+
+def _one_device_batch(prompts: list, pad_token_id: int, share_prompts: bool = True):
+    """Rows padded to the bucket (repeating the last prompt) and left-padded; -> (tokens, mask, the
+    distinct prompts to prefill once, or None)."""
+    rows = len(prompts)
+    tokens, mask = left_pad(prompts + [prompts[-1]] * (row_bucket(rows) - rows), pad_token_id)
+    return tokens, mask, distinct_prompts(tokens, mask) if share_prompts else None
+
+
 def generate(
     model: Transformer,
     prompt_token_ids,
@@ -438,16 +452,12 @@ def generate(
     if isinstance(prompt_token_ids, (np.ndarray, jax.Array)) and np.ndim(prompt_token_ids) == 2:
         prompt_token_ids = np.asarray(prompt_token_ids).tolist()
     prompts = list(prompt_token_ids)
-    steps = bucket_length(max_new_tokens)
-    spec = DecodeSpec(steps, int(top_k or 0), tuple(int(t) for t in stop_token_ids), int(pad_token_id), lora,
-                      constrained=constraint is not None)
+    spec = _decode_spec(max_new_tokens, top_k, stop_token_ids, pad_token_id, lora, constrained=constraint is not None)
     graphdef, state = nnx.split(model)
     scalars = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens))
     rows = len(prompts)
     if mesh is None:
-        padded = prompts + [prompts[-1]] * (row_bucket(rows) - rows)
-        tokens, mask = left_pad(padded, pad_token_id)
-        distinct = distinct_prompts(tokens, mask) if share_prompts else None
+        tokens, mask, distinct = _one_device_batch(prompts, pad_token_id, share_prompts)
         result = _prefill_then_decode(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.int32(rows),
                                       key, *scalars, spec, constraint, distinct=distinct)
         return _take_rows(result, rows, max_new_tokens)
@@ -500,12 +510,10 @@ def stream(
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     prompts = [list(p) for p in prompt_token_ids]
     rows = len(prompts)
-    spec = DecodeSpec(bucket_length(max_new_tokens), int(top_k or 0), tuple(int(t) for t in stop_token_ids),
-                      int(pad_token_id), lora)
+    spec = _decode_spec(max_new_tokens, top_k, stop_token_ids, pad_token_id, lora)
     graphdef, state = nnx.split(model)
     temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
-    tokens, mask = left_pad(prompts + [prompts[-1]] * (row_bucket(rows) - rows), pad_token_id)
-    distinct = distinct_prompts(tokens, mask)
+    tokens, mask, distinct = _one_device_batch(prompts, pad_token_id)
     prefill_tokens, prefill_mask, row_source = (jnp.asarray(tokens), jnp.asarray(mask), None) \
         if distinct is None else distinct
     cache, carry = _prefill(graphdef, state, prefill_tokens, prefill_mask, jnp.int32(rows), key, temperature, top_p,
