@@ -439,6 +439,7 @@ def test_an_unprivileged_parent_gets_the_user_namespace_jail():
 
 
 def _probe_as_nobody(tmp_path: Path) -> None:
+    marker = f"sxn{os.getpid() % 100000}"
     secret = tmp_path / "private"
     secret.mkdir()
     (secret / "answers.txt").write_text(SECRET)
@@ -456,6 +457,10 @@ def _probe_as_nobody(tmp_path: Path) -> None:
             out[name] = [r.status, repr(r.value)]
         r = run_sandboxed("def main():\\n    return 1")
         out["layers"] = r.layers
+        from siajax.sandbox import SandboxLimits
+        r = run_sandboxed(textwrap.dedent({ESCAPE.format(marker=marker)!r}),
+                          limits=SandboxLimits(wall_seconds=3, cpu_seconds=60, memory_bytes=1 << 30))
+        out["escape"] = [r.status, r.layers.get("contained")]
         print(json.dumps(out))
     """))
     done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", UNPRIVILEGED_PYTHON,
@@ -464,6 +469,9 @@ def _probe_as_nobody(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["layers"]["namespaces"] == "mount+pid+net+ipc+uts+user"
+    assert report["layers"]["seccomp"].startswith("jail") and report["layers"]["keyring"].startswith("fresh")
+    # without a cgroup: the launcher kills the jail's pid 1 and reaps it before the call returns
+    assert report["escape"] == ["timeout", True] and not host_processes_named(marker)
     assert SECRET not in json.dumps({k: v for k, v in report.items() if k != "layers"})
 
 
