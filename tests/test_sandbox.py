@@ -663,9 +663,7 @@ SURFACE = """
 def _syscall_numbers() -> dict:
     from siajax.sandbox import seccomp
 
-    column = 0 if seccomp.machine() == "x86_64" else 1
-    numbers = {name: pair[column] for name, pair in seccomp.SYSCALLS.items()}
-    return {**numbers, "memfd_create": 319 if column == 0 else 279}
+    return {**seccomp.syscall_numbers(), "memfd_create": 319 if seccomp.machine() == "x86_64" else 279}
 
 
 def test_the_kernel_surface_is_filtered(setup):

@@ -17,7 +17,7 @@ ARCHES = sorted(seccomp.AUDIT_ARCH)
 
 
 def _number(arch: str, name: str) -> int:
-    return seccomp.SYSCALLS[name][0 if arch == "x86_64" else 1]
+    return seccomp.syscall_numbers(arch)[name]
 
 
 def _action(arch: str, name_or_number, *args, network_namespace: bool = True) -> int:

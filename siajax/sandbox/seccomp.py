@@ -88,13 +88,18 @@ def machine() -> str:
     return platform.machine()
 
 
-def program(arch: str | None = None, *, network_namespace: bool = True) -> list[tuple]:
-    """The filter for ``arch`` (default: this machine's), as (code, jt, jf, k) instructions."""
+def syscall_numbers(arch: str | None = None) -> dict:
+    """{name: number (None where the call does not exist)} for ``arch`` (default: this machine's)."""
     arch = arch or machine()
     if arch not in AUDIT_ARCH:
         raise ValueError(f"no system-call filter for architecture {arch!r}")
-    column = 0 if arch == "x86_64" else 1
-    number = {name: numbers[column] for name, numbers in SYSCALLS.items()}
+    return {name: numbers[0 if arch == "x86_64" else 1] for name, numbers in SYSCALLS.items()}
+
+
+def program(arch: str | None = None, *, network_namespace: bool = True) -> list[tuple]:
+    """The filter for ``arch`` (default: this machine's), as (code, jt, jf, k) instructions."""
+    arch = arch or machine()
+    number = syscall_numbers(arch)
     out = [(LD_W_ABS, 0, 0, OFFSET_ARCH), (JEQ_K, 1, 0, AUDIT_ARCH[arch]), (RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
            (LD_W_ABS, 0, 0, OFFSET_NR)]
     if arch == "x86_64":
