@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -44,11 +43,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where every thread is (a hung collective)
-    from siajax.parallel.distributed import DistributedConfig, initialize
+    from siajax.parallel.distributed import initialize_from_env
 
-    config = DistributedConfig.from_env()
-    if config.num_processes not in (None, 1) or os.environ.get("SIAJAX_DISTRIBUTED") == "1":
-        initialize(config)  # before any other JAX work
+    initialize_from_env()  # before any other JAX work
 
     import jax
     import numpy as np

@@ -145,6 +145,7 @@ def _run_with_progress(config, run_dir, command: str = "run") -> int:
     import signal
 
     from siajax import loop, report
+    from siajax.parallel.distributed import is_primary
 
     progress, on_event = _progress_printer(config)
     received: list[int] = []
@@ -178,8 +179,8 @@ def _run_with_progress(config, run_dir, command: str = "run") -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    png = report.report(run_dir)
-    print(f"run directory: {run_dir}\nplot: {png}")
+    if is_primary():  # every process ran the loop; process 0 wrote the run
+        print(f"run directory: {run_dir}\nplot: {report.report(run_dir)}")
     return 0
 
 
@@ -224,7 +225,7 @@ RUN_OPTION_GROUPS = {
         ("--meta-base-url", str, "the Meta-Agent's endpoint"),
     ],
     "placement": [
-        ("--mesh", str, "shard over this process's devices, e.g. data=2,fsdp=2,tensor=2"),
+        ("--mesh", str, "shard over the devices (of every process, when several run), e.g. data=2,fsdp=2,tensor=2"),
         ("--trackers", str, "comma-separated metric writers beside the ledger: tensorboard, wandb"),
     ],
 }
@@ -448,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "prompt", "unset") is None:
         args.prompt = ["Name the charge for this case.", "Write a fast kernel."]
     # Not for serve: it compiles on its handler threads, where a cache write once crashed (CI, 2026-12-04).
+    if args.command in ("run", "resume"):  # several processes (hosts) run the same command: join them first
+        from siajax.parallel.distributed import initialize_from_env
+
+        initialize_from_env()
     if args.command in ("sample", "run", "resume", "eval"):
         from siajax.cache import enable_compilation_cache
 

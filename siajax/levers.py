@@ -11,6 +11,7 @@ started only when its worst case fits) and return a :class:`LeverOutcome`.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,7 +26,6 @@ from siajax.config import RunConfig
 from siajax.harness import Harness, HarnessStore, patch_harness
 from siajax.protocol import EvalPlan, evaluate_state, rescored_baseline, scored_under, state_record
 from siajax.tasks import Task
-from siajax.train.checkpoint import save_pytree
 from siajax.train.learner import STEP_OUTCOMES
 from siajax.train.rollouts import drive_updates
 from siajax.train.trainable import TrainablePolicy
@@ -147,7 +147,7 @@ def _best_kept(judged: list, rulings: list[Ruling]):
 
 def weights_generation(decision: Decision, policy: TrainablePolicy, task: Task, harness: Harness, plan: EvalPlan,
                        entering: dict, generation: int, budget: SampleBudget, spend: Spend, config: RunConfig,
-                       key: jax.Array, emit, run_dir) -> tuple[LeverOutcome, list[dict]]:
+                       key: jax.Array, emit, checkpoints: Path) -> tuple[LeverOutcome, list[dict]]:
     """Trains for the updates the budget allows, then keeps the new weights only when the acceptance
     rule does (else the train state is restored); -> (outcome, the training rollouts' records)."""
     group_size = config.group_size(harness)
@@ -174,7 +174,7 @@ def weights_generation(decision: Decision, policy: TrainablePolicy, task: Task, 
     outcome.trained_state = f"gen_{generation:03d}/train_state"
     emit("checkpoint", {"generation": generation})
     with timing.phase("checkpoint"):
-        save_pytree(run_dir / outcome.trained_state, policy.state)
+        policy.save(checkpoints / outcome.trained_state)
     emit("evaluation", {"generation": generation})
     dev, test = evaluate_state(task, harness, policy.backend(), plan, key_index=generation)
     budget.charge(dev.samples)
@@ -209,7 +209,7 @@ def train_weights(policy: TrainablePolicy, task: Task, harness: Harness, recipe:
         spend.rollout_samples += result.replies
         response_tokens.append(result.tokens)
         emit("train_step", {"generation": generation, "update": update, "of": updates})
-        return (result.training_rows(backend.decoding.pad_token_id), np.asarray(result.rewards),
+        return (*policy.learner_inputs(result.training_rows(backend.decoding.pad_token_id), result.rewards),
                 {"reward": float(np.mean(result.rewards))})
 
     def account(update: int, metrics: dict):

@@ -8,11 +8,18 @@ re-scored under this generation's dev key, ``protocol``), and write the ledger
 line (``rundir``). Every generation draws from one hard sample budget
 (``siajax.budget``); test evaluation is reported apart. Keys derive from the
 seed and a purpose tag (``siajax.rng.purpose_key``), per generation by fold-in.
+
+With several processes (hosts) every one runs this same driver on the same
+state; the backends split the rows among them and hand every result back
+(``siajax.parallel.distributed``), a hash checks each generation's decision
+agrees everywhere, and process 0 alone writes the run directory
+(``rundir.process_files``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -32,13 +39,14 @@ from siajax.harness import Harness, HarnessStore, to_json
 from siajax.harness.store import atomic_write_text
 from siajax.health import RunHalted, flag_message, generation_flags, halt_reason, needs_rescoring
 from siajax.levers import LeverOutcome, no_change, search_harness, weights_generation
+from siajax.parallel.distributed import check_same, from_primary, is_primary
 from siajax.protocol import EvalPlan, checked_budget, evaluate_state, evaluation_plan, state_record
 from siajax.rl import RECIPES
 from siajax.rl.custom_loss import load_loss
 from siajax.rng import purpose_key
 from siajax.rundir import (
     append_ledger, current_dev_records, fresh_generation_dir, is_resume, keep_task_copy, ledger_row, load_config,
-    read_ledger, run_task, save_config, tried_versions, write_evaluations, write_json, write_jsonl,
+    process_files, read_ledger, run_task, save_config, tried_versions, write_evaluations, write_json, write_jsonl,
 )
 from siajax.taskcheck import task_problems
 from siajax.tasks import Task, TaskError
@@ -55,7 +63,8 @@ class RunContext:
     policy: TrainablePolicy
     store: HarnessStore
     plan: EvalPlan
-    run_dir: Path
+    run_dir: Path  # where this process writes the run's files (``rundir.process_files``)
+    checkpoints: Path  # where train states are saved: the run directory, by every process together
     budget_limit: int  # samples each generation may draw
     feedback_backend: object | None  # the LLM Feedback-Agent's endpoint; None: the built-in rule
     emit: Callable[[str, dict], None]
@@ -67,17 +76,24 @@ def run(config: RunConfig, run_dir: str | os.PathLike, *, on_event: Callable[[st
     run_dir = Path(run_dir)
     task = check_start(config, run_dir)
     policy = TrainablePolicy(config)  # loads the model before the run directory exists: a bad model leaves nothing
+    with process_files(run_dir) as files:  # with several processes, only process 0's reach run_dir
+        return _run(config, task, policy, files, run_dir, on_event, stop_after)
+
+
+def _run(config: RunConfig, task: Task, policy: TrainablePolicy, run_dir: Path, checkpoints: Path,
+         on_event: Callable[[str, dict], None] | None, stop_after: int | None) -> list[dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir)
     keep_task_copy(task, run_dir)
-    trackers = Trackers(config.tracker_names, run_dir, config.to_dict(), config.updates_per_generation)
-    emit = _emitter(trackers, on_event)
+    trackers = Trackers(config.tracker_names if is_primary() else (), run_dir, config.to_dict(),
+                        config.updates_per_generation)
+    emit = _emitter(trackers, on_event if is_primary() else None)
     store, plan, ledger = HarnessStore(run_dir / "harness"), evaluation_plan(task, config), read_ledger(run_dir)
     if ledger:
-        entering, limit = restore_state(config, task, store, policy, plan, run_dir, ledger)
+        entering, limit = restore_state(config, task, store, policy, plan, run_dir, checkpoints, ledger)
     else:
         entering, limit = start_state(config, task, store, policy, plan, run_dir, emit)
-    context = RunContext(config, task, policy, store, plan, run_dir, limit,
+    context = RunContext(config, task, policy, store, plan, run_dir, checkpoints, limit,
                          _agent_backend(config.feedback, config.feedback_model, config.feedback_base_url), emit)
     last = config.generations if stop_after is None else min(config.generations, stop_after)
     for generation in range(len(ledger), last):
@@ -114,6 +130,8 @@ def run_generation(run: RunContext, generation: int, ledger: list[dict], enterin
         run.emit("deciding", {"generation": generation})
         with timing.phase("agents"):
             decision = decide_next(run, harness, ledger, entering, feedback_key)
+        check_same(f"generation {generation}'s decision",
+                   json.dumps([harness.version, decision.to_dict()], sort_keys=True, default=str).encode())
         write_json(gen_dir / "decision.json", decision.to_dict())
         budget, spend = SampleBudget(run.budget_limit), Spend()
         outcome = pull_lever(run, decision, harness, entering, generation, budget, spend, train_key, gen_dir)
@@ -133,8 +151,8 @@ def decide_next(run: RunContext, harness: Harness, ledger: list[dict], entering:
                   forced_recipe=config.recipe)
     if run.feedback_backend is None:
         return decide(summary, ledger, harness, run.task, levers, config.decision_rule, **inputs)
-    return llm_decide(run.feedback_backend, summary, ledger, harness, run.task, levers, config.decision_rule, key,
-                      **inputs)
+    return from_primary(lambda: llm_decide(run.feedback_backend, summary, ledger, harness, run.task, levers,
+                                           config.decision_rule, key, **inputs))
 
 
 def pull_lever(run: RunContext, decision: Decision, harness: Harness, entering: dict, generation: int,
@@ -146,7 +164,7 @@ def pull_lever(run: RunContext, decision: Decision, harness: Harness, entering: 
         return outcome
     if decision.lever == "weights":
         outcome, records = weights_generation(decision, run.policy, run.task, harness, run.plan, entering, generation,
-                                              budget, spend, run.config, key, run.emit, run.run_dir)
+                                              budget, spend, run.config, key, run.emit, run.checkpoints)
         if outcome.train is not None:
             write_jsonl(gen_dir / "trajectory.jsonl", records)
         return outcome
@@ -158,7 +176,7 @@ def start_state(config: RunConfig, task: Task, store: HarnessStore, policy: Trai
     """A new run: the Meta-Agent's harness v0, stored and scored with the base weights; -> (state record,
     the generation budget, checked before the first evaluation is spent)."""
     meta_backend = _agent_backend(config.meta, config.meta_model, config.meta_base_url)
-    harness, origin = initial_harness(task, meta_backend, purpose_key(config.seed, "meta_agent"))
+    harness, origin = from_primary(lambda: initial_harness(task, meta_backend, purpose_key(config.seed, "meta_agent")))
     harness = with_temperature(harness, config.temperature)
     limit = checked_budget(config, harness, len(plan.dev), task)
     store.put(harness, reason=origin)
@@ -169,11 +187,11 @@ def start_state(config: RunConfig, task: Task, store: HarnessStore, policy: Trai
 
 
 def restore_state(config: RunConfig, task: Task, store: HarnessStore, policy: TrainablePolicy, plan: EvalPlan,
-                  run_dir: Path, ledger: list[dict]) -> tuple[dict, int]:
+                  run_dir: Path, checkpoints: Path, ledger: list[dict]) -> tuple[dict, int]:
     """A resumed run: harness HEAD and train state as the last ledger line left them; its scores, or
     after a generation scored by verifier errors, the state scored again (``siajax.health``)."""
     store.rollback(ledger[-1]["next_harness"])
-    policy.restore(run_dir, ledger)
+    policy.restore(checkpoints, ledger)
     limit = checked_budget(config, store.get(ledger[0]["harness_version"]), len(plan.dev), task)
     if not needs_rescoring(ledger):
         return ledger[-1]["after"], limit

@@ -18,14 +18,19 @@ interrupted generation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+
+import jax
 
 from siajax.agents.decide import Decision
 from siajax.agents.evaluation import evaluate
@@ -34,6 +39,7 @@ from siajax.config import RESUME_MAY_CHANGE, RunConfig
 from siajax.harness import Harness, HarnessStore
 from siajax.harness.store import atomic_write_text
 from siajax.levers import LeverOutcome
+from siajax.parallel.distributed import barrier, check_same, is_primary
 from siajax.protocol import evaluation_plan
 from siajax.tasks import Task, TaskChanged, TaskError, load_task, resolve_task
 from siajax.train.trainable import TrainablePolicy
@@ -118,6 +124,30 @@ def extended_config(config: RunConfig, generations: int, ledger: list[dict]) -> 
         raise ValueError(f"the run's {config.lr_schedule} learning-rate schedule decays over its "
                          f"{config.generations} generations, so it cannot be extended; start a new run")
     return dataclasses.replace(config, generations=generations)
+
+
+@contextlib.contextmanager
+def process_files(run_dir: Path) -> Iterator[Path]:
+    """Where this process writes the run's files: the run directory itself on process 0; on every
+    other process, a private copy of it (train states left out), removed afterwards. Every process
+    then runs the same code on the same files while only process 0's reach the run directory;
+    train states are the exception: they are written collectively, into the run directory.
+    Refuses processes that do not read the same ledger (the run directory must be on a filesystem
+    they all share)."""
+    if jax.process_count() == 1:
+        yield run_dir
+        return
+    with tempfile.TemporaryDirectory(prefix=f"siajax-process{jax.process_index()}-") as scratch:
+        files = run_dir if is_primary() else Path(scratch) / "run"
+        if not is_primary():
+            if run_dir.exists():
+                shutil.copytree(run_dir, files, ignore=shutil.ignore_patterns("train_state", "*.orbax-checkpoint-tmp*"))
+            files.mkdir(exist_ok=True)
+        ledger = run_dir / "ledger.jsonl"
+        check_same(f"{ledger} (the run directory must be on a filesystem every process shares)",
+                   ledger.read_bytes() if ledger.exists() else b"")
+        barrier("siajax-run-files")  # every copy taken before process 0 writes
+        yield files
 
 
 def save_config(config: RunConfig, run_dir: Path) -> None:

@@ -24,7 +24,7 @@ from flax import nnx
 from siajax import timing
 from siajax.harness.constrained import TokenAutomaton, advance, allowed_tokens, mask_logits
 from siajax.models.transformer import KVCache, Transformer
-from siajax.parallel.distributed import global_max, to_global
+from siajax.parallel.distributed import gather_to_host, global_max, to_global
 from siajax.parallel.mesh import ambient_mesh, batch_shard_count, mesh_context
 from siajax.parallel.rules import PARTITION_RULES, Rules, shard_tree, spec_for
 
@@ -434,6 +434,7 @@ def generate(
     mesh: jax.sharding.Mesh | None = None,
     rules: Rules = PARTITION_RULES,
     share_prompts: bool = True,
+    every_row: bool = False,
 ) -> GenerationResult:
     """Samples continuations for a batch of prompts.
 
@@ -444,8 +445,12 @@ def generate(
     ``mesh``, weights, prompts and the KV cache are laid out by ``rules`` and
     decoding runs SPMD. With several processes, each passes only its own
     prompts and gets global arrays back (``siajax.parallel.to_host_local``
-    returns its rows). ``share_prompts`` prefills each distinct prompt of the call once (a group of
-    G samples of one prompt, or votes) and copies its KV cache to its rows; without a mesh only.
+    returns its rows); with ``every_row``, each passes every prompt (the
+    same list: a driver every process runs alike) and gets every row back as
+    host arrays, drawn as one process would draw them on the same mesh.
+    ``share_prompts`` prefills each distinct prompt of the call once (a group
+    of G samples of one prompt, or votes) and copies its KV cache to its rows;
+    without a mesh only.
     """
     validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=int(top_k or 0),
                       pad_token_id=pad_token_id)
@@ -461,17 +466,19 @@ def generate(
         result = _prefill_then_decode(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.int32(rows),
                                       key, *scalars, spec, constraint, distinct=distinct)
         return _take_rows(result, rows, max_new_tokens)
-    padded = _pad_rows_for_mesh(prompts, mesh)
+    own_rows = jax.process_count() > 1 and not every_row
+    padded = _pad_rows_for_mesh(prompts, mesh) if own_rows else _pad_rows_to_shards(prompts, mesh)
     tokens, mask = left_pad(padded, pad_token_id, global_max(bucket_length(max(len(p) for p in padded))))
     state = shard_tree(state, mesh, rules)
-    placed = to_global({"tokens": tokens, "mask": mask}, mesh, rules, prefix="batch")
-    live = rows if jax.process_count() == 1 else len(padded) * jax.process_count()
+    batch = {"tokens": tokens, "mask": mask}  # own rows stitched over processes, or every row placed
+    placed = to_global(batch, mesh, rules, "batch") if own_rows else shard_tree(batch, mesh, rules, "batch")
+    live = len(padded) * jax.process_count() if own_rows else rows
     with mesh_context(mesh):
         result = _prefill_then_decode(graphdef, state, placed["tokens"], placed["mask"], jnp.int32(live), key,
                                       *scalars, spec, constraint, tuple(rules))
-    if jax.process_count() > 1:
+    if own_rows:
         return result
-    return _take_rows(result, rows, max_new_tokens)
+    return _take_rows(gather_to_host(result) if jax.process_count() > 1 else result, rows, max_new_tokens)
 
 
 class StreamedTokens(NamedTuple):
@@ -534,12 +541,17 @@ def stream(
                                      jnp.int32(min(step + chunk_tokens, max_new_tokens)), spec, tokens.shape[1])
 
 
+def _pad_rows_to_shards(prompts: list, mesh) -> list:
+    """Every row of the call: the last prompt repeated up to the row bucket (finished from the start,
+    cut later)."""
+    return prompts + [prompts[-1]] * (row_bucket(len(prompts), batch_shard_count(mesh)) - len(prompts))
+
+
 def _pad_rows_for_mesh(prompts: list, mesh) -> list:
-    """One process: repeat the last prompt up to the row bucket (finished from the start, cut later).
-    Several: each passes its own rows, the same number, a multiple of its shards."""
+    """Each process's own rows: the same number on each, a multiple of its shards."""
     shards, processes = batch_shard_count(mesh), jax.process_count()
     if processes == 1:
-        return prompts + [prompts[-1]] * (row_bucket(len(prompts), shards) - len(prompts))
+        return _pad_rows_to_shards(prompts, mesh)
     most, fewest = global_max(len(prompts)), -global_max(-len(prompts))  # every process joins both
     local_shards = shards // processes
     if shards % processes or most != fewest or len(prompts) % local_shards:

@@ -9,17 +9,14 @@ processes wrote restores here onto a different mesh, value for value.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from multihost_launch import start_processes, wait_all
 
 from siajax.models import from_pretrained
 from siajax.parallel import MeshConfig, make_mesh, path_string, train_state_shardings
@@ -32,47 +29,8 @@ ARGS = ["--mesh", "data=2,fsdp=2,tensor=2", "--recipe", "ppo_gae", "--updates", 
         "--reward", "letter-e"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int, **extra) -> dict:
-    # Without the session's compilation cache: each process compiles its own multi-process programs.
-    unwanted = ("SIAJAX_", "JAX_COMPILATION_CACHE", "JAX_PERSISTENT")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(unwanted)}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
-    return env
-
-
 def _start_processes(out: Path, processes: int, devices_each: int) -> list[subprocess.Popen]:
-    port = _free_port()
-    return [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), *ARGS, "--out", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True,
-            env=_env(devices_each, SIAJAX_COORDINATOR=f"127.0.0.1:{port}", SIAJAX_NUM_PROCESSES=str(processes),
-                     SIAJAX_PROCESS_ID=str(i)),
-        )
-        for i in range(processes)
-    ]
-
-
-def _wait(procs: list[subprocess.Popen], timeout: float) -> None:
-    """Waits for every process; on a hang, kills them all and fails with what each printed."""
-    try:
-        logs = [proc.communicate(timeout=timeout)[0] for proc in procs]
-    except subprocess.TimeoutExpired:
-        for proc in procs:  # each prints its threads' stacks (faulthandler), then dies
-            proc.send_signal(signal.SIGUSR1)
-        time.sleep(5)
-        for proc in procs:
-            proc.kill()
-        printed = [proc.communicate()[0][-6000:] for proc in procs]
-        pytest.fail(f"multi-process run hung after {timeout:.0f} s; it printed: {printed}")
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-3000:]
+    return start_processes([sys.executable, str(SCRIPT), *ARGS, "--out", str(out)], processes, devices_each)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +45,7 @@ def runs(tmp_path_factory):
     one = tmp_path_factory.mktemp("one_process")
     two = tmp_path_factory.mktemp("two_processes")
     assert main([*ARGS, "--out", str(one)]) == 0
-    _wait(_start_processes(two, 2, 4), timeout=420)
+    wait_all(_start_processes(two, 2, 4), timeout=420)
     return [(out, json.loads((out / "metrics.json").read_text())) for out in (one, two)]
 
 

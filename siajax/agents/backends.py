@@ -33,7 +33,8 @@ class Completion:
 
 class LocalPolicyBackend:
     """Samples from a siajax Transformer (with whatever LoRA it carries) via the jitted sampler
-    (SPMD over ``mesh`` when given)."""
+    (SPMD over ``mesh`` when given). With a mesh over several processes, every process asks for
+    every row and gets every row back (the SIA loop's driver runs alike on each)."""
 
     def __init__(self, model, tokenizer, mesh=None, decoding: DecodingIds | None = None):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
@@ -80,7 +81,7 @@ class LocalPolicyBackend:
                 self.model, chunk, key=jax.random.fold_in(key, index), max_new_tokens=sampling.max_new_tokens,
                 temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                 stop_token_ids=self.decoding.stop_token_ids, pad_token_id=self.decoding.pad_token_id,
-                constraint=constraint, mesh=self.mesh))
+                constraint=constraint, mesh=self.mesh, every_row=True))
         result = concatenate_results(parts, self.decoding.pad_token_id, np.argsort(order))
         tokens, logprobs, lengths = (np.asarray(a) for a in (result.tokens, result.logprobs, result.lengths))
         completions = []

@@ -23,10 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from siajax.tools import find_call, run_calls
 from siajax.harness import Harness, render_messages, retry_feedback, template_tools
 from siajax.harness.parsing import parse_answer
+from siajax.parallel.distributed import share_rows
 from siajax.sampling import GenerationResult, bucket_length
+from siajax.tools import find_call, run_calls
 from siajax.verdicts import score_answer
 
 MODEL = "assistant"
@@ -87,6 +88,12 @@ def verify(task, harness: Harness, item: dict, text: str) -> dict:
     return {"answer": answer, **score_answer(task, item, answer, text)}
 
 
+def verify_replies(task, harness: Harness, episodes: list[Episode]) -> list[dict]:
+    """Each episode's latest reply verified; with several processes, each verifies its own block
+    and every process gets every verdict."""
+    return share_rows(lambda block: [verify(task, harness, e.item, e.reply.text) for e in block], episodes)
+
+
 def _sample_turn(backend, live: list[Episode], harness: Harness, key) -> list[Segment]:
     """One reply per live episode, in one sampler call (token ids with the local policy, messages otherwise)."""
     single = dataclasses.replace(harness.sampling, samples_per_prompt=1)
@@ -116,7 +123,8 @@ def _answer_tool_calls(task, harness: Harness, backend, live: list[Episode]) -> 
             answered.append(episode)
         else:
             calling.append((episode, call))
-    outcomes = run_calls(task, harness, [c for _, c in calling if isinstance(c, dict)])
+    outcomes = share_rows(lambda calls: run_calls(task, harness, list(calls)),
+                          [c for _, c in calling if isinstance(c, dict)])
     results = iter(outcomes)
     for episode, call in calling:
         outcome = next(results) if isinstance(call, dict) else call
@@ -127,8 +135,7 @@ def _answer_tool_calls(task, harness: Harness, backend, live: list[Episode]) -> 
 
 def _judge_answers(task, harness: Harness, backend, answered: list[Episode]) -> None:
     """Scores each answer; one that failed in a retryable way gets the feedback turn, the rest end."""
-    for episode in answered:
-        verdict = verify(task, harness, episode.item, episode.reply.text)
+    for episode, verdict in zip(answered, verify_replies(task, harness, answered)):
         episode.verdicts.append(verdict)
         if verdict["failure"] in harness.retry.retry_on and len(episode.verdicts) < harness.retry.max_attempts:
             feedback = {"role": "user", "content": retry_feedback(harness, verdict["failure"])}
@@ -163,10 +170,10 @@ def run_episodes(task, harness: Harness, backend, items: list[dict], key: jax.Ar
         for episode, reply in zip(live, _sample_turn(backend, live, harness, turn_key)):
             episode.segments.append(reply)
         _judge_answers(task, harness, backend, _answer_tool_calls(task, harness, backend, live))
-    for episode in episodes:  # a tool call on the last turn: the reply is taken as the answer
-        if not episode.done:
-            episode.verdicts.append(verify(task, harness, episode.item, episode.reply.text))
-            episode.done = True
+    unfinished = [e for e in episodes if not e.done]  # a tool call on the last turn: the reply is the answer
+    for episode, verdict in zip(unfinished, verify_replies(task, harness, unfinished)):
+        episode.verdicts.append(verdict)
+        episode.done = True
     return episodes
 
 

@@ -11,7 +11,10 @@ and a TPU slice.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import pickle
+from typing import Callable, Sequence, TypeVar
 
 import jax
 import numpy as np
@@ -21,6 +24,8 @@ from jax.sharding import Mesh
 from siajax.parallel.rules import PARTITION_RULES, Rules, join_path, shard_tree, spec_for
 
 ENV_PREFIX = "SIAJAX_"
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +68,17 @@ def initialize(config: DistributedConfig = DistributedConfig()) -> None:
         coordinator_address=config.coordinator_address, num_processes=config.num_processes,
         process_id=config.process_id, local_device_ids=config.local_device_ids,
     )
+
+
+def initialize_from_env(environ=os.environ) -> bool:
+    """Joins the job the environment names (SIAJAX_NUM_PROCESSES > 1 with SIAJAX_COORDINATOR and
+    SIAJAX_PROCESS_ID, or SIAJAX_DISTRIBUTED=1 to let JAX detect a TPU slice, SLURM or Open MPI);
+    -> whether it did. Call before any other JAX work; a single process does nothing."""
+    config = DistributedConfig.from_env(environ)
+    if config.num_processes in (None, 1) and environ.get(ENV_PREFIX + "DISTRIBUTED") != "1":
+        return False
+    initialize(config)
+    return True
 
 
 def host_rows(total: int, process_index: int | None = None, process_count: int | None = None) -> slice:
@@ -124,3 +140,93 @@ def global_mean(value: float) -> float:
 def is_primary() -> bool:
     """Process 0 writes run files; every process joins orbax saves (orbax coordinates them)."""
     return jax.process_index() == 0
+
+
+def balanced_rows(total: int, process_index: int | None = None, process_count: int | None = None) -> slice:
+    """This process's contiguous block of ``total`` rows, blocks equal in size up to one row (the first
+    ``total % count`` processes take one more); a process may get none."""
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    base, extra = divmod(total, count)
+    start = index * base + min(index, extra)
+    return slice(start, start + base + (index < extra))
+
+
+def allgather_objects(value) -> list:
+    """Every process's ``value`` (any picklable object), in process order, on every process.
+
+    Two collectives whatever the sizes: the pickled lengths, then the bytes padded to the longest."""
+    if jax.process_count() == 1:
+        return [value]
+    data = np.frombuffer(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([data.size], np.int32))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return [pickle.loads(gathered[i, :n].tobytes()) for i, n in enumerate(lengths)]
+
+
+def share_rows(work: Callable[[Sequence[T]], Sequence[R]], rows: Sequence[T]) -> list[R]:
+    """``work`` applied to ``rows`` split across processes: each runs it on its own block
+    (:func:`balanced_rows`) and every process gets every result, in the rows' order. For work that
+    must run where the rows are (verifiers, tools) and whose results all processes must agree on.
+    Every process calls it with the same rows; one whose block is empty still joins the gather."""
+    if jax.process_count() == 1:
+        return list(work(rows))
+    mine = list(rows[balanced_rows(len(rows))])
+    results = list(work(mine)) if mine else []
+    if len(results) != len(mine):
+        raise ValueError(f"share_rows: work returned {len(results)} results for {len(mine)} rows")
+    return [result for block in allgather_objects(results) for result in block]
+
+
+def from_primary(produce: Callable[[], T]) -> T:
+    """``produce()`` run on process 0 only, its value sent to every process (an LLM agent's reply:
+    asked once, the same everywhere). An exception on process 0 is raised on every process."""
+    if jax.process_count() == 1:
+        return produce()
+    outcome = None
+    if is_primary():
+        try:
+            outcome = ("value", produce())
+        except Exception as err:  # every process must leave the collective below
+            outcome = ("error", err)
+    data = _pickled(outcome) if is_primary() else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.asarray(len(data), np.int32)))
+    buffer = np.zeros(size, np.uint8)
+    if is_primary():
+        buffer[:] = np.frombuffer(data, np.uint8)
+    kind, value = pickle.loads(np.asarray(multihost_utils.broadcast_one_to_all(buffer)).tobytes())
+    if kind == "error":
+        raise value
+    return value
+
+
+def _pickled(outcome: tuple) -> bytes:
+    """The outcome's bytes; an exception that does not pickle travels as a RuntimeError with its text."""
+    try:
+        return pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        kind, value = outcome
+        return pickle.dumps(("error", RuntimeError(f"{type(value).__name__}: {value}")))
+
+
+class ProcessesDisagree(RuntimeError):
+    """Processes that must hold the same value (a decision, a ledger) do not."""
+
+
+def check_same(what: str, data: bytes) -> None:
+    """Raises :class:`ProcessesDisagree` naming the processes whose ``data`` differs from process 0's."""
+    if jax.process_count() == 1:
+        return
+    digest = np.frombuffer(hashlib.sha256(data).digest(), np.uint8)
+    digests = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+    differ = [i for i in range(len(digests)) if not np.array_equal(digests[i], digests[0])]
+    if differ:
+        raise ProcessesDisagree(f"{what} differs between processes: process(es) {differ} disagree with process 0")
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

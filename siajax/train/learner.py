@@ -96,7 +96,8 @@ class Learner:
     def make_batch(self, state: TrainState, frozen, samples: GenerationResult, rewards, group_size: int):
         """Scores samples under the current (old) and reference policy at the behaviour distribution
         (the samples' temperature and allowed sets) and attaches advantages.
-        ``rewards``: this process's rows (all rows with one process).
+        ``rewards``: NumPy, this process's rows (all rows with one process), or a jax.Array
+        already laid out over the mesh's batch axes.
 
         Metrics include ``logprob_mismatch``: max |old log-prob - sampler log-prob| over
         the policy's tokens (every turn of an episode), which is ~0 when training sees the
@@ -121,8 +122,10 @@ class Learner:
                                   samples.allowed, shared=shared)
             ref = jax.block_until_ready(score_responses(self.parts, state.params, frozen, tokens, attention, n,
                                                         temperature, samples.allowed, lora=False, shared=shared))
-        rewards = np.asarray(rewards, np.float32)
-        rewards = jnp.asarray(rewards) if self.mesh is None else to_global(rewards, self.mesh, self.shardings.rules)
+        if self.mesh is None:
+            rewards = jnp.asarray(rewards, jnp.float32)
+        elif not isinstance(rewards, jax.Array):
+            rewards = to_global(np.asarray(rewards, np.float32), self.mesh, self.shardings.rules)
         trained = samples.trained_mask
         extra, metrics = get_recipe(self.recipe).advantages(self.cfg, rewards, old, ref, trained, group_size)
         rl = RLBatch(

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from siajax.agents import LocalPolicyBackend
 from siajax.config import RunConfig, total_optimizer_steps
 from siajax.models import LoRAConfig, from_pretrained
-from siajax.parallel import MeshConfig, make_mesh
+from siajax.parallel import MeshConfig, make_mesh, replicated, shard_tree
 from siajax.rl.custom_loss import load_loss
-from siajax.train.checkpoint import restore_pytree
+from siajax.train.checkpoint import restore_pytree, save_pytree
 from siajax.train.learner import Learner, bind_learner, place_on_mesh
 from siajax.train.optim import default_learning_rate, default_optimizer
 from siajax.train.policy import attach_trainable
@@ -35,11 +36,9 @@ class TrainablePolicy:
                                            total_steps=total_optimizer_steps(config))
         self.state = init_train_state(params, self.optimizer, config.seed)
         self.mesh = self.shardings = None
-        if config.mesh is not None:
-            if jax.process_count() > 1:
-                raise ValueError("the SIA loop drives one process's devices; for multi-host RL use "
-                                 "siajax.train.rollouts.rl_updates (see README, 'Scale-out')")
-            self.mesh = make_mesh(MeshConfig.parse(config.mesh), jax.local_devices())
+        mesh = config.mesh if config.mesh is not None or jax.process_count() == 1 else "data=-1"
+        if mesh is not None:  # over every process's devices: several processes always share one mesh
+            self.mesh = make_mesh(MeshConfig.parse(mesh), jax.devices())
             self.state, self.frozen, self.shardings = place_on_mesh(self.state, self.frozen, self.mesh)
         self._learners: dict[str, Learner] = {}
 
@@ -57,6 +56,23 @@ class TrainablePolicy:
         checkpoint = ledger[-1].get("checkpoint") if ledger else None
         if checkpoint:
             self.load(run_dir / checkpoint)
+
+    def learner_inputs(self, samples, rewards):
+        """A rollout's training rows and rewards as the learner takes them: as they are with one
+        process; with several (each holding every row), laid out over the mesh, rows over its batch
+        axes and scalars replicated."""
+        rewards = np.asarray(rewards, np.float32)
+        if jax.process_count() == 1:
+            return samples, rewards
+
+        def place(x):
+            return shard_tree(x, self.mesh, prefix="batch") if np.ndim(x) else jax.device_put(x, replicated(self.mesh))
+
+        return jax.tree.map(place, samples), place(rewards)
+
+    def save(self, path: Path) -> None:
+        """Writes the train state (every process writes its shards: call it on all of them)."""
+        save_pytree(path, self.state)
 
     def load(self, path: Path) -> None:
         """Loads a saved train state (a kept one or a rolled-back trial) onto this run's mesh."""

@@ -1,0 +1,157 @@
+"""`siajax run` as two processes x 4 CPU devices (as on two hosts), one of them killed mid-run and
+both resumed, writes the ledger one process x 8 devices writes: every process runs the loop's driver
+alike, decodes, verifies and runs tools for its own block of rows, and gets every row's result back;
+process 0 alone writes the run's files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from multihost_launch import process_env, start_processes, wait_all
+
+from siajax.models import BUNDLED_TINY_MODEL
+from siajax.parallel.distributed import balanced_rows
+from siajax.rundir import TIMING_FIELDS, read_ledger
+
+RUN = f"""
+task = "digits"
+model = "{BUNDLED_TINY_MODEL}"
+levers = "both"
+generations = 2
+seed = 1
+items_per_generation = 4
+updates_per_generation = 2
+mesh = "data=8"
+[decision_rule]
+min_fixable_failures = 0.6  # generation 0's format fix leaves 56% parse errors: generation 1 trains
+"""
+TRAIN_METRICS_RTOL = 1e-3  # gloo's all-reduce sums in another order than one process (see test_multihost.py)
+
+
+def _siajax(*args) -> list[str]:
+    return [sys.executable, "-m", "siajax", *map(str, args)]
+
+
+def _kill_after_first_generation(procs: list[subprocess.Popen], run_dir, timeout: float) -> None:
+    """Kills process 1 as soon as generation 0's ledger line is written (generation 1 under way), then
+    process 0, which cannot go on without it."""
+    ledger, deadline = run_dir / "ledger.jsonl", time.monotonic() + timeout
+    while not (ledger.exists() and ledger.read_text().count("\n") >= 1):
+        if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+            for proc in procs:
+                proc.kill()
+            pytest.fail(f"generation 0 did not finish: {[p.communicate()[0][-3000:] for p in procs]}")
+        time.sleep(0.2)
+    procs[1].kill()
+    time.sleep(1)
+    procs[0].kill()
+    for proc in procs:
+        proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def ledgers(tmp_path_factory):
+    """One process x 8 devices; then two processes x 4, one of them killed during generation 1 and both
+    resumed (one run after the other: 16 virtual devices on two cores starve gloo's rendezvous)."""
+    root = tmp_path_factory.mktemp("multihost_loop")
+    config = root / "run.toml"
+    config.write_text(RUN)
+    one, two = root / "one", root / "two"
+    wait_all([subprocess.Popen(_siajax("run", "--config", config, "--run-dir", one), cwd=root, env=process_env(8),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)], timeout=900)
+    _kill_after_first_generation(start_processes(_siajax("run", "--config", config, "--run-dir", two), 2, 4),
+                                 two, timeout=900)
+    interrupted = read_ledger(two)
+    logs = wait_all(start_processes(_siajax("resume", two), 2, 4), timeout=900)
+    return read_ledger(one), read_ledger(two), two, logs, interrupted
+
+
+def _without_timing(entry: dict) -> dict:
+    return {k: v for k, v in entry.items() if k not in TIMING_FIELDS}
+
+
+def _numbers_close(a, b, path="ledger"):
+    """Equal structure and values; training's floats (its metrics, the sampler-vs-learner log-prob gap)
+    within the reduction-order tolerance."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), path
+        for key in a:
+            _numbers_close(a[key], b[key], f"{path}/{key}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _numbers_close(x, y, f"{path}/{i}")
+    elif isinstance(a, float) and ("/train/" in path or path.endswith("logprob_mismatch")):
+        np.testing.assert_allclose(b, a, rtol=TRAIN_METRICS_RTOL, atol=1e-5, err_msg=path)
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_ledger_of_one(ledgers):
+    one, two, _, _, interrupted = ledgers
+    assert len(interrupted) == 1 and len(one) == len(two) == 2  # killed in generation 1, then resumed
+    assert {e["decision"]["lever"] for e in one} == {"harness", "weights"}  # both levers, as the issue asks
+    for a, b in zip(one, two):
+        _numbers_close(_without_timing(a), _without_timing(b))
+
+
+@pytest.mark.slow
+def test_only_process_zero_writes_the_run_directory(ledgers):
+    _, two, run_dir, logs, _ = ledgers
+    assert (run_dir / "ledger.jsonl").read_text().count("\n") == len(two)  # one line per generation, not two
+    trained = [g for g, e in enumerate(two) if e["decision"]["lever"] == "weights" and not e["failed"]]
+    assert trained and all((run_dir / f"gen_{g:03d}" / "train_state").is_dir() for g in trained)  # collective
+    assert "run directory:" in logs[0] and json.loads((run_dir / "config.json").read_text())["mesh"] == "data=8"
+
+
+def test_rows_split_over_processes_equal_up_to_one():
+    for total in range(0, 12):
+        for count in (1, 2, 3, 5):
+            blocks = [balanced_rows(total, i, count) for i in range(count)]
+            sizes = [b.stop - b.start for b in blocks]
+            assert sum(sizes) == total and max(sizes) - min(sizes) <= 1
+            assert [b.start for b in blocks] == [sum(sizes[:i]) for i in range(count)]  # contiguous, in order
+
+
+COLLECTIVES = """
+import jax, json
+from siajax.parallel.distributed import (ProcessesDisagree, check_same, from_primary, initialize_from_env,
+                                         share_rows)
+assert initialize_from_env() and jax.process_count() == 3
+me = jax.process_index()
+seen = []
+def work(block):
+    seen.extend(block)
+    return [(x, x * x, me) for x in block]
+for rows in ([], [1], list(range(7))):  # fewer rows than processes: some blocks are empty, all join
+    out = share_rows(work, rows)
+    assert [r[:2] for r in out] == [(x, x * x) for x in rows], out
+    assert sorted({r[2] for r in out}) == list(range(min(len(rows), 3)))  # each row worked where it lay
+assert from_primary(lambda: {"reply": me}) == {"reply": 0}
+try:
+    from_primary(lambda: 1 / 0)
+except ZeroDivisionError:
+    pass
+else:
+    raise AssertionError("process 0's error was not raised everywhere")
+check_same("a value all share", b"same")
+try:
+    check_same("the decision", b"mine" if me == 2 else b"theirs")
+except ProcessesDisagree as err:
+    print("DISAGREE:", err)
+print("ROWS" + json.dumps(seen))
+"""
+
+
+def test_work_split_over_processes_comes_back_to_every_process():
+    logs = wait_all(start_processes([sys.executable, "-c", COLLECTIVES], 3, 1), timeout=300)
+    rows = [json.loads(log.split("ROWS", 1)[1].splitlines()[0]) for log in logs]
+    assert sorted(x for r in rows for x in r) == sorted([1, *range(7)])  # every row worked once, somewhere
+    for log in logs:
+        assert "DISAGREE: the decision differs between processes: process(es) [2] disagree with process 0" in log
