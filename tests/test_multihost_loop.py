@@ -155,3 +155,28 @@ def test_work_split_over_processes_comes_back_to_every_process():
     assert sorted(x for r in rows for x in r) == sorted([1, *range(7)])  # every row worked once, somewhere
     for log in logs:
         assert "DISAGREE: the decision differs between processes: process(es) [2] disagree with process 0" in log
+
+
+@pytest.mark.slow
+def test_a_train_state_two_processes_saved_restores_in_one_on_another_mesh(ledgers, tmp_path):
+    """Generation 1's trained state, saved by both processes together, loads here (one process, an fsdp
+    mesh) and matches the one-process run's to within how far Adam's first steps amplify reduction order."""
+    import dataclasses
+
+    import jax
+
+    from siajax.rundir import load_config
+    from siajax.train.trainable import TrainablePolicy
+
+    one_dir, two_dir = ledgers[2].parent / "one", ledgers[2]
+    config = dataclasses.replace(load_config(two_dir), mesh="fsdp=8")
+    policy = TrainablePolicy(config)
+    initial = jax.tree.map(np.asarray, policy.state.params)
+    states = []
+    for run_dir in (one_dir, two_dir):
+        policy.load(run_dir / "gen_001" / "train_state")
+        states.append(jax.tree.map(np.asarray, policy.state.params))
+    leaves = [jax.tree.leaves(tree) for tree in (initial, *states)]
+    moved = np.sqrt(sum(np.sum((b - a) ** 2) for a, b in zip(leaves[0], leaves[1])))
+    apart = np.sqrt(sum(np.sum((c - b) ** 2) for b, c in zip(leaves[1], leaves[2])))
+    assert moved > 0 and apart < 1e-2 * moved, (apart, moved)
