@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import warnings
@@ -39,7 +40,7 @@ from siajax.config import RESUME_MAY_CHANGE, RunConfig
 from siajax.harness import Harness, HarnessStore
 from siajax.harness.store import atomic_write_text
 from siajax.levers import LeverOutcome
-from siajax.parallel.distributed import barrier, check_same, is_primary
+from siajax.parallel.distributed import barrier, check_same, from_primary, is_primary
 from siajax.protocol import evaluation_plan
 from siajax.tasks import Task, TaskChanged, TaskError, load_task, resolve_task
 from siajax.train.trainable import TrainablePolicy
@@ -131,23 +132,34 @@ def process_files(run_dir: Path) -> Iterator[Path]:
     """Where this process writes the run's files: the run directory itself on process 0; on every
     other process, a private copy of it (train states left out), removed afterwards. Every process
     then runs the same code on the same files while only process 0's reach the run directory;
-    train states are the exception: they are written collectively, into the run directory.
-    Refuses processes that do not read the same ledger (the run directory must be on a filesystem
-    they all share)."""
+    train states are the exception: they are written collectively, into the run directory."""
     if jax.process_count() == 1:
         yield run_dir
         return
+    check_shared_directory(run_dir)
     with tempfile.TemporaryDirectory(prefix=f"siajax-process{jax.process_index()}-") as scratch:
         files = run_dir if is_primary() else Path(scratch) / "run"
         if not is_primary():
-            if run_dir.exists():
-                shutil.copytree(run_dir, files, ignore=shutil.ignore_patterns("train_state", "*.orbax-checkpoint-tmp*"))
-            files.mkdir(exist_ok=True)
-        ledger = run_dir / "ledger.jsonl"
-        check_same(f"{ledger} (the run directory must be on a filesystem every process shares)",
-                   ledger.read_bytes() if ledger.exists() else b"")
+            shutil.copytree(run_dir, files, ignore=shutil.ignore_patterns("train_state", "*.orbax-checkpoint-tmp*"))
         barrier("siajax-run-files")  # every copy taken before process 0 writes
         yield files
+
+
+def check_shared_directory(run_dir: Path) -> None:
+    """Refuses a run directory that is not one directory for every process (each host's own disk):
+    process 0 leaves a random token there, and every process must read it back."""
+    token = from_primary(lambda: secrets.token_hex(16))
+    probe = run_dir / ".siajax-shared-check"
+    if is_primary():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(probe, token)
+    barrier("siajax-shared-check-written")
+    seen = probe.read_text() if probe.exists() else ""
+    barrier("siajax-shared-check-read")
+    if is_primary():
+        probe.unlink()
+    check_same(f"what {run_dir} holds (the run directory must be on a filesystem every process shares)",
+               seen.encode())
 
 
 def save_config(config: RunConfig, run_dir: Path) -> None:

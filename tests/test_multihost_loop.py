@@ -180,3 +180,31 @@ def test_a_train_state_two_processes_saved_restores_in_one_on_another_mesh(ledge
     moved = np.sqrt(sum(np.sum((b - a) ** 2) for a, b in zip(leaves[0], leaves[1])))
     apart = np.sqrt(sum(np.sum((c - b) ** 2) for b, c in zip(leaves[1], leaves[2])))
     assert moved > 0 and apart < 1e-2 * moved, (apart, moved)
+
+
+SEPARATE_DIRECTORIES = """
+import jax, sys
+from pathlib import Path
+from siajax.parallel.distributed import ProcessesDisagree, initialize_from_env
+from siajax.rundir import process_files
+initialize_from_env()
+run_dir = Path(sys.argv[1]) / ("shared" if sys.argv[2] == "shared" else f"own-{jax.process_index()}")
+try:
+    with process_files(run_dir) as files:
+        print("FILES", files == run_dir, sorted(p.name for p in files.iterdir()))
+except ProcessesDisagree as err:
+    print("REFUSED:", err)
+"""
+
+
+@pytest.mark.parametrize("layout", ["shared", "own"])
+def test_a_run_directory_that_is_not_shared_is_refused(tmp_path, layout):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "ledger.jsonl").write_text("{}\n")
+    logs = wait_all(start_processes([sys.executable, "-c", SEPARATE_DIRECTORIES, str(tmp_path), layout], 2, 1),
+                    timeout=300)
+    if layout == "shared":  # process 0 works in the run directory, process 1 in a copy of it
+        assert "FILES True ['ledger.jsonl']" in logs[0] and "FILES False ['ledger.jsonl']" in logs[1]
+    else:
+        for log in logs:
+            assert "REFUSED: what" in log and "must be on a filesystem every process shares" in log, log
