@@ -448,9 +448,8 @@ def generate(
     returns its rows); with ``every_row``, each passes every prompt (the
     same list: a driver every process runs alike) and gets every row back as
     host arrays, drawn as one process would draw them on the same mesh.
-    ``share_prompts`` prefills each distinct prompt of the call once (a group
-    of G samples of one prompt, or votes) and copies its KV cache to its rows;
-    without a mesh only.
+    ``share_prompts`` prefills each distinct prompt of the call once (a group of G samples of one
+    prompt, or votes) and copies its KV cache to its rows; without a mesh only.
     """
     validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=int(top_k or 0),
                       pad_token_id=pad_token_id)
