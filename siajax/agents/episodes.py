@@ -123,8 +123,7 @@ def _answer_tool_calls(task, harness: Harness, backend, live: list[Episode]) -> 
             answered.append(episode)
         else:
             calling.append((episode, call))
-    outcomes = share_rows(lambda calls: run_calls(task, harness, list(calls)),
-                          [c for _, c in calling if isinstance(c, dict)])
+    outcomes = share_rows(lambda calls: run_calls(task, harness, calls), [c for _, c in calling if isinstance(c, dict)])
     results = iter(outcomes)
     for episode, call in calling:
         outcome = next(results) if isinstance(call, dict) else call

@@ -83,12 +83,10 @@ def initialize_from_env(environ=os.environ) -> bool:
 
 def host_rows(total: int, process_index: int | None = None, process_count: int | None = None) -> slice:
     """This process's contiguous block of ``total`` rows (each host loads only these)."""
-    index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if total % count:
         raise ValueError(f"{total} rows do not split evenly over {count} processes; pad or drop rows")
-    per_host = total // count
-    return slice(index * per_host, (index + 1) * per_host)
+    return balanced_rows(total, process_index, count)
 
 
 def to_global(tree, mesh: Mesh, rules: Rules = PARTITION_RULES, prefix: str = "batch"):

@@ -201,6 +201,7 @@ class SandboxSession:
                    "RLIMIT_CORE": 0}
         if os.geteuid() != 0:
             rlimits["RLIMIT_NPROC"] = self.limits.max_processes + _own_processes()
+        numbers = seccomp.syscall_numbers()
         return {**paths, **fds, "namespaces": self.namespaces, "scratch_bytes": self.limits.scratch_bytes,
                 "read_only": [p for p in SYSTEM_PATHS if os.path.exists(p)] + [*_interpreter_paths(self.python)]
                              + self.readable_dirs,
@@ -208,7 +209,7 @@ class SandboxSession:
                 "max_processes": self.limits.max_processes, "python": self.python, "threads": self.threads,
                 "env": self.env, "cgroup_procs": self._cgroup.procs_files if self._cgroup else [],
                 "seccomp_jail": seccomp.program(), "seccomp_fallback": seccomp.program(network_namespace=False),
-                "syscalls": {name: seccomp.syscall_numbers()[name] for name in ("keyctl", "pivot_root")}}
+                "syscalls": {name: numbers[name] for name in ("keyctl", "pivot_root")}}
 
     def __enter__(self) -> SandboxSession:
         hide_parent_memory()
