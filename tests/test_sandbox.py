@@ -620,6 +620,25 @@ def test_memory_is_bounded_for_the_jail_as_a_whole():
     assert not _jail_cgroups()
 
 
+@pytest.mark.skipif(not _memory_cgroup_available(), reason="needs root and a memory cgroup controller")
+def test_the_jail_cgroup_keeps_its_memory_out_of_swap():
+    """On a host with swap, a RAM-only limit lets the jail page out and hold more than its bound (CI saw
+    3 x 400 MiB under 1 GiB): the jail's cgroup must forbid swap (v1: swappiness 0, memsw where
+    accounted; v2: swap.max 0)."""
+    from siajax.sandbox import cgroup
+    jail = cgroup.create(f"siajax-test-swap-{os.getpid()}", max_processes=8, memory_bytes=1 << 30)
+    try:
+        if jail.version == 2:
+            assert open(os.path.join(jail.directories["unified"], "memory.swap.max")).read().strip() == "0"
+        else:
+            memory = jail.directories["memory"]
+            assert open(os.path.join(memory, "memory.swappiness")).read().strip() == "0"
+            memsw = os.path.join(memory, "memory.memsw.limit_in_bytes")
+            assert not os.path.exists(memsw) or int(open(memsw).read()) == 1 << 30
+    finally:
+        assert cgroup.remove(jail)
+
+
 SURFACE = """
     import ctypes, errno, os, socket, sys
     libc = ctypes.CDLL(None, use_errno=True)

@@ -80,13 +80,24 @@ def create(name: str, *, max_processes: int, memory_bytes: int) -> JailCgroup | 
                 _write(os.path.join(path, "pids.max"), str(max_processes))
             elif controller == "memory":
                 _write(os.path.join(path, "memory.limit_in_bytes"), str(memory_bytes))
-                if os.path.exists(os.path.join(path, "memory.memsw.limit_in_bytes")):
-                    _write(os.path.join(path, "memory.memsw.limit_in_bytes"), str(memory_bytes))  # no swap either
+                _bound_swap_v1(path, memory_bytes)
         except OSError:
             _remove_directory(path)
             continue
         directories[controller] = path
     return JailCgroup(1, directories) if directories else None
+
+
+def _bound_swap_v1(path: str, memory_bytes: int) -> None:
+    """Keep the jail out of swap, or its RAM limit is no limit on a host with swap: memory+swap at the
+    same bound where the kernel accounts swap (``memsw``), and swappiness 0 always, which in a v1 cgroup
+    forbids swapping at its own limit (so the limit ends in an OOM kill, not in swap)."""
+    if os.path.exists(os.path.join(path, "memory.memsw.limit_in_bytes")):
+        _write(os.path.join(path, "memory.memsw.limit_in_bytes"), str(memory_bytes))
+    try:
+        _write(os.path.join(path, "memory.swappiness"), "0")
+    except OSError:
+        pass  # an old kernel that refuses it: memsw (where accounted) still bounds swap
 
 
 def _create_v2(name: str, max_processes: int, memory_bytes: int) -> JailCgroup | None:
