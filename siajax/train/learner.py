@@ -127,14 +127,14 @@ class Learner:
         elif not isinstance(rewards, jax.Array):
             rewards = to_global(np.asarray(rewards, np.float32), self.mesh, self.shardings.rules)
         trained = samples.trained_mask
-        extra, metrics = get_recipe(self.recipe).advantages(self.cfg, rewards, old, ref, trained, group_size)
+        with mesh_context(self.mesh):
+            extra, metrics = _rollout_targets(self.recipe, self.cfg, group_size, rewards, old, ref, trained,
+                                              samples.logprobs)
         rl = RLBatch(
             mask=extra.get("mask", trained), old_logprobs=old.logprobs, advantages=extra["advantages"],
             ref_logprobs=ref.logprobs, returns=extra.get("returns"), old_values=old.values,
         )
-        mismatch = jnp.max(jnp.where(trained, jnp.abs(old.logprobs - samples.logprobs), 0.0))
-        return TrainBatch(tokens, attention, rl, temperature, samples.allowed, shared), {
-            **metrics, "logprob_mismatch": mismatch}
+        return TrainBatch(tokens, attention, rl, temperature, samples.allowed, shared), metrics
 
     def _shared_prompts(self, samples: GenerationResult) -> SharedPrompts | None:
         """The samples' distinct prompts, run once per forward (one device, one micro-batch; a mesh or
@@ -182,7 +182,21 @@ class Learner:
                 continue
             order = shuffle.permutation(rows)
             for start in range(0, rows, step_rows):
-                yield take_rows(batch, order[start:start + step_rows])
+                with mesh_context(self.mesh):
+                    yield _take_rows(batch, jnp.asarray(order[start:start + step_rows]))
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _rollout_targets(recipe: str, cfg, group_size: int, rewards, old, ref, trained, sampler_logprobs):
+    """The recipe's advantages and metrics, and the on-policy check, as one program: op-by-op on arrays
+    that span processes, each op is its own collective program, and processes that dispatch them out
+    of step deadlock (seen under gloo). So a recipe's ``advantages`` must be jittable."""
+    extra, metrics = get_recipe(recipe).advantages(cfg, rewards, old, ref, trained, group_size)
+    mismatch = jnp.max(jnp.where(trained, jnp.abs(old.logprobs - sampler_logprobs), 0.0))
+    return extra, {**metrics, "logprob_mismatch": mismatch}
+
+
+_take_rows = jax.jit(take_rows)  # one program per minibatch gather, for the same reason
 
 
 def bind_learner(parts: PolicyParts, recipe: str, optimizer: optax.GradientTransformation, *, cfg=None,
