@@ -90,7 +90,7 @@ def write_merged(model, base: str, out: Path) -> Path:
     if config.get("tie_word_embeddings"):
         tensors.pop("lm_head.weight", None)
     (out / "config.json").write_text(json.dumps({**config, "torch_dtype": "float32", "dtype": "float32"}, indent=1))
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / "model.safetensors"))
+    save_file(tensors, str(out / "model.safetensors"))
     return out
 
 

@@ -183,7 +183,8 @@ def load_weights(config: ModelConfig, tensors) -> Transformer:
 
 
 def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
-    """Inverse of the map: HF-named float32 numpy arrays, one per layer (export, parity tests)."""
+    """Inverse of the map: HF-named float32 numpy arrays, one per layer (export, parity tests).
+    C-contiguous: ``safetensors.numpy.save_file`` writes a transposed view's buffer in its old order."""
     out = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if isinstance(variable, nnx.LoRAParam):
@@ -193,5 +194,5 @@ def to_hf_tensors(model: Transformer) -> dict[str, np.ndarray]:
         slices = [(name.format(layer=i), array[i]) for i in range(array.shape[0])] if "{layer}" in name \
             else [(name, array)]
         for hf_name, value in slices:
-            out[hf_name] = value.T if transpose else value
+            out[hf_name] = np.ascontiguousarray(value.T if transpose else value)
     return out
