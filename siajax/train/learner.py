@@ -183,7 +183,8 @@ class Learner:
             order = shuffle.permutation(rows)
             for start in range(0, rows, step_rows):
                 with mesh_context(self.mesh):
-                    yield _take_rows(batch, jnp.asarray(order[start:start + step_rows]))
+                    minibatch = _take_rows(batch, jnp.asarray(order[start:start + step_rows]))
+                yield minibatch  # outside the context: the caller's step must not run inside a suspended one
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
