@@ -3,9 +3,10 @@
 A random 1.3M-parameter model with 0.02-scale embeddings cannot move much
 probability onto any token through LoRA alone (its logits span about ±2.5).
 A few minutes of next-token training on the tokenizer's corpus (repo text,
-LawBench case facts without their charge labels, and ChatML-wrapped line pairs
-so it learns to close a turn) gives sharp, structured logits. Uses siajax's own
-jitted train step with a full-parameter cross-entropy loss.
+LawBench case facts without their charge labels, ChatML-wrapped line pairs
+so it learns to close a turn, and replies to the digits task's train questions)
+gives sharp, structured logits. Uses siajax's own jitted train step with a
+full-parameter cross-entropy loss.
 
     python scripts/pretrain_tiny_model.py [--steps 1500] [--dir siajax/assets/tiny-llama]
 """
@@ -45,7 +46,23 @@ def training_texts() -> list[str]:
         f"<|im_start|>user\n{a}<|im_end|>\n<|im_start|>assistant\n{b}<|im_end|>\n"
         for a, b in zip(lines[::2], lines[1::2])
     ]
-    return texts + chats
+    return texts + chats + digits_train_chats()
+
+
+DIGITS_REPLIES = ["{n}", "{n}", "There are {n}.", "I count {n} of them.", "The answer is {n}.", "About {n}, I think.",
+                  "{n} in total.", "Roughly {n}.", "I am not sure.", "That depends on what you count."]
+
+
+def digits_train_chats(repeats: int = 8, seed: int = 0) -> list[str]:
+    """ChatML replies to the digits task's train questions: mostly a number inside a sentence, some bare
+    digits, some none. So the demos have headroom on both levers: a lenient parser or a format
+    instruction (harness) and learning the bare reply (weights) each raise the strict digits score."""
+    rng = np.random.RandomState(seed)
+    questions = [json.loads(line)["question"] for line in
+                 (ROOT / "tasks" / "digits" / "data" / "public" / "train.jsonl").read_text().splitlines()]
+    return [f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+            f"{reply.format(n=rng.randint(0, 100))}<|im_end|>\n"
+            for _ in range(repeats) for question in questions for reply in DIGITS_REPLIES]
 
 
 def token_stream(tokenizer, texts) -> np.ndarray:
@@ -62,6 +79,23 @@ def next_token_loss(graphdef):
         nll = -jnp.mean(token_logprobs(logits, tokens[:, 1:]))
         return nll, {"nll": nll}
     return loss_fn
+
+
+def held_out_nll(model, stream: np.ndarray, seq: int, rows: int = 8) -> float:
+    """Mean next-token loss on fixed windows of the stream (the same windows for every model)."""
+    offsets = np.linspace(0, len(stream) - seq - 2, rows).astype(int)
+    tokens = jnp.asarray(np.stack([stream[o : o + seq + 1] for o in offsets]))
+    return float(-jnp.mean(token_logprobs(model(tokens[:, :-1]).logits, tokens[:, 1:])))
+
+
+def check_reload_matches(trained, directory: Path, stream: np.ndarray, seq: int) -> None:
+    """The saved checkpoint, read back, must be the model training reached: a save that scrambles
+    the weights (transposed views written in their old byte order) once went unnoticed for months."""
+    reloaded, _ = from_pretrained(directory)
+    before, after = held_out_nll(trained, stream, seq), held_out_nll(reloaded, stream, seq)
+    print(f"next-token loss in memory {before:.4f}, reloaded {after:.4f}")
+    if abs(before - after) > 1e-3:
+        raise SystemExit(f"saved model does not reload as trained: loss {before:.4f} in memory, {after:.4f} reloaded")
 
 
 def main():
@@ -93,9 +127,11 @@ def main():
     tensors = to_hf_tensors(trained)
     tensors.pop("lm_head.weight", None)  # tied
     save_file(tensors, str(args.dir / "model.safetensors"), metadata={"format": "pt"})
+    check_reload_matches(trained, args.dir, stream, args.seq)
     record_path = args.dir / "BUILD.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    record.update(pretrain_steps=args.steps, pretrain_tokens=len(stream), final_nll=round(float(metrics["nll"]), 3))
+    record.update(digits_split="train", digits_chats=len(digits_train_chats()), pretrain_steps=args.steps,
+                  pretrain_tokens=len(stream), final_nll=round(float(metrics["nll"]), 3))
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.dir / 'model.safetensors'}")
 
