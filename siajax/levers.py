@@ -169,6 +169,7 @@ def weights_generation(decision: Decision, policy: TrainablePolicy, task: Task, 
                            rolled_back=True)
     if failed := weights_failure(trained):
         emit("warning", {"generation": generation, "message": f"weights generation failed: {failed}"})
+        policy.state = snapshot  # the whole state, its key too: a resumed run restarts from the last checkpoint
         return dataclasses.replace(outcome, failed=failed), records
     # Saved whether or not it is kept: a rolled-back trial stays inspectable.
     outcome.trained_state = f"gen_{generation:03d}/train_state"

@@ -203,3 +203,39 @@ def test_distinct_prompts_are_shared_only_when_they_are_fewer_rows():
     rebuilt = np.asarray(shared.tokens)[np.asarray(shared.row_source)]
     np.testing.assert_array_equal(rebuilt, np.repeat(tokens, 2, axis=0))
     np.testing.assert_array_equal(np.asarray(shared.mask)[np.asarray(shared.row_source)], np.repeat(mask, 2, axis=0))
+
+
+@pytest.mark.parametrize("target_kl", [None, 1e-4])
+def test_a_scheduled_update_is_its_steps_run_one_by_one(target_kl):
+    """The whole epochs x minibatches schedule as one program equals the jitted step called per
+    minibatch from Python, in the program's order; each epoch visits every row once; a KL limit
+    ends the loop after the step that found the policy past it (that step applied nothing)."""
+    from siajax.train import train_step_fn
+    from siajax.train.learner import UpdateSchedule, minibatch_orders, scheduled_steps
+    from siajax.train.policy import take_rows
+
+    parts, params, frozen, batch = tiny_policy_batch(seed=2)
+    optimizer = optax.adam(3e-2)
+    schedule = UpdateSchedule(epochs=3, minibatches=2, target_kl=target_kl)
+    step = train_step_fn(make_policy_loss(parts, grpo_loss, CFG), optimizer,
+                         prepare_batch=partial(with_full_batch_normaliser, aggregation=CFG.aggregation),
+                         max_approx_kl=None if target_kl is None else 1.5 * target_kl)
+    scheduled, (per_step, steps_run) = jax.jit(scheduled_steps(step, schedule))(
+        init_train_state(params, optimizer, seed=0), frozen, batch)
+
+    state, orders = minibatch_orders(init_train_state(params, optimizer, seed=0), 4, schedule)
+    for epoch in np.asarray(orders).reshape(3, 4):
+        assert sorted(epoch) == [0, 1, 2, 3]
+    one_step, reference = jax.jit(step), []
+    for rows in orders:
+        state, metrics = one_step(state, frozen, take_rows(batch, rows))
+        reference.append(metrics)
+        if metrics["kl_stop"]:
+            break
+    assert int(steps_run) == len(reference) and int(scheduled.step) == int(state.step)
+    assert (len(reference) < 6) == (target_kl is not None)
+    for index, metrics in enumerate(reference):
+        for name in ("loss", "grad_norm", "approx_kl", "kl_stop"):
+            np.testing.assert_allclose(per_step[name][index], metrics[name], rtol=1e-5, atol=1e-7, err_msg=name)
+    for a, b in zip(_leaves(scheduled.params), _leaves(state.params)):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -26,7 +26,7 @@ from siajax.sampling import GenerationResult
 from siajax.sampling import SharedPrompts, distinct_prompts
 from siajax.train.policy import (PolicyParts, TrainBatch, make_policy_loss, score_responses, take_rows,
                                  with_full_batch_normaliser)
-from siajax.train.state import TrainState, make_train_step
+from siajax.train.state import TrainState, compile_step, train_step_fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Learner:
     parts: PolicyParts
     recipe: str
     cfg: Any
-    train_step: Callable  # jitted (state, frozen, batch) -> (state, metrics)
+    run_schedule: Callable  # jitted (state, frozen, batch) -> (state, (per-step metrics, steps run))
     schedule: UpdateSchedule = UpdateSchedule()
     shardings: StepShardings | None = None
 
@@ -144,47 +144,74 @@ class Learner:
         return distinct_prompts(samples.prompt_tokens, samples.prompt_mask)
 
     def update(self, state: TrainState, frozen, samples: GenerationResult, rewards, group_size: int):
-        """-> (new state, metrics): the schedule's epochs x minibatches optimiser steps.
+        """-> (new state, metrics): the schedule's epochs x minibatches optimiser steps, run as one
+        compiled program (:func:`scheduled_steps`) that the host waits on once.
 
-        Rows are reshuffled every epoch (seeded by the state's step count, so a
-        resumed run repeats the order). Step metrics are averaged over steps;
-        ``clip_fraction_last`` is the final step's; ``optimizer_steps`` counts the
-        steps run, ``applied_steps`` those that changed the weights, and
-        ``skipped`` / ``no_signal`` / ``kl_stop`` the others by reason.
+        Step metrics are averaged over the steps run; ``clip_fraction_last`` is
+        the final step's; ``optimizer_steps`` counts the steps run,
+        ``applied_steps`` those that changed the weights, and ``skipped`` /
+        ``no_signal`` / ``kl_stop`` the others by reason.
         """
         batch, metrics = self.make_batch(state, frozen, samples, rewards, group_size)
-        rows = batch.tokens.shape[0]
         shards = 1 if self.mesh is None else batch_shard_count(self.mesh)
-        step_rows = self.schedule.check_rows(rows, shards)
-        shuffle = np.random.default_rng(int(jax.device_get(state.step)))
-        steps = []
-        for minibatch in self._minibatches(batch, rows, step_rows, shuffle):
-            with timing.phase("train_step"):
-                state, step_metrics = self.train_step(state, frozen, minibatch)
-                steps.append({k: float(v) for k, v in step_metrics.items()})  # waits for the step
-            if minibatch.rl.mask.is_fully_addressable:
-                timing.count("train_tokens", int(jnp.sum(minibatch.rl.mask)))
-            if steps[-1]["kl_stop"]:
-                break
-        averaged = {k: float(np.mean([m[k] for m in steps])) for k in steps[0]}
-        for counted in STEP_OUTCOMES:  # counts of steps, not means
-            averaged[counted] = float(sum(m[counted] for m in steps))
-        averaged["clip_fraction_last"] = steps[-1]["clip_fraction"]
-        averaged["optimizer_steps"] = len(steps)
-        averaged["applied_steps"] = len(steps) - sum(averaged[counted] for counted in STEP_OUTCOMES)
+        self.schedule.check_rows(batch.tokens.shape[0], shards)
+        with timing.phase("train_step"):
+            state, (per_step, steps_run) = self.run_schedule(state, frozen, batch)
+            per_step, steps_run = jax.device_get((per_step, steps_run))
+        steps = {k: np.asarray(v)[:int(steps_run)] for k, v in per_step.items()}
+        timing.count("train_tokens", int(steps.pop("train_tokens").sum()))
+        averaged = {k: float(np.mean(v)) for k, v in steps.items()}
+        averaged.update({counted: float(steps[counted].sum()) for counted in STEP_OUTCOMES})  # counts, not means
+        averaged["clip_fraction_last"] = float(steps["clip_fraction"][-1])
+        averaged["optimizer_steps"] = int(steps_run)
+        averaged["applied_steps"] = int(steps_run) - sum(averaged[counted] for counted in STEP_OUTCOMES)
         return state, {**{k: float(v) for k, v in metrics.items()}, **averaged}
 
-    def _minibatches(self, batch, rows: int, step_rows: int, shuffle: np.random.Generator):
-        """Epochs of shuffled minibatches (the whole batch, ungathered, when there is one: multi-host safe)."""
-        for _ in range(self.schedule.epochs):
-            if self.schedule.minibatches == 1:
-                yield batch
-                continue
-            order = shuffle.permutation(rows)
-            for start in range(0, rows, step_rows):
-                with mesh_context(self.mesh):
-                    minibatch = _take_rows(batch, jnp.asarray(order[start:start + step_rows]))
-                yield minibatch  # outside the context: the caller's step must not run inside a suspended one
+
+def minibatch_orders(state: TrainState, rows: int, schedule: UpdateSchedule):
+    """-> (state with its key advanced, rows of each step [epochs x minibatches, rows / minibatches]):
+    each epoch a permutation of all rows drawn from the state's key (a resumed run repeats it)."""
+    rng, shuffle_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    if schedule.minibatches == 1:  # every step sees the whole batch: no order to draw
+        orders = jnp.broadcast_to(jnp.arange(rows), (schedule.epochs, rows))
+    else:
+        orders = jax.vmap(lambda key: jax.random.permutation(key, rows))(jax.random.split(shuffle_key, schedule.epochs))
+    steps = schedule.epochs * schedule.minibatches
+    return state.replace(rng=jax.random.key_data(rng)), orders.reshape(steps, rows // schedule.minibatches)
+
+
+def scheduled_steps(train_step: Callable, schedule: UpdateSchedule) -> Callable:
+    """The pure ``(state, frozen, batch) -> (state, (per-step metrics [S], steps run))`` of one update:
+    ``epochs`` passes over ``minibatches`` minibatches, in one ``lax.while_loop``, so the host syncs
+    once per update rather than once per step. Rows come in :func:`minibatch_orders`'s order; the
+    loop ends after the step that finds the policy past the KL limit (``kl_stop``: that step is not
+    applied). Slots after the last step run are zeros."""
+    total = schedule.epochs * schedule.minibatches
+
+    def step_on(state, frozen, batch, rows):
+        minibatch = batch if schedule.minibatches == 1 else take_rows(batch, rows)
+        state, metrics = train_step(state, frozen, minibatch)
+        return state, {**metrics, "train_tokens": jnp.sum(minibatch.rl.mask.astype(jnp.int32))}
+
+    def run(state: TrainState, frozen, batch):
+        state, orders = minibatch_orders(state, batch.tokens.shape[0], schedule)
+        shapes = jax.eval_shape(step_on, state, frozen, batch, orders[0])[1]
+        per_step = jax.tree.map(lambda x: jnp.zeros((total, *x.shape), x.dtype), shapes)
+
+        def more(carry):
+            index, _, _, stopped = carry
+            return (index < total) & ~stopped
+
+        def one_step(carry):
+            index, state, per_step, _ = carry
+            state, metrics = step_on(state, frozen, batch, orders[index])
+            per_step = jax.tree.map(lambda buffer, value: buffer.at[index].set(value), per_step, metrics)
+            return index + 1, state, per_step, metrics["kl_stop"] > 0
+
+        steps_run, state, per_step, _ = jax.lax.while_loop(more, one_step, (0, state, per_step, False))
+        return state, (per_step, steps_run)
+
+    return run
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
@@ -197,9 +224,6 @@ def _rollout_targets(recipe: str, cfg, group_size: int, rewards, old, ref, train
     return extra, {**metrics, "logprob_mismatch": mismatch}
 
 
-_take_rows = jax.jit(take_rows)  # one program per minibatch gather, for the same reason
-
-
 def bind_learner(parts: PolicyParts, recipe: str, optimizer: optax.GradientTransformation, *, cfg=None,
                  schedule: UpdateSchedule | None = None, shardings: StepShardings | None = None,
                  objective: Callable | None = None) -> Learner:
@@ -208,12 +232,11 @@ def bind_learner(parts: PolicyParts, recipe: str, optimizer: optax.GradientTrans
     cfg = recipe_config(recipe) if cfg is None else cfg
     schedule = DEFAULT_SCHEDULES[recipe] if schedule is None else schedule
     objective = get_recipe(recipe).loss if objective is None else objective
-    step = make_train_step(make_policy_loss(parts, objective, cfg), optimizer,
-                           micro_batches=schedule.micro_batches,
-                           prepare_batch=partial(with_full_batch_normaliser, aggregation=cfg.aggregation),
-                           shardings=shardings,
-                           max_approx_kl=None if schedule.target_kl is None else 1.5 * schedule.target_kl)
-    return Learner(parts, recipe, cfg, step, schedule=schedule, shardings=shardings)
+    step = train_step_fn(make_policy_loss(parts, objective, cfg), optimizer, micro_batches=schedule.micro_batches,
+                         prepare_batch=partial(with_full_batch_normaliser, aggregation=cfg.aggregation),
+                         max_approx_kl=None if schedule.target_kl is None else 1.5 * schedule.target_kl)
+    return Learner(parts, recipe, cfg, compile_step(scheduled_steps(step, schedule), shardings), schedule=schedule,
+                   shardings=shardings)
 
 
 def place_on_mesh(state: TrainState, frozen, mesh, rules=PARTITION_RULES):

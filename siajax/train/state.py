@@ -90,7 +90,16 @@ def _step_outcomes(loss, grad_norm, metrics: dict, max_approx_kl: float | None):
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, micro_batches: int = 1,
                     prepare_batch: Callable[[Any], Any] | None = None, shardings: StepShardings | None = None,
                     max_approx_kl: float | None = None):
-    """Returns ``train_step(state, frozen, batch) -> (state, metrics)``, jitted, state donated.
+    """Returns ``train_step(state, frozen, batch) -> (state, metrics)``, jitted, state donated
+    (:func:`train_step_fn`'s pure step; SPMD over ``shardings.mesh`` when given)."""
+    return compile_step(train_step_fn(loss_fn, optimizer, micro_batches=micro_batches, prepare_batch=prepare_batch,
+                                      max_approx_kl=max_approx_kl), shardings)
+
+
+def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, micro_batches: int = 1,
+                  prepare_batch: Callable[[Any], Any] | None = None, max_approx_kl: float | None = None):
+    """The pure ``train_step(state, frozen, batch) -> (state, metrics)``, for jitting alone
+    (:func:`make_train_step`) or inside a larger program (an update's whole schedule).
 
     ``prepare_batch`` runs on the whole batch inside the step, before anything
     else. With ``micro_batches > 1`` the micro-batches' losses, metrics and
@@ -103,10 +112,6 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     policy; otherwise params and optimiser state are left as they were (one
     ``lax.cond``, for any optimiser) and ``metrics`` counts why (``skipped``,
     ``no_signal``, ``kl_stop``). ``state.step`` counts applied steps.
-
-    With ``shardings`` (:func:`siajax.parallel.step_shardings`) the step runs SPMD
-    over their mesh: the state keeps its rule layout, each batch is split over
-    ``data`` x ``fsdp`` on the way in, and ``frozen`` is expected already placed.
     """
     gradients = _gradient_fn(loss_fn, micro_batches)
 
@@ -131,13 +136,21 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         return TrainState(params=params, opt_state=opt_state, step=state.step + apply.astype(jnp.int32),
                           rng=jax.random.key_data(key)), metrics
 
+    return train_step
+
+
+def compile_step(fn: Callable, shardings: StepShardings | None = None) -> Callable:
+    """``fn(state, frozen, batch) -> (state, outputs)`` jitted with the state donated. With
+    ``shardings`` (:func:`siajax.parallel.step_shardings`) it runs SPMD over their mesh: the
+    state keeps its rule layout, outputs come back replicated, each batch is split over
+    ``data`` x ``fsdp`` on the way in, and ``frozen`` is expected already placed."""
     if shardings is None:
-        return jax.jit(train_step, donate_argnums=0)
-    return _sharded(train_step, shardings)
+        return jax.jit(fn, donate_argnums=0)
+    return _sharded(fn, shardings)
 
 
 def _sharded(train_step, shardings: StepShardings):
-    """The step jitted SPMD: state keeps its layout, metrics replicated, the batch placed on the way in."""
+    """The step jitted SPMD: state keeps its layout, outputs replicated, the batch placed on the way in."""
     mesh = shardings.mesh
     jitted = jax.jit(train_step, donate_argnums=0, out_shardings=(shardings.state, replicated(mesh)))
 
