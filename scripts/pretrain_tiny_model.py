@@ -81,18 +81,24 @@ def next_token_loss(graphdef):
     return loss_fn
 
 
-def held_out_nll(model, stream: np.ndarray, seq: int, rows: int = 8) -> float:
+def fixed_windows_nll(model, stream: np.ndarray, seq: int, rows: int = 8) -> float:
     """Mean next-token loss on fixed windows of the stream (the same windows for every model)."""
     offsets = np.linspace(0, len(stream) - seq - 2, rows).astype(int)
     tokens = jnp.asarray(np.stack([stream[o : o + seq + 1] for o in offsets]))
     return float(-jnp.mean(token_logprobs(model(tokens[:, :-1]).logits, tokens[:, 1:])))
 
 
+def digits_chats_nll(model, tokenizer, seq: int = 128) -> float:
+    """The model's loss on one pass of the digits chats: recorded in BUILD.json, so a test can check
+    that the bundled checkpoint is the model training reached (the corpus changes with the repo)."""
+    return fixed_windows_nll(model, token_stream(tokenizer, digits_train_chats(repeats=1)), seq)
+
+
 def check_reload_matches(trained, directory: Path, stream: np.ndarray, seq: int) -> None:
     """The saved checkpoint, read back, must be the model training reached: a save that scrambles
     the weights (transposed views written in their old byte order) once went unnoticed for months."""
     reloaded, _ = from_pretrained(directory)
-    before, after = held_out_nll(trained, stream, seq), held_out_nll(reloaded, stream, seq)
+    before, after = fixed_windows_nll(trained, stream, seq), fixed_windows_nll(reloaded, stream, seq)
     print(f"next-token loss in memory {before:.4f}, reloaded {after:.4f}")
     if abs(before - after) > 1e-3:
         raise SystemExit(f"saved model does not reload as trained: loss {before:.4f} in memory, {after:.4f} reloaded")
@@ -131,7 +137,8 @@ def main():
     record_path = args.dir / "BUILD.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     record.update(digits_split="train", digits_chats=len(digits_train_chats()), pretrain_steps=args.steps,
-                  pretrain_tokens=len(stream), final_nll=round(float(metrics["nll"]), 3))
+                  pretrain_tokens=len(stream), final_nll=round(float(metrics["nll"]), 3),
+                  digits_chats_nll=round(digits_chats_nll(trained, tokenizer), 4))
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.dir / 'model.safetensors'}")
 

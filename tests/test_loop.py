@@ -21,8 +21,8 @@ from siajax.models import BUNDLED_TINY_MODEL
 from siajax.rundir import TIMING_FIELDS, read_ledger
 from siajax.report import report
 
-# Seed 1: the lenient-parser edit scores 4-7 of 16 dev items under seeds 0-2's dev keys but 1 of 16 under
-# seed 3's, too few to be kept, and from 0% no recipe has a success to learn from.
+# Seed 1 with the bundled model (2026-12-05, five generations, plateau window 1): dev 0 -> 0.625 (lenient
+# parser) -> 0.81 (a second harness edit), a GRPO generation rolled back, then one kept at dev 1.0 / test 0.94.
 SMALL = dict(task="digits", model=str(BUNDLED_TINY_MODEL), items_per_generation=4, updates_per_generation=2, seed=1)
 
 
@@ -86,8 +86,10 @@ def test_harness_only_mode_keeps_only_edits_that_beat_dev(tmp_path):
     assert all(e["decision"]["lever"] == "harness" and e["checkpoint"] is None for e in ledger)
     assert ledger[0]["candidates"]
     for entry in ledger:
+        # kept_by marks every candidate the acceptance rule would keep; one of them, the best ranked, is kept
         kept_by_rule = [c for c in entry["candidates"] if c["kept_by"] is not None]
-        assert len(kept_by_rule) <= 1 and entry["kept"] == bool(kept_by_rule)
+        assert entry["kept"] == bool(kept_by_rule)
+        assert sum(c["version"] == entry["next_harness"] for c in entry["candidates"]) == int(entry["kept"])
         assert (entry["next_harness"] != entry["harness_version"]) == entry["kept"]  # nothing else moves HEAD
         for candidate in entry["candidates"]:
             kept = candidate["version"] == entry["next_harness"]

@@ -173,6 +173,23 @@ def _tiny_model_builder():
     return make_tiny_model
 
 
+def test_the_bundled_tiny_model_is_the_model_its_pretraining_reached():
+    """BUILD.json names the LawBench cases the tokenizer and pretraining read (the bundled train split)
+    and the trained model's loss on the digits chats; the bundled checkpoint must load at that loss
+    (a save that scrambled every projection once shipped a model at ~10 nats, not ~3)."""
+    from siajax.tasks import resolve_task
+
+    builder = _tiny_model_builder()
+    import pretrain_tiny_model
+
+    build = json.loads((Path(BUNDLED_TINY_MODEL) / "BUILD.json").read_text())
+    assert build["lawbench_split"] == "train" and build["digits_split"] == "train"
+    assert build["lawbench_ids_sha256"] == builder.held_out_digest(resolve_task("lawbench").train_items())
+    model, tokenizer = from_pretrained(BUNDLED_TINY_MODEL)
+    assert pretrain_tiny_model.digits_chats_nll(model, tokenizer) == pytest.approx(build["digits_chats_nll"], abs=1e-3)
+    assert build["digits_chats_nll"] < 4.0 and build["final_nll"] < 4.0  # trained (random init: ln 4096 = 8.3)
+
+
 def test_the_tiny_model_corpus_holds_no_lawbench_dev_or_test_case():
     from siajax.tasks import resolve_task
 
