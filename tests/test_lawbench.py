@@ -71,13 +71,21 @@ def test_constrained_decoding_only_writes_valid_label_answers(tiny):
         result = generate(model, [prompt] * 12, key=jax.random.key(1), max_new_tokens=64, temperature=temperature,
                           stop_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
                           constraint=automaton)
+        completed = 0
         for row, length in zip(result.tokens, result.lengths):
             ids = [int(t) for t in row[: int(length)]]
-            assert ids[-1] == tokenizer.eos_token_id  # every sample completed its answer
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            assert text.startswith("[罪名]") and text.endswith("<eoa>")
-            labels, invalid = parse_charges(text)
-            assert labels and not invalid
+            assert text.startswith("[罪名]")
+            if ids[-1] == tokenizer.eos_token_id:  # a completed answer: whole labels, then the terminator
+                completed += 1
+                assert text.endswith("<eoa>")
+                labels, invalid = parse_charges(text)
+                assert labels and not invalid
+            else:  # "label (; label)*" has no length bound: a row may meet the token limit mid-list
+                assert len(ids) == 64
+                labels, invalid = parse_charges(text.rsplit(";", 1)[0])  # every label before the cut is whole
+                assert not invalid
+        assert completed >= 6, f"only {completed} of 12 samples closed their answer at T={temperature}"
 
 
 def test_unconstrained_tiny_model_fails_to_parse_and_feedback_turns_constraints_on(tmp_path):
