@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from scripted_openai import ScriptedOpenAI, is_feedback, scripted_feedback
 
 from siajax.config import RunConfig
 from siajax.loop import run
@@ -18,65 +16,33 @@ from siajax.models import BUNDLED_TINY_MODEL
 SMALL = dict(task="digits", model=str(BUNDLED_TINY_MODEL), items_per_generation=4, updates_per_generation=2, seed=1)  # see tests/test_loop.py
 
 
-class ScriptedOpenAI:
-    """An OpenAI-compatible /v1/chat/completions that answers the Meta-Agent with junk (so the task's
-    default harness is used) and the Feedback-Agent with the scripted replies, in order."""
-
-    def __init__(self, feedback_replies):
-        self.replies, self.prompts = list(feedback_replies), []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = request["messages"][0]["content"]
-                outer.prompts.append(request["messages"])
-                text = outer.replies.pop(0) if "You improve an AI agent" in prompt and outer.replies else "no."
-                body = json.dumps({"id": "x", "object": "chat.completion", "created": int(time.time()),
-                                   "model": request["model"], "choices": [{
-                                       "index": 0, "finish_reason": "stop", "logprobs": None,
-                                       "message": {"role": "assistant", "content": text}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-
 def _patch(*ops, why="because"):
     return json.dumps({"lever": "harness", "patch": list(ops), "recipe": None, "rationale": why})
 
 
 def test_llm_feedback_agent_good_bad_and_slot_breaking_patches(tmp_path):
     lenient = {"op": "replace", "path": "/parser/pattern", "value": "(\\d+)"}
-    server = ScriptedOpenAI([
+    server = ScriptedOpenAI(scripted_feedback([
         _patch({"op": "replace", "path": "/template", "value": "{nonexistent}"}),  # breaks a slot: repaired
         _patch(lenient, why="accept digits anywhere"),                              # good: kept
         _patch({"op": "replace", "path": "/parser/pattern", "value": "^NEVER$"}),   # valid but harmful: rolled back
         "I think you should try harder.", '{"lever": "harness", "patch": [{"op": "remove", "path": "/nope"}]}',
-    ])
+    ]))
     try:
         ledger = run(RunConfig(levers="harness", generations=3, feedback="llm", feedback_model="scripted",
                                feedback_base_url=server.url, **SMALL), tmp_path / "run")
     finally:
-        server.server.shutdown()
+        server.close()
     first, second, third = ledger
     assert first["decision"]["source"] == "llm" and first["accepted_patch"] == [lenient]
     assert first["after"]["dev"]["score"] > first["before"]["dev"]["score"]
-    repair = [m for m in server.prompts if len(m) > 1 and "You improve an AI agent" in m[0]["content"]][0]
+    repair = [m for m in server.conversations if len(m) > 1 and is_feedback(m)][0]
     assert "not fields of the task's items" in repair[-1]["content"]
     assert second["decision"]["source"] == "llm" and second["rolled_back"]
     assert second["next_harness"] == first["next_harness"]
     assert third["decision"]["source"] == "fallback" and "invalid" in third["decision"]["rationale"]
     # The Feedback-Agent saw the history: generation 0's kept patch is in generation 1's prompt.
-    feedback_prompts = [m[0]["content"] for m in server.prompts if "You improve an AI agent" in m[0]["content"]]
+    feedback_prompts = [m[0]["content"] for m in server.conversations if is_feedback(m)]
     assert '"significant": true' in feedback_prompts[2]
 
 
