@@ -212,6 +212,8 @@ RUN_OPTION_GROUPS = {
     "harness and evaluation": [
         ("--temperature", float, "sampling temperature of the initial harness"),
         ("--dev-items", int, "evaluate at most this many dev items"),
+        ("--retire-finished-rows", int, "decode N tokens at a time, rows that finished leaving the batch "
+                                        "(one device; 0: one decode program per call)"),
         ("--test-items", int, "evaluate at most this many test items"),
     ],
     "feedback agent": [

@@ -70,6 +70,9 @@ class RunConfig:
     trackers: str = ""  # comma-separated: "tensorboard", "wandb" (siajax.tracking); the ledger is always written
     halt_after_flagged: int = 2  # stop after this many generations in a row of verifier errors (siajax.health); 0: never
     mesh: str | None = None  # e.g. "data=2,fsdp=2,tensor=2" over this process's devices; None = one device
+    # N > 0: the sampler decodes N tokens at a time and rows that finished leave the batch (one device;
+    # each row then draws with its own key: other draws than 0's); 0: one decode program per call
+    retire_finished_rows: int = 0
     decision_rule: DecisionRule = DecisionRule()
     acceptance_rule: AcceptanceRule = AcceptanceRule()
     edit_grid: EditGrid = EditGrid()
@@ -198,6 +201,9 @@ def _check_ranges(config: RunConfig) -> None:
     for name, value in at_least_one.items():
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if config.retire_finished_rows < 0 or (config.retire_finished_rows and config.mesh is not None):
+        raise ValueError(f"retire_finished_rows must be >= 0 and runs on one device (no mesh), got "
+                         f"{config.retire_finished_rows}{f' with mesh {config.mesh!r}' if config.mesh else ''}")
     if config.halt_after_flagged < 0:
         raise ValueError(f"halt_after_flagged must be >= 0 (0: never halt), got {config.halt_after_flagged}")
     for name in ("learning_rate", "critic_learning_rate"):

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from siajax import timing
-from siajax.agents import LocalPolicyBackend, run_items
+from siajax.agents import run_items
 from siajax.agents.acceptance import Ruling, Verdict, accept, judge, judge_alone
 from siajax.agents.decide import Decision
 from siajax.agents.evaluation import Evaluation, evaluate, tool_use_stats
@@ -204,7 +204,7 @@ def train_weights(policy: TrainablePolicy, task: Task, harness: Harness, recipe:
         rng = np.random.RandomState(config.seed * 100_003 + generation * 101 + update)
         picks = rng.choice(len(train_items), size=min(config.items_per_generation, len(train_items)), replace=False)
         emit("rollouts", {"generation": generation, "update": update})
-        backend = LocalPolicyBackend(model, policy.tokenizer, mesh=policy.mesh)  # the weights of this update
+        backend = policy.backend(model)  # the weights of this update
         result = run_items(task, sampling_harness, backend, [train_items[i] for i in sorted(picks)], sample_key)
         records.extend({**r, "update": update} for r in result.records)
         spend.rollout_samples += result.replies

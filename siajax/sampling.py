@@ -81,6 +81,7 @@ class DecodeSpec:
     pad_token_id: int = 0
     lora: bool = True
     constrained: bool = False
+    row_keys: bool = False  # each row draws with its own key (see _draw): draws independent of the batch layout
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
@@ -174,12 +175,23 @@ def kv_span_segments(prompt_len: int, steps: int, first: int = 128) -> list[int]
     return ends + [total]
 
 
-def _draw(spec: DecodeSpec, automaton, temperature, top_p, logits, step_key, automaton_state):
-    """One token per row, within the automaton's allowed set when constrained; -> ((token, logprob), allowed)."""
-    if not spec.constrained:
-        return sample_next_token(logits, step_key, temperature, top_p, spec.top_k), None
-    allowed = allowed_tokens(automaton, automaton_state)
-    return sample_next_token(logits, step_key, temperature, top_p, spec.top_k, allowed), allowed
+def _draw(spec: DecodeSpec, automaton, temperature, top_p, logits, step_key, automaton_state, row_ids):
+    """One token per row, within the automaton's allowed set when constrained; -> ((token, logprob), allowed).
+
+    With ``spec.row_keys`` row r draws with ``fold_in(step_key, row_ids[r])``, so what a row draws does
+    not depend on which other rows share its batch (rows may leave it: :func:`_retiring_decode`);
+    otherwise one key draws for the whole batch."""
+    allowed = allowed_tokens(automaton, automaton_state) if spec.constrained else None
+
+    def sample(logits, key, allowed):
+        return sample_next_token(logits, key, temperature, top_p, spec.top_k, allowed)
+
+    if not spec.row_keys:
+        return sample(logits, step_key, allowed), allowed
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(step_key, row_ids)
+    token, logprob = jax.vmap(lambda row, key, ok: sample(row[None], key, None if ok is None else ok[None]))(
+        logits, keys, allowed)
+    return (token[:, 0], logprob[:, 0]), allowed
 
 
 def _first_token_state(draw, logits, key, spec: DecodeSpec, automaton, live_rows, stop_ids):
@@ -188,7 +200,7 @@ def _first_token_state(draw, logits, key, spec: DecodeSpec, automaton, live_rows
     batch, steps = logits.shape[0], spec.max_new_tokens
     width = automaton.tokens.shape[1] if spec.constrained else 0
     automaton_state = jnp.zeros((batch,), jnp.int32)
-    (token, logprob), allowed = draw(logits, key, automaton_state)
+    (token, logprob), allowed = draw(logits, key, automaton_state, jnp.arange(batch, dtype=jnp.int32))
     if spec.constrained:
         automaton_state = advance(automaton, automaton_state, token)
     done = jnp.arange(batch) >= live_rows
@@ -254,25 +266,26 @@ def _prefill(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temper
     done, tokens, logprobs, allowed_log, lengths, automaton_state = _first_token_state(
         draw, logits, first_key, spec, automaton, live_rows, stop_ids)
     return _constrain_cache(cache, rules), (jnp.ones((), jnp.int32), next_position, done, tokens, logprobs,
-                                            allowed_log, lengths, key, automaton_state)
+                                            allowed_log, lengths, key, automaton_state,
+                                            jnp.arange(tokens.shape[0], dtype=jnp.int32))
 
 
 def _decode_loop(model, cache, carry, prompt_len: int, temperature, top_p, limit, spec: DecodeSpec, automaton,
                  rules, unstacked):
     """Token after token from ``carry`` (step, position, done, tokens, logprobs, allowed_log, lengths, key,
-    automaton_state) until ``limit`` tokens or every row stopped; -> (cache, carry) in the same layout.
+    automaton_state, row_ids) until ``limit`` tokens or every row stopped; -> (cache, carry) in the same layout.
     ``unstacked``: the model's per-layer weights to run unrolled (None: scan the stack)."""
     batch, steps = carry[3].shape[0], spec.max_new_tokens
     stop_ids = jnp.asarray(spec.stop_token_ids or (-1,), jnp.int32)
     draw = partial(_draw, spec, automaton, temperature, top_p)
 
     def decode_step(span, carry):
-        step, cache, position, done, tokens, logprobs, allowed_log, lengths, key, automaton_state = carry
+        step, cache, position, done, tokens, logprobs, allowed_log, lengths, key, automaton_state, row_ids = carry
         previous = tokens[:, step - 1]
         out = model(previous[:, None], attention_mask=jnp.ones((batch, 1), bool), positions=position[:, None],
                     cache=cache, kv_span=span, lora=spec.lora, head="last", unstacked_layers=unstacked)
         key, step_key = jax.random.split(key)
-        (token, logprob), allowed = draw(out.logits[:, -1], step_key, automaton_state)
+        (token, logprob), allowed = draw(out.logits[:, -1], step_key, automaton_state, row_ids)
         if spec.constrained:
             automaton_state = advance(automaton, automaton_state, token)
             allowed_log = allowed_log.at[:, step].set(jnp.where(done[:, None], -1, allowed))
@@ -282,7 +295,8 @@ def _decode_loop(model, cache, carry, prompt_len: int, temperature, top_p, limit
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | jnp.isin(token, stop_ids)
         cache = _constrain_cache(out.cache, rules)
-        return step + 1, cache, position + 1, done, tokens, logprobs, allowed_log, lengths, key, automaton_state
+        return (step + 1, cache, position + 1, done, tokens, logprobs, allowed_log, lengths, key, automaton_state,
+                row_ids)
 
     step, *rest = carry
     carry = (step, cache, *rest)
@@ -306,7 +320,7 @@ def _decode(graphdef, state, cache, carry, prompt_tokens, prompt_mask, temperatu
     unstacked = model.unstacked_layers() if model.config.decode_unroll else None
     cache, carry = _decode_loop(model, cache, carry, prompt_tokens.shape[1], temperature, top_p, limit, spec,
                                 automaton, rules, unstacked)
-    _, _, _, tokens, logprobs, allowed_log, lengths, _, _ = carry
+    _, _, _, tokens, logprobs, allowed_log, lengths, _, _, _ = carry
     mask = jnp.arange(spec.max_new_tokens)[None, :] < lengths[:, None]
     return GenerationResult(tokens, logprobs, mask, lengths, prompt_tokens, prompt_mask, temperature, top_p,
                             jnp.int32(spec.top_k), allowed_log if spec.constrained else None), cache
@@ -320,29 +334,85 @@ def _unstacked_layers(graphdef, state):
 
 @partial(jax.jit, static_argnames=("graphdef", "spec", "prompt_len"), donate_argnames=("cache",))
 def _decode_until(graphdef, state, unstacked, cache, carry, temperature, top_p, limit, spec: DecodeSpec,
-                  prompt_len: int):
+                  prompt_len: int, automaton: TokenAutomaton | None = None):
     """The decode loop stopped after ``limit`` tokens (traced: every chunk of a stream runs this one
     program); -> (cache, carry) to continue from."""
     return _decode_loop(nnx.merge(graphdef, state), cache, carry, prompt_len, temperature, top_p, limit, spec,
-                        None, None, unstacked)
+                        automaton, None, unstacked)
 
 
 def _prefill_then_decode(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p, limit,
-                         spec: DecodeSpec, automaton=None, rules=None,
-                         distinct: SharedPrompts | None = None) -> GenerationResult:
+                         spec: DecodeSpec, automaton=None, rules=None, distinct: SharedPrompts | None = None,
+                         retire_every: int = 0) -> GenerationResult:
     """Two programs, timed apart (``siajax.timing``): the prefill (of the distinct prompts when
-    given), then the decode loop over every row."""
+    given), then the decode loop over every row (or, with ``retire_every``, :func:`_retiring_decode`)."""
     prefill_tokens, prefill_mask, row_source = (prompt_tokens, prompt_mask, None) if distinct is None else distinct
     with timing.phase("prefill"):
         cache, carry = jax.block_until_ready(_prefill(graphdef, state, prefill_tokens, prefill_mask, live_rows, key,
                                                       temperature, top_p, spec, automaton, rules, row_source))
         timing.count("prefill_tokens", prefill_tokens.size)
     with timing.phase("decode"):
-        result, _ = jax.block_until_ready(_decode(graphdef, state, cache, carry, prompt_tokens, prompt_mask,
-                                                  temperature, top_p, limit, spec, automaton, rules))
+        if retire_every:
+            buffers, _ = _retiring_decode(graphdef, state, cache, carry, prompt_tokens.shape[1], temperature, top_p,
+                                          int(limit), spec, automaton, retire_every)
+            result = _result_from_buffers(buffers, prompt_tokens, prompt_mask, temperature, top_p, spec)
+        else:
+            result, _ = jax.block_until_ready(_decode(graphdef, state, cache, carry, prompt_tokens, prompt_mask,
+                                                      temperature, top_p, limit, spec, automaton, rules))
         if result.lengths.is_fully_addressable:
             timing.count("generated_tokens", int(jnp.sum(result.lengths)))
     return result
+
+
+ROW_BUFFERS = {"tokens": 3, "logprobs": 4, "allowed": 5, "lengths": 6}  # the carry's per-row outputs
+CARRY_PER_ROW = (1, 2, 3, 4, 5, 6, 8, 9)  # every carry entry but the step and the key (the batch's)
+
+
+def _shrink_batch(cache: KVCache, carry: tuple, live: np.ndarray):
+    """-> (cache, carry) of the ``live`` slots only, padded to a power of two with copies of the last
+    live slot that start finished (they decode padding and are never read)."""
+    size = row_bucket(len(live))
+    picks = jnp.asarray(np.concatenate([live, np.full(size - len(live), live[-1])]))
+    carry = [x[picks] if i in CARRY_PER_ROW else x for i, x in enumerate(carry)]
+    carry[2] = carry[2].at[len(live):].set(True)
+    return cache.take_rows(picks), tuple(carry)
+
+
+def _retiring_decode(graphdef, state, cache, carry, prompt_len: int, temperature, top_p, limit: int,
+                     spec: DecodeSpec, automaton, every: int):
+    """Decodes ``every`` tokens at a time; between chunks the rows that finished leave the batch (their
+    cache rows dropped, the batch cut to the next power of two that holds the rest), so a long answer
+    does not keep finished short ones computing. Needs ``spec.row_keys`` (a row's draws must not
+    depend on its batch). -> (host buffers per original row (:data:`ROW_BUFFERS`), each chunk's batch)."""
+    if not spec.row_keys:
+        raise ValueError("retiring rows needs DecodeSpec.row_keys: with one key per batch a row's draws "
+                         "would change as other rows leave")
+    unroll = nnx.merge(graphdef, state).config.decode_unroll
+    unstacked = _unstacked_layers(graphdef, state) if unroll else None
+    buffers = {name: np.array(carry[i]) for name, i in ROW_BUFFERS.items()}
+    slots, batches = np.arange(buffers["lengths"].shape[0]), []  # each slot's original row (-1: padding)
+    while True:
+        step, done = int(carry[0]), np.asarray(carry[2])
+        real = slots >= 0
+        for name, i in ROW_BUFFERS.items():
+            buffers[name][slots[real]] = np.asarray(carry[i])[real]
+        live = np.flatnonzero(~done & real) if step < limit else np.zeros(0, int)
+        if not len(live):
+            return buffers, batches
+        if row_bucket(len(live)) < len(slots):
+            cache, carry = _shrink_batch(cache, carry, live)
+            slots = np.concatenate([slots[live], np.full(row_bucket(len(live)) - len(live), -1)])
+        batches.append(len(slots))
+        cache, carry = _decode_until(graphdef, state, unstacked, cache, carry, temperature, top_p,
+                                     jnp.int32(min(step + every, limit)), spec, prompt_len, automaton)
+
+
+def _result_from_buffers(buffers: dict, prompt_tokens, prompt_mask, temperature, top_p,
+                         spec: DecodeSpec) -> GenerationResult:
+    mask = np.arange(spec.max_new_tokens)[None, :] < buffers["lengths"][:, None]
+    return GenerationResult(jnp.asarray(buffers["tokens"]), jnp.asarray(buffers["logprobs"]), jnp.asarray(mask),
+                            jnp.asarray(buffers["lengths"]), prompt_tokens, prompt_mask, temperature, top_p,
+                            jnp.int32(spec.top_k), jnp.asarray(buffers["allowed"]) if spec.constrained else None)
 
 
 def validate_sampling(*, max_new_tokens: int, temperature: float, top_p: float, top_k: int, pad_token_id) -> None:
@@ -405,9 +475,9 @@ def row_bucket(rows: int, multiple: int = 1) -> int:
 
 
 def _decode_spec(max_new_tokens: int, top_k, stop_token_ids, pad_token_id: int, lora: bool, *,
-                 constrained: bool = False) -> DecodeSpec:
+                 constrained: bool = False, row_keys: bool = False) -> DecodeSpec:
     return DecodeSpec(bucket_length(max_new_tokens), int(top_k or 0), tuple(int(t) for t in stop_token_ids),
-                      int(pad_token_id), lora, constrained=constrained)
+                      int(pad_token_id), lora, constrained=constrained, row_keys=row_keys)
 
 
 def _one_device_batch(prompts: list, pad_token_id: int, share_prompts: bool = True):
@@ -435,6 +505,7 @@ def generate(
     rules: Rules = PARTITION_RULES,
     share_prompts: bool = True,
     every_row: bool = False,
+    retire_finished_rows: int = 0,
 ) -> GenerationResult:
     """Samples continuations for a batch of prompts.
 
@@ -450,24 +521,40 @@ def generate(
     host arrays, drawn as one process would draw them on the same mesh.
     ``share_prompts`` prefills each distinct prompt of the call once (a group of G samples of one
     prompt, or votes) and copies its KV cache to its rows; without a mesh only.
+    ``retire_finished_rows`` = N > 0 decodes N tokens at a time and drops the rows that finished from
+    the batch between chunks, so short answers stop costing compute while a long one goes on (one
+    device). Each row then draws with its own key, so its tokens do not depend on when the others
+    stop; they differ from the N = 0 draws (one key per batch, one decode program per call).
     """
     validate_sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=int(top_k or 0),
                       pad_token_id=pad_token_id)
     if isinstance(prompt_token_ids, (np.ndarray, jax.Array)) and np.ndim(prompt_token_ids) == 2:
         prompt_token_ids = np.asarray(prompt_token_ids).tolist()
     prompts = list(prompt_token_ids)
-    spec = _decode_spec(max_new_tokens, top_k, stop_token_ids, pad_token_id, lora, constrained=constraint is not None)
+    if retire_finished_rows < 0 or (retire_finished_rows and mesh is not None):
+        raise ValueError(f"retire_finished_rows must be >= 0 and needs one device (no mesh), got "
+                         f"{retire_finished_rows}{' with a mesh' if mesh is not None else ''}")
+    spec = _decode_spec(max_new_tokens, top_k, stop_token_ids, pad_token_id, lora, constrained=constraint is not None,
+                        row_keys=retire_finished_rows > 0)
     graphdef, state = nnx.split(model)
     scalars = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens))
     rows = len(prompts)
     if mesh is None:
         tokens, mask, distinct = _one_device_batch(prompts, pad_token_id, share_prompts)
         result = _prefill_then_decode(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.int32(rows),
-                                      key, *scalars, spec, constraint, distinct=distinct)
+                                      key, *scalars, spec, constraint, distinct=distinct,
+                                      retire_every=retire_finished_rows)
         return _take_rows(result, rows, max_new_tokens)
-    own_rows = jax.process_count() > 1 and not every_row
+    return _generate_on_mesh(graphdef, state, prompts, key, scalars, spec, constraint, mesh, rules, every_row)
+
+
+def _generate_on_mesh(graphdef, state, prompts: list, key, scalars, spec: DecodeSpec, constraint, mesh, rules,
+                      every_row: bool) -> GenerationResult:
+    """:func:`generate` over a mesh: this process's own rows stitched into global arrays, or (one
+    process, or ``every_row``) every row placed and every row returned as host arrays."""
+    own_rows, rows = jax.process_count() > 1 and not every_row, len(prompts)
     padded = _pad_rows_for_mesh(prompts, mesh) if own_rows else _pad_rows_to_shards(prompts, mesh)
-    tokens, mask = left_pad(padded, pad_token_id, global_max(bucket_length(max(len(p) for p in padded))))
+    tokens, mask = left_pad(padded, spec.pad_token_id, global_max(bucket_length(max(len(p) for p in padded))))
     state = shard_tree(state, mesh, rules)
     batch = {"tokens": tokens, "mask": mask}  # own rows stitched over processes, or every row placed
     placed = to_global(batch, mesh, rules, "batch") if own_rows else shard_tree(batch, mesh, rules, "batch")
@@ -477,7 +564,8 @@ def generate(
                                       *scalars, spec, constraint, tuple(rules))
     if own_rows:
         return result
-    return _take_rows(gather_to_host(result) if jax.process_count() > 1 else result, rows, max_new_tokens)
+    limit = int(scalars[2])
+    return _take_rows(gather_to_host(result) if jax.process_count() > 1 else result, rows, limit)
 
 
 class StreamedTokens(NamedTuple):

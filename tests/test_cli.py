@@ -31,6 +31,7 @@ def cli(capsys, *argv):
     (["run", "--model", "/nonexistent/model"], "no checkpoint directory"),
     (["run", "--recipe", "entropic", "--samples-per-prompt", "2"], "at least 3 samples"),
     (["run", "--generations", "0"], "generations must be >= 1"),
+    (["run", "--retire-finished-rows", "8", "--mesh", "data=1"], "runs on one device (no mesh)"),
     (["run", "--items-per-generation", "3", "--samples-per-prompt", "3", "--levers", "weights"], "do not split"),
 ])
 def test_bad_run_inputs_are_one_line_and_leave_nothing_behind(capsys, tmp_path, argv, message):

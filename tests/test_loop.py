@@ -302,6 +302,26 @@ def test_a_weights_generation_that_applied_no_step_is_marked_failed(tmp_path):
     assert verdict(entry) == "failed"
 
 
+def test_a_run_whose_sampler_retires_finished_rows_trains_on_what_it_drew(tmp_path, monkeypatch):
+    """With ``retire_finished_rows`` every sampler call of the loop (evaluation, rollouts) lets rows that
+    stopped leave the batch; the learner re-scores those samples to the sampler's log-probs."""
+    import siajax.sampling as sampling
+
+    batches, retiring = [], sampling._retiring_decode
+
+    def spying(*args, **kwargs):
+        buffers, sizes = retiring(*args, **kwargs)
+        batches.append(sizes)
+        return buffers, sizes
+
+    monkeypatch.setattr(sampling, "_retiring_decode", spying)
+    ledger = run(RunConfig(**SMALL, levers="weights", recipe="grpo", generations=1, retire_finished_rows=4),
+                 tmp_path / "run")
+    train = ledger[0]["train"]
+    assert train["applied_steps"] > 0 and train["logprob_mismatch"] < 1e-4, train
+    assert any(sizes[-1] < sizes[0] for sizes in batches), batches  # some call's batch shrank
+
+
 def test_both_arms_spend_within_the_same_hard_budget(tmp_path):
     """SIA-H and SIA-W+H draw from one per-generation budget that counts candidates, rollouts and the
     dev evaluation of new weights. Before, SIA-H overspent (936-1,798 samples against 896): the search

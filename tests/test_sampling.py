@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from siajax import timing
 from siajax.models import iter_checkpoint_tensors, load_weights, read_hf_config
@@ -127,6 +128,87 @@ def test_streaming_yields_the_tokens_generate_draws_as_they_are_decoded(models, 
     early = stream(model, rows, **kwargs)
     next(early)
     early.close()  # a client that leaves: decoding stops, nothing raised
+
+
+def _stops_that_split_rows(tokens: np.ndarray, long_rows: int, early: int) -> list[int]:
+    """Stop ids that end every row but the first ``long_rows`` within ``early`` steps, and that those
+    never draw (each row's sequence as drawn without stops)."""
+    never = set(tokens[:long_rows].ravel().tolist())
+
+    def stop_for(r, row):  # preferably a few steps in, so rows leave at different steps
+        return next(int(t) for t in [*row[1 + r % (early - 1):early], *row[:early]] if int(t) not in never)
+    return sorted({stop_for(r, row) for r, row in enumerate(tokens[long_rows:])})
+
+
+def _one_program_with_row_keys(model, rows, *, key, max_new_tokens, temperature, stop_token_ids=(), pad_token_id=0,
+                               constraint=None):
+    """What generate draws with per-row keys as one decode program over the whole batch (no row leaves)."""
+    import siajax.sampling as sampling
+
+    spec = sampling._decode_spec(max_new_tokens, 0, stop_token_ids, pad_token_id, True, row_keys=True,
+                                 constrained=constraint is not None)
+    tokens, mask, _ = sampling._one_device_batch(rows, pad_token_id, share_prompts=False)
+    graphdef, state = nnx.split(model)
+    result = sampling._prefill_then_decode(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.int32(len(rows)),
+                                           key, jnp.float32(temperature), jnp.float32(1.0),
+                                           jnp.int32(max_new_tokens), spec, constraint)
+    return sampling._take_rows(result, len(rows), max_new_tokens)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_rows_that_finish_leave_the_batch_and_the_rest_draw_the_same(models, temperature, monkeypatch):
+    """Decoding 2 tokens at a time, the rows that stopped leave the batch (8 -> 2 here): every
+    row's tokens and log-probs equal those of one decode program over the whole call with the same
+    per-row keys; greedy, those of the default sampler."""
+    import siajax.sampling as sampling
+
+    _, model = models
+    rows = [PROMPTS[i % 4][: 1 + i % 3] + [20 + i] for i in range(8)]
+    kwargs = dict(key=jax.random.key(11), max_new_tokens=20, temperature=temperature, pad_token_id=0)
+    unstopped = np.asarray(generate(model, rows, retire_finished_rows=64, **kwargs).tokens)
+    kwargs["stop_token_ids"] = _stops_that_split_rows(unstopped, long_rows=2, early=6)
+    batches = []
+
+    def spying(*args, **kw):
+        buffers, sizes = retiring(*args, **kw)
+        batches.append(sizes)
+        return buffers, sizes
+
+    retiring = sampling._retiring_decode
+    monkeypatch.setattr(sampling, "_retiring_decode", spying)
+    retired = generate(model, rows, retire_finished_rows=2, **kwargs)
+    lengths = np.asarray(retired.lengths)
+    assert batches[0][0] == 8 and batches[0][-1] == 2, batches
+    assert lengths[2:].max() <= 6 and (lengths[:2] == 20).all()  # six rows stopped early, two ran to the limit
+    whole = _one_program_with_row_keys(model, rows, **kwargs)
+    for name in ("tokens", "mask", "lengths"):
+        np.testing.assert_array_equal(np.asarray(getattr(retired, name)), np.asarray(getattr(whole, name)))
+    np.testing.assert_allclose(np.asarray(retired.logprobs), np.asarray(whole.logprobs), atol=1e-5)
+    if temperature == 0.0:
+        default = generate(model, rows, **kwargs)
+        np.testing.assert_array_equal(np.asarray(retired.tokens), np.asarray(default.tokens))
+        np.testing.assert_allclose(np.asarray(retired.logprobs), np.asarray(default.logprobs), atol=1e-5)
+
+
+def test_constrained_rows_leave_the_batch_with_their_automaton_state(models):
+    """Under a label automaton (labels of 1 to 11 tokens, then the stop), rows that closed their label
+    leave the batch; the rest go on in the automaton state they had: the same tokens, log-probs and
+    allowed sets as one program over the whole batch."""
+    from siajax.harness.constrained import label_automaton
+
+    _, model = models
+    labels = ["a", "bcd", "efghijk", "lmnopqrstuv", "w"]
+    automaton = label_automaton(lambda text: [3 + ord(c) - ord("a") for c in text], labels, prefix="x",
+                                terminator="y", stop_token_id=2)
+    rows = [PROMPTS[i % 4] + [30 + i] for i in range(8)]
+    kwargs = dict(key=jax.random.key(5), max_new_tokens=16, temperature=1.5, stop_token_ids=[2], pad_token_id=0)
+    retired = generate(model, rows, retire_finished_rows=2, constraint=automaton, **kwargs)
+    whole = _one_program_with_row_keys(model, rows, constraint=automaton, **kwargs)
+    lengths = np.asarray(retired.lengths)
+    assert len(set(lengths.tolist())) > 1 and lengths.max() < 16  # labels of several lengths, all closed
+    for name in ("tokens", "lengths", "allowed"):
+        np.testing.assert_array_equal(np.asarray(getattr(retired, name)), np.asarray(getattr(whole, name)))
+    np.testing.assert_allclose(np.asarray(retired.logprobs), np.asarray(whole.logprobs), atol=1e-5)
 
 
 def test_temperature_and_top_p_changes_do_not_recompile(models):

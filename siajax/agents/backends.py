@@ -36,8 +36,10 @@ class LocalPolicyBackend:
     (SPMD over ``mesh`` when given). With a mesh over several processes, every process asks for
     every row and gets every row back (the SIA loop's driver runs alike on each)."""
 
-    def __init__(self, model, tokenizer, mesh=None, decoding: DecodingIds | None = None):
+    def __init__(self, model, tokenizer, mesh=None, decoding: DecodingIds | None = None,
+                 retire_finished_rows: int = 0):
         self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+        self.retire_finished_rows = retire_finished_rows  # see siajax.sampling.generate
         self.decoding = decoding_ids(tokenizer) if decoding is None else decoding
         self._automata, self._turn_tail = {}, None
 
@@ -81,7 +83,8 @@ class LocalPolicyBackend:
                 self.model, chunk, key=jax.random.fold_in(key, index), max_new_tokens=sampling.max_new_tokens,
                 temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                 stop_token_ids=self.decoding.stop_token_ids, pad_token_id=self.decoding.pad_token_id,
-                constraint=constraint, mesh=self.mesh, every_row=True))
+                constraint=constraint, mesh=self.mesh, every_row=True,
+                retire_finished_rows=self.retire_finished_rows))
         result = concatenate_results(parts, self.decoding.pad_token_id, np.argsort(order))
         tokens, logprobs, lengths = (np.asarray(a) for a in (result.tokens, result.logprobs, result.lengths))
         completions = []

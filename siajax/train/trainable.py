@@ -86,5 +86,7 @@ class TrainablePolicy:
         """The policy as one model: the frozen base with the current adapters."""
         return nnx.merge(self.parts.graphdef, self.state.params["lora"], self.frozen)
 
-    def backend(self) -> LocalPolicyBackend:
-        return LocalPolicyBackend(self.model(), self.tokenizer, mesh=self.mesh)
+    def backend(self, model=None) -> LocalPolicyBackend:
+        """A sampler over ``model`` (default: the current policy) with this run's decode settings."""
+        return LocalPolicyBackend(self.model() if model is None else model, self.tokenizer, mesh=self.mesh,
+                                  retire_finished_rows=self.config.retire_finished_rows)

@@ -1,0 +1,103 @@
+"""Rows that finish leave the batch vs one decode program for the whole call, side by side in one
+process, on a random SmolLM2-135M-shaped Llama.
+
+A call mixes short and long answers (``--short`` 24 and ``--long`` 512 tokens by default; a
+quarter of the rows long). With one decode program every row computes until the longest stops;
+with ``generate(..., retire_finished_rows=N)`` the sampler decodes N tokens at a time and the rows
+that stopped leave the batch between chunks (the batch cut to the next power of two).
+
+The lengths are made, not hoped for: both paths sample at temperature 1 with per-row keys (a row
+draws the same tokens whoever shares its batch; checked), and the stop ids are the tokens the short
+rows draw at step ``--short`` in one unstopped pass, tokens drawn nowhere else before.
+
+    python experiments/bench_retire_rows.py [--batches 8 32] [--every 32] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: experiments.* imports
+
+import jax
+import numpy as np
+from flax import nnx
+
+from experiments.benchmarking import median_seconds
+from siajax.models import ModelConfig, Transformer
+from siajax.sampling import generate
+
+
+def smollm2_shaped(layers: int) -> Transformer:
+    config = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=layers, num_heads=9,
+                         num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    return Transformer(config, rngs=nnx.Rngs(0))
+
+
+def sample(model, prompts, max_new_tokens: int, every: int, stops=()):
+    """Temperature-1 samples with per-row keys (``retire_finished_rows``): a row draws the same tokens
+    whoever shares its batch, so both paths answer alike. ``every`` >= ``max_new_tokens`` is one
+    decode program over the whole call (no row leaves before the end)."""
+    out = generate(model, prompts, key=jax.random.key(0), max_new_tokens=max_new_tokens, temperature=1.0,
+                   stop_token_ids=stops, pad_token_id=0, retire_finished_rows=every)
+    return jax.block_until_ready(out)
+
+
+def mixed_call(model, batch: int, short: int, long: int, seed: int = 0):
+    """-> (prompts, stop ids) whose answers are ``short`` tokens for 3/4 of the rows and ``long`` for the
+    rest: each short row stops on its token at step ``short``, one that no row draws before its own stop
+    and no long row draws at all (from one unstopped pass)."""
+    rng = np.random.RandomState(seed)
+    prompts = [list(rng.randint(3, 49152, 24 + rng.randint(8))) for _ in range(batch)]
+    drawn = np.asarray(sample(model, prompts, long, every=long).tokens)
+    long_rows, short_rows = drawn[: batch // 4], drawn[batch // 4:]
+    stops = short_rows[:, short - 1]
+    never = set(long_rows.ravel().tolist()) | set(short_rows[:, : short - 1].ravel().tolist())
+    if never & set(stops.tolist()):
+        raise SystemExit("a stop token is drawn elsewhere; try another --seed")
+    return prompts, sorted(set(stops.tolist()))
+
+
+def compare(model, batch: int, short: int, long: int, every: int, repeats: int) -> dict:
+    prompts, stops = mixed_call(model, batch, short, long)
+    whole, retired = sample(model, prompts, long, long, stops), sample(model, prompts, long, every, stops)
+    np.testing.assert_array_equal(np.asarray(whole.tokens), np.asarray(retired.tokens))  # same answers
+    lengths = np.asarray(whole.lengths)
+    seconds = {name: median_seconds(lambda e=e: sample(model, prompts, long, e, stops), repeats, warmup=0)
+               for name, e in (("one_program", long), ("retiring", every))}
+    tokens = int(lengths.sum())
+    return {"batch": batch, "every": every, "short_rows_lengths": sorted(set(lengths[batch // 4:].tolist())),
+            "long_rows_lengths": sorted(set(lengths[: batch // 4].tolist())), "generated_tokens": tokens,
+            "seconds": seconds, "tokens_per_s": {k: tokens / v for k, v in seconds.items()},
+            "ratio": seconds["one_program"] / seconds["retiring"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--short", type=int, default=24)
+    parser.add_argument("--long", type=int, default=512)
+    parser.add_argument("--every", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("experiments/out/bench_retire_rows.json"))
+    args = parser.parse_args()
+    model = smollm2_shaped(args.layers)
+    report = {"layers": args.layers, "device": str(jax.devices()[0]), "machine": platform.processor() or
+              platform.machine(), "date": time.strftime("%Y-%m-%d"), "results": []}
+    for batch in args.batches:
+        result = compare(model, batch, args.short, args.long, args.every, args.repeats)
+        report["results"].append(result)
+        print(json.dumps(result), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
