@@ -7,8 +7,9 @@ with ``generate(..., retire_finished_rows=N)`` the sampler decodes N tokens at a
 that stopped leave the batch between chunks (the batch cut to the next power of two).
 
 The lengths are made, not hoped for: both paths sample at temperature 1 with per-row keys (a row
-draws the same tokens whoever shares its batch; checked), and the stop ids are the tokens the short
-rows draw at step ``--short`` in one unstopped pass, tokens drawn nowhere else before.
+draws the same tokens whoever shares its batch; checked), and each short row's stop id is the
+latest token it draws between steps ``--short`` / 2 and ``--short`` in one unstopped pass that no
+long row draws and no short row draws before step ``--short`` / 2.
 
 Each path runs once per batch; its decode seconds exclude compile time (``siajax.timing``).
 
