@@ -20,11 +20,12 @@ from siajax import timing
 from siajax.agents import run_items
 from siajax.agents.acceptance import Ruling, Verdict, accept, judge, judge_alone
 from siajax.agents.decide import Decision
-from siajax.agents.evaluation import Evaluation, evaluate, tool_use_stats
+from siajax.agents.evaluation import Evaluation, tool_use_stats
 from siajax.budget import SampleBudget, Spend, evaluation_cost, rollout_cost, updates_within
 from siajax.config import RunConfig
 from siajax.harness import Harness, HarnessStore, patch_harness
-from siajax.protocol import EvalPlan, evaluate_state, rescored_baseline, scored_under, state_record
+from siajax.protocol import (EvalPlan, evaluate_dev, evaluate_test, rescored_baseline, scored_under,
+                             state_record)
 from siajax.tasks import Task
 from siajax.train.learner import STEP_OUTCOMES
 from siajax.train.rollouts import drive_updates
@@ -103,7 +104,7 @@ def search_harness(decision: Decision, store: HarnessStore, task: Task, policy: 
         if not budget.fits(evaluation_cost(patched, len(plan.dev))):
             continue  # a cheaper candidate further down may still fit
         emit("candidate", {"index": index, "of": len(decision.candidates), "kind": candidate.kind})
-        dev = evaluate(task, patched, backend, plan.dev, plan.dev_key_at(generation), split="dev")
+        dev = evaluate_dev(task, patched, backend, plan, generation)
         budget.charge(dev.samples)
         spend.candidate_samples += dev.samples
         spend.candidate_tokens += dev.tokens
@@ -123,7 +124,7 @@ def search_harness(decision: Decision, store: HarnessStore, task: Task, policy: 
         return outcome
     (candidate, dev, verdict, version), ruling = best
     store.rollback(version)
-    test = evaluate(task, store.get(), backend, plan.test, plan.test_key, split="test")
+    test = evaluate_test(task, store.get(), backend, plan)
     spend.test_samples, spend.test_tokens = test.samples, test.tokens
     return dataclasses.replace(outcome, after=state_record(dev, test, generation), rolled_back=False,
                                comparison=verdict.comparison.to_dict(), kept_by=ruling.kept_by,
@@ -177,15 +178,16 @@ def weights_generation(decision: Decision, policy: TrainablePolicy, task: Task, 
     with timing.phase("checkpoint"):
         policy.save(checkpoints / outcome.trained_state)
     emit("evaluation", {"generation": generation})
-    dev, test = evaluate_state(task, harness, policy.backend(), plan, key_index=generation)
+    dev = evaluate_dev(task, harness, policy.backend(), plan, generation)
     budget.charge(dev.samples)
     spend.dev_eval_samples, spend.dev_eval_tokens = dev.samples, dev.tokens
-    spend.test_samples, spend.test_tokens = test.samples, test.tokens
     verdict, ruling = judge_alone(dev, baseline["dev"], config.acceptance_rule, config.seed * 1000 + generation)
     outcome = dataclasses.replace(outcome, comparison=verdict.comparison.to_dict(), kept_by=ruling.kept_by)
     if not ruling.keep:
         policy.state = snapshot
         return outcome, records
+    test = evaluate_test(task, harness, policy.backend(), plan)
+    spend.test_samples, spend.test_tokens = test.samples, test.tokens
     return dataclasses.replace(outcome, rolled_back=False, after=state_record(dev, test, generation),
                                evaluations=(dev, test)), records
 

@@ -45,11 +45,21 @@ def evaluation_plan(task: Task, config: RunConfig) -> EvalPlan:
                     purpose_key(config.seed, "dev_eval"), purpose_key(config.seed, "test_eval"))
 
 
+def evaluate_dev(task: Task, harness: Harness, backend, plan: EvalPlan, key_index: int) -> Evaluation:
+    """The dev evaluation of a (harness, policy) state under generation ``key_index``'s key."""
+    return evaluate(task, harness, backend, plan.dev, plan.dev_key_at(key_index), split="dev")
+
+
+def evaluate_test(task: Task, harness: Harness, backend, plan: EvalPlan) -> Evaluation:
+    """The test evaluation of a state: run only for a state that is kept (a rolled-back change's test
+    score would be reported nowhere, and no decision may read it)."""
+    return evaluate(task, harness, backend, plan.test, plan.test_key, split="test")
+
+
 def evaluate_state(task: Task, harness: Harness, backend, plan: EvalPlan,
                    key_index: int) -> tuple[Evaluation, Evaluation]:
     """-> (dev, test) evaluations of a (harness, policy) state; dev under generation ``key_index``'s key."""
-    return (evaluate(task, harness, backend, plan.dev, plan.dev_key_at(key_index), split="dev"),
-            evaluate(task, harness, backend, plan.test, plan.test_key, split="test"))
+    return evaluate_dev(task, harness, backend, plan, key_index), evaluate_test(task, harness, backend, plan)
 
 
 def dev_record(dev: Evaluation, key_index: int) -> dict:
@@ -71,7 +81,7 @@ def rescored_baseline(task: Task, harness: Harness, backend, plan: EvalPlan, ent
     already is): what every change of the generation is compared with, item by item."""
     if scored_under(entering, generation):
         return entering
-    dev = evaluate(task, harness, backend, plan.dev, plan.dev_key_at(generation), split="dev")
+    dev = evaluate_dev(task, harness, backend, plan, generation)
     budget.charge(dev.samples)
     spend.baseline_samples, spend.baseline_tokens = dev.samples, dev.tokens
     return {"dev": dev_record(dev, generation)}

@@ -121,6 +121,23 @@ def _nucleus_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
+def categorical_by_inverse_cdf(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """One token per row of logits [..., V] drawn from their softmax -> int32 [...].
+
+    One uniform per row, placed on the running sum of the probabilities: the Gumbel trick
+    (``jax.random.categorical``) draws V random numbers a row instead, which on CPU cost 4x this whole
+    draw (24 ms against 5 ms at 32 x 49,152). The float32 running sum errs by at most ~V ulps, so a
+    token's probability is off by < 1e-3 of itself; a token of probability 0 is never drawn.
+    """
+    probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    cumulative = jnp.cumsum(probs, axis=-1)
+    total = cumulative[..., -1:]
+    point = jnp.minimum(jax.random.uniform(key, total.shape) * total, jnp.nextafter(total, 0.0))
+    # The first token whose running sum passes the point; requiring p > 0 keeps a zero-probability token
+    # out even where the summation order makes the running sum tie or dip by an ulp.
+    return jnp.argmax((cumulative > point) & (probs > 0), axis=-1).astype(jnp.int32)
+
+
 def sample_next_token(logits, key, temperature, top_p, top_k: int, allowed: jax.Array | None = None):
     """Draws one token per row from logits [B, V]; returns (token [B], logprob [B]).
 
@@ -143,7 +160,7 @@ def sample_next_token(logits, key, temperature, top_p, top_k: int, allowed: jax.
             kth_largest = jax.lax.top_k(scaled, top_k)[0][..., -1:]
             filtered = jnp.where(scaled < kth_largest, -jnp.inf, scaled)
         filtered = jax.lax.cond(top_p < 1.0, _nucleus_filter, lambda x, _: x, filtered, top_p)
-        token = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+        token = categorical_by_inverse_cdf(key, filtered)
         return token, token_logprobs(filtered, token)
 
     # Greedy skips the noise draw over the vocabulary, the costliest part of a small model's step.

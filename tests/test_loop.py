@@ -64,6 +64,7 @@ def test_both_levers_run_scored_on_dev_and_test_every_generation(tmp_path):
         assert spend["spent_samples"] <= spend["budget_samples"]  # a hard budget, evaluation included
         assert spend["spent_samples"] == (spend["candidate_samples"] + spend["rollout_samples"]
                                           + spend["dev_eval_samples"] + spend["baseline_samples"])
+        assert (spend["test_samples"] > 0) == entry["kept"]  # test scores only the states that are kept
         if entry["decision"]["lever"] == "weights" and not entry["failed"]:
             assert entry["logprob_mismatch"] <= 1e-4  # trained on the distribution that sampled
             assert spend["rollout_samples"] > 0 and spend["dev_eval_samples"] > 0

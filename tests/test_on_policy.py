@@ -218,3 +218,38 @@ def test_the_critic_learns_a_return_the_prompt_predicts(tiny):
         state, metrics = learner.update(state, frozen, samples, np.repeat([1.0, 0.0], 4), group_size=4)
         explained.append(metrics["explained_variance"])
     assert explained[0] < 0.1 and np.mean(explained[-6:]) > 0.15, explained
+
+
+@pytest.mark.parametrize("recipe,kl", [("entropic", "kl_coef"), ("ppo_gae", "reward_kl_coef")])
+def test_the_reference_policy_is_scored_only_when_a_kl_term_reads_it(tiny, monkeypatch, recipe, kl):
+    """With every KL-to-reference coefficient at 0 the learner skips the frozen base's forward pass,
+    and the update is the one it makes when it does score the reference (then unread)."""
+    import dataclasses
+
+    import siajax.train.learner as learner_module
+    from siajax.rl import get_recipe
+    from siajax.rl.recipes import RECIPES
+
+    _, tokenizer = tiny
+    ids = decoding_ids(tokenizer)
+    passes = []
+    scoring = learner_module.score_responses
+    monkeypatch.setattr(learner_module, "score_responses",
+                        lambda *a, **k: passes.append(k.get("lora", True)) or scoring(*a, **k))
+    schedule = UpdateSchedule(epochs=1, minibatches=1)
+    cfg = recipe_config(recipe, **{"kl_coef": 0.0, kl: 0.0})
+    assert not get_recipe(recipe).uses_reference(cfg) and get_recipe(recipe).uses_reference(
+        recipe_config(recipe, **{kl: 0.1}))
+    updated = {}
+    for scores_reference in (False, True):
+        monkeypatch.setitem(RECIPES, recipe, dataclasses.replace(RECIPES[recipe],
+                                                                 uses_reference=lambda cfg, on=scores_reference: on))
+        learner, state, frozen = _learner(tiny, recipe, cfg=cfg, schedule=schedule)
+        samples = generate(learner.policy(state, frozen), [p for p in _prompts(tokenizer) for _ in range(4)],
+                           key=jax.random.key(2), max_new_tokens=12, temperature=1.0,
+                           stop_token_ids=ids.stop_token_ids, pad_token_id=ids.pad_token_id)
+        passes.clear()
+        new_state, _ = learner.update(state, frozen, samples, np.arange(16) % 3 == 0, group_size=4)
+        assert passes == ([True, False] if scores_reference else [True])  # old policy (lora), then the base
+        updated[scores_reference] = new_state.params
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), updated[False], updated[True])

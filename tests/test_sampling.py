@@ -10,7 +10,7 @@ from flax import nnx
 
 from siajax import timing
 from siajax.models import iter_checkpoint_tensors, load_weights, read_hf_config
-from siajax.sampling import _decode, _prefill, generate, left_pad, sample_next_token
+from siajax.sampling import _decode, _prefill, categorical_by_inverse_cdf, generate, left_pad, sample_next_token
 
 torch = pytest.importorskip("torch")  # these tests compare against PyTorch
 
@@ -72,6 +72,22 @@ def test_logprobs_equal_a_full_forward_pass(models, temperature):
     real = np.asarray(result.mask)
     np.testing.assert_allclose(np.asarray(result.logprobs)[real], expected[real], atol=1e-5)
     assert (np.asarray(result.logprobs)[~real] == 0).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_layers_unrolled_or_scanned_decode_the_same(models, temperature):
+    """``decode_unroll`` only changes how the program runs the layers, not what it draws: the same
+    tokens and log-probs, past a KV-span segment boundary (a 16-slot prompt + 140 tokens cross 144)."""
+    import dataclasses
+
+    _, model = models
+    unrolled = nnx.clone(model)
+    unrolled.config = dataclasses.replace(model.config, decode_unroll=True)
+    assert not model.config.decode_unroll  # the default scans
+    kwargs = dict(key=jax.random.key(3), max_new_tokens=140, temperature=temperature, pad_token_id=0)
+    scanned, unrolled = generate(model, PROMPTS, **kwargs), generate(unrolled, PROMPTS, **kwargs)
+    np.testing.assert_array_equal(np.asarray(scanned.tokens), np.asarray(unrolled.tokens))
+    np.testing.assert_allclose(np.asarray(scanned.logprobs), np.asarray(unrolled.logprobs), atol=1e-5)
 
 
 def test_a_fixed_key_reproduces_samples_and_another_key_does_not(models):
@@ -250,6 +266,29 @@ def test_sampling_frequencies_follow_the_tempered_distribution():
     observed = np.bincount(np.asarray(tokens), minlength=3) / 20000
     np.testing.assert_allclose(observed, expected, atol=0.01)
     np.testing.assert_allclose(np.asarray(logprobs), np.log(expected)[np.asarray(tokens)], atol=1e-5)
+
+
+def test_inverse_cdf_draws_follow_a_vocabulary_sized_distribution_and_never_a_masked_token():
+    """Against NumPy float64 on SmolLM2's vocabulary: 16 likely tokens spread over the whole vocabulary
+    (the last one at the end, where the float32 running sum is largest), a long tail, and every odd id
+    masked to -inf. Each likely token's frequency is within 4.5 binomial sigmas; no masked id is drawn."""
+    vocab, rows = 49_152, 40_000
+    rng = np.random.RandomState(3)
+    logits = rng.randn(vocab) - 2.0
+    likely = np.concatenate([rng.choice(np.arange(0, vocab - 2, 2), 15, replace=False), [vocab - 2]])
+    logits[likely] = 6.0 + rng.rand(16)
+    logits[1::2] = -np.inf
+    expected = np.exp(logits - logits.max())
+    expected /= expected.sum()
+    batch = jnp.asarray(np.tile(logits, (rows // 8, 1)), jnp.float32)
+    tokens = np.concatenate([np.asarray(categorical_by_inverse_cdf(key, batch))
+                             for key in jax.random.split(jax.random.key(0), 8)])
+    assert not np.any(tokens % 2)
+    counts = np.bincount(tokens, minlength=vocab)
+    sigma = np.sqrt(rows * expected[likely] * (1 - expected[likely]))
+    assert np.all(np.abs(counts[likely] - rows * expected[likely]) < 4.5 * sigma), (counts[likely], rows * expected[likely])
+    tail = 1 - expected[likely].sum()
+    assert abs(counts.sum() - counts[likely].sum() - rows * tail) < 4.5 * np.sqrt(rows * tail * (1 - tail))
 
 
 def test_bad_prompts_are_rejected_clearly(models):

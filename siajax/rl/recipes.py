@@ -90,7 +90,8 @@ class Recipe:
     """A weight-lever recipe: its loss and config type, and how its advantages are made.
 
     ``advantages(cfg, rewards [B], old, ref, mask, group_size) -> (RLBatch fields, metrics)``
-    reads the old and reference policies' :class:`~siajax.rl.losses.PolicyOutputs`.
+    reads the old and reference policies' :class:`~siajax.rl.losses.PolicyOutputs` (``ref`` is None
+    when ``uses_reference(cfg)`` is false).
     """
 
     name: str
@@ -99,10 +100,19 @@ class Recipe:
     advantages: Callable
     min_group_size: int  # samples per prompt below which its advantages are undefined
     uses_critic: bool = False
+    # Whether the learner must score the frozen reference policy for a config (a forward pass per
+    # update); a registered recipe may read ``ref`` anywhere, so it always gets one unless it says.
+    uses_reference: Callable = lambda cfg: True
+
+
+def kl_to_reference(cfg) -> bool:
+    """Whether a built-in config has a KL-to-reference term on (in the loss or the reward shaping)."""
+    return any(getattr(cfg, name, 0.0) for name in ("kl_coef", "reward_kl_coef"))
 
 
 def _ppo_gae(cfg, rewards, old, ref, mask, group_size: int):
-    return ppo_gae_advantages(rewards, old.values, old.logprobs, ref.logprobs, mask, cfg)
+    reference = old if ref is None else ref  # None only when reward_kl_coef is 0: the shaping is exactly 0
+    return ppo_gae_advantages(rewards, old.values, old.logprobs, reference.logprobs, mask, cfg)
 
 
 def _grpo(cfg, rewards, old, ref, mask, group_size: int):
@@ -114,9 +124,11 @@ def _entropic(cfg, rewards, old, ref, mask, group_size: int):
 
 
 RECIPES: dict[str, Recipe] = {
-    "ppo_gae": Recipe("ppo_gae", ppo_gae_loss, PPOConfig, _ppo_gae, min_group_size=1, uses_critic=True),
-    "grpo": Recipe("grpo", grpo_loss, GRPOConfig, _grpo, min_group_size=2),
-    "entropic": Recipe("entropic", entropic_loss, EntropicConfig, _entropic, min_group_size=LOO_MIN_GROUP),
+    "ppo_gae": Recipe("ppo_gae", ppo_gae_loss, PPOConfig, _ppo_gae, min_group_size=1, uses_critic=True,
+                      uses_reference=kl_to_reference),
+    "grpo": Recipe("grpo", grpo_loss, GRPOConfig, _grpo, min_group_size=2, uses_reference=kl_to_reference),
+    "entropic": Recipe("entropic", entropic_loss, EntropicConfig, _entropic, min_group_size=LOO_MIN_GROUP,
+                       uses_reference=kl_to_reference),
 }
 
 

@@ -94,7 +94,8 @@ class Learner:
         return nnx.merge(self.parts.graphdef, state.params["lora"], frozen)
 
     def make_batch(self, state: TrainState, frozen, samples: GenerationResult, rewards, group_size: int):
-        """Scores samples under the current (old) and reference policy at the behaviour distribution
+        """Scores samples under the current (old) policy, and the reference one when a KL term of the
+        recipe reads it, at the behaviour distribution
         (the samples' temperature and allowed sets) and attaches advantages.
         ``rewards``: NumPy, this process's rows (all rows with one process), or a jax.Array
         already laid out over the mesh's batch axes.
@@ -120,8 +121,11 @@ class Learner:
         with mesh_context(self.mesh), timing.phase("score"):
             old = score_responses(self.parts, state.params, frozen, tokens, attention, n, temperature,
                                   samples.allowed, shared=shared)
-            ref = jax.block_until_ready(score_responses(self.parts, state.params, frozen, tokens, attention, n,
-                                                        temperature, samples.allowed, lora=False, shared=shared))
+            ref = None  # the frozen base's forward pass, only when a KL-to-reference term reads it
+            if get_recipe(self.recipe).uses_reference(self.cfg):
+                ref = score_responses(self.parts, state.params, frozen, tokens, attention, n, temperature,
+                                      samples.allowed, lora=False, shared=shared)
+            jax.block_until_ready((old, ref))
         if self.mesh is None:
             rewards = jnp.asarray(rewards, jnp.float32)
         elif not isinstance(rewards, jax.Array):
@@ -132,7 +136,7 @@ class Learner:
                                               samples.logprobs)
         rl = RLBatch(
             mask=extra.get("mask", trained), old_logprobs=old.logprobs, advantages=extra["advantages"],
-            ref_logprobs=ref.logprobs, returns=extra.get("returns"), old_values=old.values,
+            ref_logprobs=None if ref is None else ref.logprobs, returns=extra.get("returns"), old_values=old.values,
         )
         return TrainBatch(tokens, attention, rl, temperature, samples.allowed, shared), metrics
 
