@@ -182,8 +182,10 @@ def test_train_step_matches_one_device(policy, shape):
     sharded_step = make_train_step(loss_fn, optimizer, shardings=shardings)
     sharded_state, metrics = sharded_step(jax.device_put(state, shardings.state), shard_tree(frozen, mesh), batch)
 
+    # Scalars summed over the whole batch or every parameter: sharded, float32 sums run in another
+    # order, ~sqrt(N) ulps apart (3.46675 vs 3.46679, 1.3e-5, on one batch of the sampler's draws).
     for name in ("loss", "grad_norm", "kl_ref", "entropy"):
-        np.testing.assert_allclose(float(metrics[name]), float(single_metrics[name]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(float(metrics[name]), float(single_metrics[name]), rtol=5e-5, atol=1e-5)
     for path, value in _flat(sharded_state.params).items():
         np.testing.assert_allclose(np.asarray(value), np.asarray(_flat(single_state.params)[path]), rtol=1e-5,
                                    atol=1e-5)
