@@ -23,15 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from experiments.benchmarking import smollm2_135m_config
 from siajax import timing
-from siajax.models import ModelConfig, Transformer
+from siajax.models import Transformer
 from siajax.sampling import generate
-
-
-def smollm2_shape(layers: int, unroll: bool) -> ModelConfig:
-    return ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=layers, num_heads=9,
-                       num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                       decode_unroll=unroll)
 
 
 def timed_call(model, prompts, new_tokens: int, temperature: float) -> tuple[dict, int]:
@@ -44,7 +39,7 @@ def timed_call(model, prompts, new_tokens: int, temperature: float) -> tuple[dic
 
 def measure(layers: int, batch: int, new_tokens: int, repeats: int, temperature: float = 0.0) -> dict:
     """Both paths at one depth and batch: compile of the first call, best warm decode after it."""
-    models = {name: Transformer(smollm2_shape(layers, name == "unrolled"), rngs=nnx.Rngs(0))
+    models = {name: Transformer(smollm2_135m_config(layers, decode_unroll=name == "unrolled"), rngs=nnx.Rngs(0))
               for name in ("unrolled", "scan")}
     prompts = [[int(t) for t in np.random.RandomState(r).randint(3, 4000, size=32)] for r in range(batch)]
     rows = {name: {"decode_s": []} for name in models}

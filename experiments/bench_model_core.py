@@ -42,9 +42,10 @@ from flax import nnx
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from experiments.bench_sampling import bench_siajax, bench_transformers, make_prompts
+from experiments.benchmarking import smollm2_135m_config
 from experiments.bench_train_step import CFG, torch_grpo_step, torch_policy_with_adapters
 from experiments.benchmarking import median_seconds
-from siajax.models import KVCache, LoRAConfig, ModelConfig, Transformer, add_lora, from_pretrained
+from siajax.models import KVCache, LoRAConfig, Transformer, add_lora, from_pretrained
 from siajax.rl import RLBatch, grpo_loss
 from siajax.sampling import generate
 from siajax.train import TrainBatch, init_train_state, make_policy_loss, make_train_step, split_policy
@@ -68,11 +69,6 @@ def write_random_smollm2(directory: Path, layers: int = 30) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(source / name, directory / name)
     return directory
-
-
-def siajax_config(layers: int) -> ModelConfig:
-    return ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=layers, num_heads=9,
-                       num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, tie_word_embeddings=True)
 
 
 def grpo_batch(batch: int, prompt_len: int, response_len: int, vocab: int, seed: int = 0):
@@ -105,7 +101,7 @@ def memory_bytes(compiled) -> int:
 
 
 def train_step_compile(layers: int, batch: int = 8) -> dict:
-    model = Transformer(siajax_config(layers), rngs=nnx.Rngs(0))
+    model = Transformer(smollm2_135m_config(layers), rngs=nnx.Rngs(0))
     step, state, frozen = train_setup(model)
     _, jax_batch = grpo_batch(batch, 32, 64, 49152)
     start = time.perf_counter()
@@ -114,7 +110,7 @@ def train_step_compile(layers: int, batch: int = 8) -> dict:
 
 
 def sampler_compile(layers: int, batch: int = 8, new_tokens: int = 64) -> dict:
-    model = Transformer(siajax_config(layers), rngs=nnx.Rngs(0))
+    model = Transformer(smollm2_135m_config(layers), rngs=nnx.Rngs(0))
     prompts = [list(range(5, 5 + 20 + i)) for i in range(batch)]
 
     def call():
@@ -130,7 +126,7 @@ def sampler_compile(layers: int, batch: int = 8, new_tokens: int = 64) -> dict:
 
 def prefill_peak_bytes(prompt_len: int = 1024, batch: int = 1, new_tokens: int = 64) -> int:
     """Peak bytes of the sampler's prefill over a ``prompt_len`` prompt (head as the sampler uses it)."""
-    model = Transformer(siajax_config(30), rngs=nnx.Rngs(0))
+    model = Transformer(smollm2_135m_config(30), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     lean = "head" in inspect.signature(Transformer.__call__).parameters
 

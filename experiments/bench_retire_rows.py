@@ -31,14 +31,14 @@ import jax
 import numpy as np
 from flax import nnx
 
+from experiments.benchmarking import smollm2_135m_config
 from siajax import timing
-from siajax.models import ModelConfig, Transformer
+from siajax.models import Transformer
 from siajax.sampling import generate
 
 
 def smollm2_shaped(layers: int) -> Transformer:
-    config = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=layers, num_heads=9,
-                         num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    config = smollm2_135m_config(layers)
     return Transformer(config, rngs=nnx.Rngs(0))
 
 

@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from experiments.bench_model_core import siajax_config  # noqa: E402
+from experiments.benchmarking import smollm2_135m_config  # noqa: E402
 from siajax.models import Transformer  # noqa: E402
 from siajax.sampling import generate, stream  # noqa: E402
 
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
-    model = Transformer(siajax_config(args.layers), rngs=nnx.Rngs(0))
+    model = Transformer(smollm2_135m_config(args.layers), rngs=nnx.Rngs(0))
     rng = np.random.RandomState(0)
     report = {"platform": platform.platform(), "devices": str(jax.devices()), "layers": args.layers,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "chunk_tokens": args.chunk_tokens,

@@ -33,8 +33,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments.benchmarking import median_seconds
-from siajax.models import LoRAConfig, ModelConfig, Transformer, add_lora
+from experiments.benchmarking import median_seconds, smollm2_135m_config
+from siajax.models import LoRAConfig, Transformer, add_lora
 from siajax.rl import GRPOConfig, RLBatch, grpo_loss
 from siajax.sampling import DecodeSpec, _prefill, distinct_prompts, left_pad
 from siajax.train import (TrainBatch, init_train_state, make_policy_loss, make_train_step, score_responses,
@@ -42,8 +42,7 @@ from siajax.train import (TrainBatch, init_train_state, make_policy_loss, make_t
 
 
 def smollm2_shaped(layers: int) -> Transformer:
-    config = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=layers, num_heads=9,
-                         num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, tie_word_embeddings=True)
+    config = smollm2_135m_config(layers)
     model = Transformer(config, rngs=nnx.Rngs(0))
     add_lora(model, LoRAConfig(rank=8, alpha=16), key=jax.random.key(0))
     return model
