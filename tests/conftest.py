@@ -105,6 +105,22 @@ def _release_compiled_programs():
     jax.clear_caches()
 
 
+def _jail_cgroups() -> set[str]:
+    import glob
+
+    return set(glob.glob("/sys/fs/cgroup/**/siajax-sbx-*", recursive=True))
+
+
+@pytest.fixture(autouse=True)
+def no_jail_cgroup_outlives_its_test():
+    """Every sandbox call removes its cgroup. A test that leaves one fails here, under its own name; a
+    later test's check would blame the wrong test (CI once saw three sandbox tests fail for one leak)."""
+    before = _jail_cgroups()
+    yield
+    left = _jail_cgroups() - before
+    assert not left, f"jail cgroups left behind: {sorted(left)}"
+
+
 def host_processes_named(name: str) -> list[int]:
     """Processes anywhere on the host whose name (comm) is ``name``: an escaped jail process sets one."""
     found = []

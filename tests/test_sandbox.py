@@ -517,10 +517,9 @@ ESCAPE = """
 """
 
 
-def _jail_cgroups() -> list[str]:
-    import glob
-
-    return glob.glob("/sys/fs/cgroup/**/siajax-sbx-*", recursive=True)
+def _removed(result) -> bool:
+    """The call removed its own jail cgroup (or made none); conftest checks that no test leaves one."""
+    return result.layers.get("cgroup_removed", not result.layers["cgroup"].startswith("v"))
 
 
 def test_no_process_of_the_jail_outlives_its_call(setup):
@@ -536,7 +535,31 @@ def test_no_process_of_the_jail_outlives_its_call(setup):
     assert not host_processes_named(marker), "a process of the jail outlived its call"
     assert result.status == "timeout" and elapsed < limits.wall_seconds + GRACE_SECONDS + 1, (result, elapsed)
     assert result.layers["contained"] is True
-    assert not _jail_cgroups(), "a jail's cgroup was left behind"
+    assert _removed(result), "a jail's cgroup was left behind"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a cgroup per jail)")
+def test_the_launcher_stays_outside_the_cgroup_it_kills(setup):
+    """Killing the jail's cgroup never kills the jail's reaper: the launcher (subreaper of every process of
+    the jail) is outside it and its children inside. Were it inside, the kill would orphan the jail's
+    processes to the host's init, whose reaping can lag seconds (CI: a cgroup left behind)."""
+    from siajax.sandbox import cgroup as jail_cgroup
+
+    with SandboxSession("def main():\n    return 1\n", limits=FAST, namespaces=setup,
+                        python=None if setup else FALLBACK_PYTHON) as session:
+        assert session.call("main").value == 1
+        members = jail_cgroup.members(session._cgroup)
+        launcher = session._process.pid
+        children = {int(entry) for entry in os.listdir("/proc") if entry.isdigit() and _parent_of(entry) == launcher}
+    assert members and launcher not in members and children and children <= members, (launcher, children, members)
+    assert session.result().layers["cgroup_removed"] is True
+
+
+def _parent_of(pid: str) -> int | None:
+    try:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def test_a_verifier_refuses_to_score_when_a_process_may_have_survived(monkeypatch):
@@ -625,7 +648,7 @@ def test_memory_is_bounded_for_the_jail_as_a_whole():
             return [len(pids), len(alive)]
     """, limits=SandboxLimits(wall_seconds=20, cpu_seconds=60, memory_bytes=1 << 30))
     assert result.status == "oom" or (result.ok and result.value[1] <= 2), result
-    assert not _jail_cgroups()
+    assert _removed(result)
 
 
 @pytest.mark.skipif(not _memory_cgroup_available(), reason="needs root and a memory cgroup controller")

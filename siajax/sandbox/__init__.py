@@ -220,16 +220,14 @@ class SandboxSession:
         os.set_blocking(self._request, False)
         self._cgroup = jail_cgroup.create(self._control.name, max_processes=self.limits.max_processes,
                                           memory_bytes=self.limits.memory_bytes)
-        spec = self._spec(paths, {"request_fd": request_read, "response_fd": response_write, "done_fd": done_write})
-        (self._control / "spec.json").write_text(json.dumps(spec))
-        self._started = time.monotonic()
-        self._deadline = self._started + self.limits.wall_seconds
-        self._process = subprocess.Popen(
-            [sys.executable, "-I", str(HERE / "launcher.py"), str(self._control / "spec.json")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"},
-            pass_fds=(request_read, response_write, done_write), start_new_session=True, cwd=str(self._control))
-        for fd in (request_read, response_write, done_write):
-            os.close(fd)
+        try:
+            self._launch(paths, {"request_fd": request_read, "response_fd": response_write, "done_fd": done_write})
+        except BaseException:  # nothing runs (e.g. the fork was refused): leave no cgroup, pipe or directory
+            self._release()
+            raise
+        finally:
+            for fd in (request_read, response_write, done_write):
+                os.close(fd)
         self._stdout = _BoundedReader(self._process.stdout, self.limits.output_bytes)
         self._stderr = _BoundedReader(self._process.stderr, self.limits.output_bytes)
         report = _read_reply(self._response, self._deadline, 1 << 20)
@@ -250,6 +248,26 @@ class SandboxSession:
             self._fail(ready[0].get("status", "runtime_error"), ready[0].get("error", ""),
                        ready[0].get("traceback", ""))
         return self
+
+    def _launch(self, paths: dict, fds: dict) -> None:
+        (self._control / "spec.json").write_text(json.dumps(self._spec(paths, fds)))
+        self._started = time.monotonic()
+        self._deadline = self._started + self.limits.wall_seconds
+        self._process = subprocess.Popen(
+            [sys.executable, "-I", str(HERE / "launcher.py"), str(self._control / "spec.json")],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"},
+            pass_fds=tuple(fds.values()), start_new_session=True, cwd=str(self._control))
+
+    def _release(self) -> None:
+        """Removes what the session holds on the host once its processes are gone: cgroup, pipes, files."""
+        if self._cgroup is not None and "cgroup_removed" not in self.layers:
+            self.layers["cgroup_removed"] = jail_cgroup.remove(self._cgroup)
+        for fd in (self._request, self._response, getattr(self, "_done", -1)):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        shutil.rmtree(self._control, ignore_errors=True)
 
     def call(self, entry: str, kwargs: dict | None = None, arrays: dict | None = None) -> SandboxResult:
         """Calls ``entry(**kwargs, **arrays)`` in the jail; arrays named "a/b" arrive as nested dicts."""
@@ -302,7 +320,9 @@ class SandboxSession:
         """Ends the jail and proves it gone before returning. The launcher, on SIGTERM, kills the jail's
         pid 1 (the kernel then kills its whole pid namespace) or, with no pid namespace, every
         descendant, reaps them and says "reaped"; with a cgroup, whatever is still in it is then killed
-        and the empty cgroup removed. ``layers["contained"]`` records the proof."""
+        and the empty cgroup removed (the launcher is not in it: killing the cgroup never kills the
+        reaper, so nothing the kill leaves is orphaned to the host's init, whose reaping may lag
+        seconds behind and keep the cgroup busy). ``layers["contained"]`` records the proof."""
         if self._process is None or self._stopped:
             return
         self._stopped = True
@@ -313,7 +333,9 @@ class SandboxSession:
         except subprocess.TimeoutExpired:
             pass
         emptied = jail_cgroup.kill_all(self._cgroup) if self._cgroup is not None else True
-        if self._process.poll() is None:
+        try:  # the launcher is outside the cgroup: let it reap what the kill left before it goes
+            self._process.wait(timeout=GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
             os.killpg(self._process.pid, signal.SIGKILL)
             self._process.wait()
         if self._cgroup is not None:
@@ -346,14 +368,9 @@ class SandboxSession:
             except (OSError, TimeoutError, subprocess.TimeoutExpired):
                 pass
         self._stop()
-        for fd in (self._request, self._response, getattr(self, "_done", -1)):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
         for reader in (self._stdout, self._stderr):
             reader.join(timeout=GRACE_SECONDS)
-        shutil.rmtree(self._control, ignore_errors=True)
+        self._release()
 
 
 def _own_processes() -> int:

@@ -82,7 +82,7 @@ def create(name: str, *, max_processes: int, memory_bytes: int) -> JailCgroup | 
                 _write(os.path.join(path, "memory.limit_in_bytes"), str(memory_bytes))
                 _bound_swap_v1(path, memory_bytes)
         except OSError:
-            _remove_directory(path)
+            _remove_directory(path, time.monotonic() + 1.0)
             continue
         directories[controller] = path
     return JailCgroup(1, directories) if directories else None
@@ -180,18 +180,22 @@ def oom_killed(cgroup: JailCgroup) -> bool:
     return False
 
 
-def remove(cgroup: JailCgroup) -> bool:
-    """Removes the (emptied) cgroup directories; -> whether none is left behind."""
-    return all([_remove_directory(path) for path in cgroup.directories.values()])
+def remove(cgroup: JailCgroup, timeout: float = 5.0) -> bool:
+    """Removes the (emptied) cgroup directories; -> whether none is left behind within ``timeout``
+    seconds (a killed process leaves its cgroups only once it has exited, which under load or while
+    its memory is freed takes a while)."""
+    deadline = time.monotonic() + timeout
+    return all([_remove_directory(path, deadline) for path in cgroup.directories.values()])
 
 
-def _remove_directory(path: str) -> bool:
-    for _ in range(100):  # a just-killed process may take a moment to leave the cgroup
+def _remove_directory(path: str, deadline: float) -> bool:
+    while True:
         try:
             os.rmdir(path)
             return True
         except FileNotFoundError:
             return True
         except OSError:
+            if time.monotonic() > deadline:
+                return False
             time.sleep(0.01)
-    return False

@@ -15,8 +15,10 @@ this file is never imported inside the jail). Layers, each recorded in the
               writable), TCP bind/connect denied (ABI >= 4), signals and abstract
               unix sockets scoped to the jail (ABI >= 6). The whole layer when
               namespaces are unavailable (e.g. unprivileged user namespaces off).
-  cgroup      (root) the parent's cgroup for this jail, joined before anything else: pids.max and
-              memory limits on the jail as a whole; the parent kills and removes it.
+  cgroup      (root) the parent's cgroup for this jail, joined by the jail's pid 1 before anything
+              else: pids.max and memory limits on the jail as a whole; the parent kills and
+              removes it. The launcher stays outside, so that killing the cgroup never kills
+              the reaper: whatever the kill leaves as zombies, the launcher reaps.
   keyring     a fresh anonymous session keyring (no key of the parent's session reachable).
   seccomp     the parent's system-call filter (``seccomp.py``), installed just before exec.
   identity    as root: setgroups([]) + setuid/setgid(nobody) after setup, which
@@ -203,10 +205,13 @@ def set_limits(limits: dict) -> None:
 
 
 def join_cgroup(procs_files: list[str]) -> None:
-    """(root) Moves this process into the cgroup the parent made for the jail, before any fork."""
-    for procs in procs_files:
-        with open(procs, "w") as handle:
-            handle.write(str(os.getpid()))
+    """(root) Moves this process (the jail's pid 1, before any fork) into the cgroup the parent made."""
+    try:
+        for procs in procs_files:
+            with open(procs, "w") as handle:
+                handle.write(str(os.getpid()))
+    except OSError as err:
+        raise OSError(f"could not join the jail's cgroup: {err}") from None
 
 
 def join_fresh_session_keyring(keyctl: int) -> None:
@@ -255,6 +260,7 @@ def enter_namespaces(spec: dict) -> dict:
 def child(spec: dict, layers: dict, report_fd: int) -> None:
     """The jail's pid 1: filesystem, Landlock, limits, identity, keyring, system-call filter, then
     exec the runner."""
+    join_cgroup(spec["cgroup_procs"])
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     os.close(spec["done_fd"])  # only the launcher may say the jail is gone
     jailed = layers["namespaces"].startswith("mount")
@@ -324,11 +330,6 @@ def identity_plan(euid: int, jailed: bool, interpreter_reachable: bool) -> str:
 def main() -> None:
     spec = json.loads(open(sys.argv[1], encoding="utf-8").read())
     report_fd = spec["response_fd"]
-    try:
-        join_cgroup(spec["cgroup_procs"])
-    except OSError as err:
-        _write_report(report_fd, {"layers": {"fatal": f"could not join the jail's cgroup: {err}"}})
-        os._exit(3)
     layers = enter_namespaces(spec)
     prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphans (setsid, double forks) come back to us and die with us
     pid = os.fork()
