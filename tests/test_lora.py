@@ -109,3 +109,22 @@ def test_value_head_is_a_linear_map_of_the_hidden_state(hf_checkpoint, tokens):
     width = model.config.hidden_size  # the 1/E readout keeps an Adam step's effect on V width-free
     expected = np.asarray(hidden, np.float64) @ np.linspace(-1, 1, width) / width + 0.5
     np.testing.assert_allclose(np.asarray(values), expected, atol=1e-5)
+
+
+def test_the_low_rank_update_has_the_gradients_of_its_formula():
+    """The adapter's hand-written backward (one that keeps the big cotangent as it lies) against the
+    formula's gradients in NumPy float64: for x [B, T, in], y = s·(x·A)·B and a loss sum(y·G),
+    dx = s·G·Bᵀ·Aᵀ, dA = s·xᵀ·G·Bᵀ, dB = s·(x·A)ᵀ·G, summed over every token."""
+    from siajax.models.transformer import low_rank_update
+
+    rng = np.random.RandomState(0)
+    x, a, b, cotangent = rng.randn(2, 5, 6), rng.randn(6, 3), rng.randn(3, 7), rng.randn(2, 5, 7)
+    scale = 2.5
+    y, pullback = jax.vjp(lambda x, a, b: low_rank_update(x, a, b, scale),
+                          *(jnp.asarray(v, jnp.float32) for v in (x, a, b)))
+    grad_x, grad_a, grad_b = pullback(jnp.asarray(cotangent, jnp.float32))
+    tokens, grads = x.reshape(-1, 6), cotangent.reshape(-1, 7)
+    np.testing.assert_allclose(np.asarray(y), scale * x @ a @ b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad_x), scale * cotangent @ b.T @ a.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad_a), scale * tokens.T @ grads @ b.T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(grad_b), scale * (tokens @ a).T @ grads, rtol=1e-5, atol=1e-4)

@@ -11,6 +11,7 @@ K kv heads, G = H/K, D head dim, E model width, V vocabulary.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -70,6 +71,37 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def low_rank_update(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """LoRA's term scale·(x·A)·B, x [..., in], A [in, r], B [r, out].
+
+    Its own backward: JAX's transpose of this product transposes the [tokens, out] cotangent in
+    memory before the rank-r products, which on XLA:CPU made the adapter's backward slower than
+    the frozen x·W beside it (51 vs 4.5 ms for 3,072 tokens at SmolLM2's MLP width). Here every
+    product keeps the big operands as they lie and flattens the token axes first.
+    """
+    return ((x @ a) * scale) @ b
+
+
+def _low_rank_forward(x, a, b, scale):
+    down = (x @ a) * scale
+    return down @ b, (x, a, b, down)
+
+
+def _low_rank_backward(scale, residuals, grad):
+    x, a, b, down = residuals
+    tokens_in, tokens_down = x.reshape(-1, x.shape[-1]), down.reshape(-1, down.shape[-1])
+    grad = grad.reshape(-1, grad.shape[-1])
+    grad_down = (grad @ b.T) * scale  # [N, r]
+    grad_a = jnp.dot(tokens_in.T, grad_down, preferred_element_type=jnp.float32)
+    grad_b = jnp.dot(tokens_down.T, grad, preferred_element_type=jnp.float32)
+    grad_x = (grad_down @ a.T).reshape(x.shape)
+    return grad_x.astype(x.dtype), grad_a.astype(a.dtype), grad_b.astype(b.dtype)
+
+
+low_rank_update.defvjp(_low_rank_forward, _low_rank_backward)
+
+
 class Linear(nnx.Module):
     """y = x·W (+ b), plus an optional low-rank adapter (alpha/r)·dropout(x)·A·B.
 
@@ -92,7 +124,8 @@ class Linear(nnx.Module):
             y = y + self.bias[...]
         if lora and self.lora_a is not None:
             x_in = _dropout(x, self.lora_dropout, dropout_key)
-            y = y + (x_in @ self.lora_a[...].astype(x.dtype)) @ self.lora_b[...].astype(x.dtype) * self.lora_scale
+            y = y + low_rank_update(x_in, self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype),
+                                    float(self.lora_scale))
         return y
 
 
