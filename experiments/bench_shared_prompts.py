@@ -1,14 +1,17 @@
 """Shared prompts vs one prompt per row, side by side in one process, on a random SmolLM2-135M-shaped Llama.
 
-A group of G samples of one prompt runs the prompt once: the sampler prefills
-each distinct prompt and copies its KV cache to its G rows; the learner's
-scoring and train step run each distinct prompt once and the responses over
-its keys and values. Two shapes:
+A group of G samples of one prompt runs the prompt once, and prompts that open
+alike (the harness's system prompt and few-shot examples) run that opening once:
+the sampler prefills each distinct prompt (after the common prefix, run as one
+row) and copies the KV cache to the rows that continue it; the learner's scoring
+and train step do the same before running the responses. Two workloads:
 
-- ``prefill``: LawBench-length prompts (``--prompt-len``, ~1,000 tokens), G = 8,
-  the sampler's prefill program alone (what sharing changes);
-- ``learner``: the main job's update (4 prompts x 8 rows, 64-token prompts,
-  24-token responses): scoring (old + reference) and one GRPO train step.
+- ``grouped``: one LawBench-length prompt (``--prompt-len``, ~1,000 tokens)
+  sampled G = 8 times (prefill alone); then the learner on the main job's update
+  (4 prompts x 8 rows, 48-token prompts, 24-token responses);
+- ``few_shot``: prompts that share a ``--prefix-len``-token opening and end in
+  their own 16-48-token item: 16 distinct ones (an evaluation call, prefill
+  alone), then the learner on 4 of them x 8 rows (24-token responses).
 
 Compile and warm-up are excluded; each figure is the median of ``--repeats`` runs.
 
@@ -36,7 +39,8 @@ from flax import nnx
 from experiments.benchmarking import median_seconds, smollm2_135m_config
 from siajax.models import LoRAConfig, Transformer, add_lora
 from siajax.rl import GRPOConfig, RLBatch, grpo_loss
-from siajax.sampling import DecodeSpec, _prefill, distinct_prompts, left_pad
+from siajax.prompts import distinct_prompts, left_pad, prompt_sharing
+from siajax.sampling import DecodeSpec, _prefill
 from siajax.train import (TrainBatch, init_train_state, make_policy_loss, make_train_step, score_responses,
                           split_policy, with_full_batch_normaliser)
 
@@ -54,25 +58,33 @@ def grouped_prompts(prompts: int, group: int, length: int, vocab: int, seed: int
     return [prompt for prompt in distinct for _ in range(group)]
 
 
+def prefixed_prompts(prompts: int, group: int, prefix_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """``prompts`` distinct prompts opening with the same ``prefix_len`` tokens, each ending in its own
+    16-48 tokens, each repeated ``group`` times."""
+    rng = np.random.RandomState(seed)
+    opening = list(rng.randint(3, vocab, prefix_len))
+    distinct = [opening + list(rng.randint(3, vocab, rng.randint(16, 49))) for _ in range(prompts)]
+    return [prompt for prompt in distinct for _ in range(group)]
+
+
 def bench_prefill(model, prompts: list[list[int]], repeats: int) -> dict:
-    """The sampler's prefill program over every row vs over the distinct prompts."""
+    """The sampler's prefill program over every row vs over what the rows share (distinct prompts,
+    their common prefix)."""
     graphdef, state = nnx.split(model)
     tokens, mask = left_pad(prompts, 0)
     spec = DecodeSpec(max_new_tokens=16, pad_token_id=0)
-    distinct = distinct_prompts(tokens, mask)
+    shared = prompt_sharing(tokens, mask)
     key, temperature, top_p = jax.random.key(0), jnp.float32(1.0), jnp.float32(1.0)
     live = jnp.int32(len(prompts))
 
-    def per_row():
+    def prefill(table):
         jax.block_until_ready(_prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), live, key,
-                                       temperature, top_p, spec))
+                                       temperature, top_p, spec, shared=table))
 
-    def shared():
-        jax.block_until_ready(_prefill(graphdef, state, distinct.tokens, distinct.mask, live, key, temperature,
-                                       top_p, spec, row_source=distinct.row_source))
-
-    return {"rows": len(prompts), "distinct_rows": int(distinct.tokens.shape[0]), "prompt_len": int(tokens.shape[1]),
-            "per_row_s": median_seconds(per_row, repeats), "shared_s": median_seconds(shared, repeats)}
+    return {"rows": len(prompts), "distinct_rows": int(shared.tokens.shape[0]), "prompt_len": int(tokens.shape[1]),
+            "prefix_slots": 0 if shared.prefix is None else int(shared.prefix.tokens.shape[1]),
+            "per_row_s": median_seconds(partial(prefill, None), repeats),
+            "shared_s": median_seconds(partial(prefill, shared), repeats)}
 
 
 def learner_batch(prompts: list[list[int]], response_len: int, vocab: int, seed: int = 0) -> TrainBatch:
@@ -95,9 +107,11 @@ def bench_learner(model, batch: TrainBatch, response_len: int, repeats: int) -> 
     step = make_train_step(make_policy_loss(parts, grpo_loss, cfg), optimizer,
                            prepare_batch=partial(with_full_batch_normaliser, aggregation=cfg.aggregation))
     prompt_len = batch.tokens.shape[1] - response_len
-    shared = distinct_prompts(batch.tokens[:, :prompt_len], batch.attention_mask[:, :prompt_len])
+    prompts = (batch.tokens[:, :prompt_len], batch.attention_mask[:, :prompt_len])
+    distinct, shared = distinct_prompts(*prompts), prompt_sharing(*prompts)
+    tables = [("per_row", None), ("distinct", distinct)] + ([("shared", shared)] if shared.prefix is not None else [])
     figures = {}
-    for name, table in (("per_row", None), ("shared", shared)):
+    for name, table in tables:
         def score(table=table):
             for lora in (True, False):
                 jax.block_until_ready(score_responses(parts, params, frozen, batch.tokens, batch.attention_mask,
@@ -111,8 +125,9 @@ def bench_learner(model, batch: TrainBatch, response_len: int, repeats: int) -> 
 
         figures[f"score_{name}_s"] = median_seconds(score, repeats)
         figures[f"train_step_{name}_s"] = median_seconds(train, repeats)
-    return {"rows": int(batch.tokens.shape[0]), "distinct_rows": int(shared.tokens.shape[0]),
-            "prompt_len": int(prompt_len), "response_len": response_len, **figures}
+    return {"rows": int(batch.tokens.shape[0]), "distinct_rows": int(distinct.tokens.shape[0]),
+            "prompt_len": int(prompt_len), "response_len": response_len,
+            "prefix_slots": 0 if shared.prefix is None else int(shared.prefix.tokens.shape[1]), **figures}
 
 
 def main():
@@ -120,26 +135,34 @@ def main():
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--prompt-len", type=int, default=1000, help="prefill: LawBench-length prompts")
     parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--prefix-len", type=int, default=160, help="few_shot: the shared opening's tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("experiments/out/bench_shared_prompts.json"))
     args = parser.parse_args()
 
     model = smollm2_shaped(args.layers)
     vocab = model.config.vocab_size
-    prefill = bench_prefill(model, grouped_prompts(1, args.group, args.prompt_len, vocab), args.repeats)
-    print(f"prefill, {prefill['rows']} rows of one {prefill['prompt_len']}-token prompt: per row "
-          f"{prefill['per_row_s']:.2f} s, shared {prefill['shared_s']:.2f} s "
-          f"({prefill['per_row_s'] / prefill['shared_s']:.2f}x)")
-    learner = bench_learner(model, learner_batch(grouped_prompts(4, 8, 48, vocab, seed=1), 24, vocab), 24,
-                            args.repeats)
-    for part in ("score", "train_step"):
-        per_row, shared = learner[f"{part}_per_row_s"], learner[f"{part}_shared_s"]
-        print(f"{part}, 32 rows of 4 prompts: per row {per_row:.2f} s, shared {shared:.2f} s "
-              f"({per_row / shared:.2f}x)")
+    workloads = {
+        "grouped": (grouped_prompts(1, args.group, args.prompt_len, vocab), grouped_prompts(4, 8, 48, vocab, seed=1)),
+        "few_shot": (prefixed_prompts(16, 1, args.prefix_len, vocab), prefixed_prompts(4, 8, args.prefix_len, vocab)),
+    }
+    results = {}
+    for name, (prefill_prompts, learner_prompts) in workloads.items():
+        prefill = bench_prefill(model, prefill_prompts, args.repeats)
+        print(f"{name} prefill, {prefill['rows']} rows, {prefill['distinct_rows']} distinct, "
+              f"{prefill['prompt_len']}-token bucket: per row {prefill['per_row_s']:.2f} s, shared "
+              f"{prefill['shared_s']:.2f} s ({prefill['per_row_s'] / prefill['shared_s']:.2f}x)")
+        learner = bench_learner(model, learner_batch(learner_prompts, 24, vocab), 24, args.repeats)
+        for part in ("score", "train_step"):
+            shared = [key for key in ("distinct", "shared") if f"{part}_{key}_s" in learner]
+            print(f"{name} {part}, 32 rows of 4 prompts: per row {learner[f'{part}_per_row_s']:.2f} s, " + ", ".join(
+                f"{key} {learner[f'{part}_{key}_s']:.2f} s ({learner[f'{part}_per_row_s'] / learner[f'{part}_{key}_s']:.2f}x)"
+                for key in shared))
+        results[name] = {"prefill": prefill, "learner": learner}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"layers": args.layers, "backend": jax.default_backend(),
                                     "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                                    "prefill": prefill, "learner": learner}, indent=2))
+                                    "prefix_len": args.prefix_len, **results}, indent=2))
     print(f"wrote {args.out}")
 
 

@@ -27,6 +27,7 @@ from siajax.models.transformer import KVCache, Transformer
 from siajax.parallel.distributed import gather_to_host, global_max, to_global
 from siajax.parallel.mesh import ambient_mesh, batch_shard_count, mesh_context
 from siajax.parallel.rules import PARTITION_RULES, Rules, shard_tree, spec_for
+from siajax.prompts import SharedPrompts, bucket_length, left_pad, prompt_sharing, row_bucket, run_prompts
 
 
 class GenerationResult(NamedTuple):
@@ -82,27 +83,6 @@ class DecodeSpec:
     lora: bool = True
     constrained: bool = False
     row_keys: bool = False  # each row draws with its own key (see _draw): draws independent of the batch layout
-
-
-def bucket_length(n: int, minimum: int = 16) -> int:
-    """Rounds a length up to a power of two (at least ``minimum``) so similar calls share a program."""
-    return max(minimum, 1 << max(0, n - 1).bit_length())
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, length: int | None = None):
-    """Ragged prompts -> (tokens [B, P] int32, mask [B, P] bool), right-aligned."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    longest = max(len(p) for p in prompts)
-    length = bucket_length(longest) if length is None else length
-    if length < longest:
-        raise ValueError(f"pad length {length} is shorter than the longest prompt ({longest})")
-    tokens = np.full((len(prompts), length), pad_token_id, np.int32)
-    mask = np.zeros((len(prompts), length), bool)
-    for row, prompt in enumerate(prompts):
-        tokens[row, length - len(prompt):] = np.asarray(prompt, np.int32)
-        mask[row, length - len(prompt):] = True
-    return tokens, mask
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -232,53 +212,55 @@ def _first_token_state(draw, logits, key, spec: DecodeSpec, automaton, live_rows
     return done | jnp.isin(token, stop_ids), tokens, logprobs, allowed_log, lengths, automaton_state
 
 
-class SharedPrompts(NamedTuple):
-    """The distinct prompts of a batch whose rows repeat them (G samples of a prompt, votes): tokens /
-    mask [U, P], left-padded like the rows' (U a power of two), and each row's prompt ``row_source`` [B].
+class PromptPlan(NamedTuple):
+    """A call's rows: tokens / mask [B, P] left-padded (what the result reports and the learner reads),
+    and what their prefill shares (:func:`siajax.prompts.prompt_sharing`), or None."""
 
-    The sampler prefills each once and the learner runs each once; their keys and values serve every
-    row that continues them (:meth:`KVCache.take_rows`).
-    """
+    tokens: np.ndarray
+    mask: np.ndarray
+    shared: SharedPrompts | None
 
-    tokens: jax.Array
-    mask: jax.Array
-    row_source: jax.Array
+    def prefilled_tokens(self) -> int:
+        """Token slots the prefill runs (padding included): the measure of what sharing saves."""
+        if self.shared is None:
+            return int(np.size(self.tokens))
+        tokens, _, prefix = self.shared.prompt_inputs()
+        return int(tokens.size) + (0 if prefix is None else int(prefix.tokens.size))
 
+    def cache_rows(self):
+        """-> (tokens, mask) [B, W] of every row as the cache holds it (the decode's prompt layout)."""
+        if self.shared is None or self.shared.prefix is None:
+            return jnp.asarray(self.tokens), jnp.asarray(self.mask)
+        prefix, source = self.shared.prefix, np.asarray(self.shared.row_source)
 
-def distinct_prompts(prompt_tokens, prompt_mask) -> SharedPrompts | None:
-    """The distinct rows of left-padded prompts [B, P] in order of first appearance (repeated up to a
-    power of two, so a few shapes compile), or None when they would not be fewer rows than B."""
-    prompt_tokens, prompt_mask = np.asarray(prompt_tokens), np.asarray(prompt_mask)
-    rows = np.concatenate([prompt_tokens, prompt_mask.astype(np.int32)], axis=1)
-    _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
-    if row_bucket(len(first)) >= len(rows):
-        return None
-    order = np.argsort(first)
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    firsts = first[order]
-    firsts = np.concatenate([firsts, np.full(row_bucket(len(firsts)) - len(firsts), firsts[-1])])
-    return SharedPrompts(jnp.asarray(prompt_tokens[firsts]), jnp.asarray(prompt_mask[firsts]),
-                         jnp.asarray(rank[inverse.reshape(-1)], jnp.int32))
+        def layout(start, suffixes):
+            return jnp.concatenate([jnp.broadcast_to(start, (len(source), start.shape[1])), suffixes[source]], axis=1)
+        return layout(prefix.tokens, prefix.suffix_tokens), layout(prefix.mask, prefix.suffix_mask)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "spec", "rules"))
 def _prefill(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p,
              spec: DecodeSpec, automaton: TokenAutomaton | None = None, rules: Rules | None = None,
-             row_source: jax.Array | None = None):
-    """The prompt's forward pass into a fresh KV cache and the first token; -> (cache, the rest of the
-    decode loop's carry). With ``row_source`` the prompts are a call's distinct ones: each is run
-    once and its cache broadcast to the rows that sample it (a prompt sampled G times costs one)."""
+             shared: SharedPrompts | None = None):
+    """The prompts' forward pass into a fresh KV cache and the first token; -> (cache, the rest of the
+    decode loop's carry). With ``shared`` each distinct prompt (and their common prefix) is run once
+    and the cache broadcast to the rows that continue it (a prompt sampled G times costs one)."""
     model = nnx.merge(graphdef, state)
-    batch, prompt_len = prompt_tokens.shape
     stop_ids = jnp.asarray(spec.stop_token_ids or (-1,), jnp.int32)
-    cache = _constrain_cache(KVCache.empty(model.config, batch, prompt_len + spec.max_new_tokens), rules)
-    out = model(prompt_tokens, attention_mask=prompt_mask, cache=cache, kv_span=prompt_len, lora=spec.lora,
-                head="last")
+    if shared is not None:
+        prompt_tokens, prompt_mask, prefix = shared.prompt_inputs()
+        width = shared.tokens.shape[1]
+    else:
+        prefix, width = None, prompt_tokens.shape[1]
+    slots = width + spec.max_new_tokens
+    fresh = None if prefix is not None else _constrain_cache(KVCache.empty(model.config, len(prompt_tokens), slots),
+                                                             rules)
+    out, next_position = run_prompts(model, prompt_tokens, prompt_mask, prefix, slots, lora=spec.lora, head="last",
+                                     cache=fresh)
     cache, logits = out.cache, out.logits[:, -1]
-    next_position = jnp.sum(prompt_mask, axis=-1).astype(jnp.int32)
-    if row_source is not None:
-        cache, logits, next_position = cache.take_rows(row_source), logits[row_source], next_position[row_source]
+    if shared is not None:
+        source = shared.row_source
+        cache, logits, next_position = cache.take_rows(source), logits[source], next_position[source]
     key, first_key = jax.random.split(key)
     draw = partial(_draw, spec, automaton, temperature, top_p)
     done, tokens, logprobs, allowed_log, lengths, automaton_state = _first_token_state(
@@ -359,27 +341,27 @@ def _decode_until(graphdef, state, unstacked, cache, carry, temperature, top_p, 
                         automaton, None, unstacked)
 
 
-def _prefill_then_decode(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p, limit,
-                         spec: DecodeSpec, automaton=None, rules=None, distinct: SharedPrompts | None = None,
-                         retire_every: int = 0) -> GenerationResult:
-    """Two programs, timed apart (``siajax.timing``): the prefill (of the distinct prompts when
-    given), then the decode loop over every row (or, with ``retire_every``, :func:`_retiring_decode`)."""
-    prefill_tokens, prefill_mask, row_source = (prompt_tokens, prompt_mask, None) if distinct is None else distinct
+def _prefill_then_decode(graphdef, state, plan: PromptPlan, live_rows, key, temperature, top_p, limit,
+                         spec: DecodeSpec, automaton=None, rules=None, retire_every: int = 0) -> GenerationResult:
+    """Two programs, timed apart (``siajax.timing``): the prefill (:class:`PromptPlan`), then the
+    decode loop over every row (or, with ``retire_every``, :func:`_retiring_decode`)."""
     with timing.phase("prefill"):
-        cache, carry = jax.block_until_ready(_prefill(graphdef, state, prefill_tokens, prefill_mask, live_rows, key,
-                                                      temperature, top_p, spec, automaton, rules, row_source))
-        timing.count("prefill_tokens", prefill_tokens.size)
+        cache, carry = jax.block_until_ready(_prefill(graphdef, state, jnp.asarray(plan.tokens), jnp.asarray(plan.mask),
+                                                      live_rows, key, temperature, top_p, spec, automaton, rules,
+                                                      plan.shared))
+        timing.count("prefill_tokens", plan.prefilled_tokens())
+    cache_tokens, cache_mask = plan.cache_rows()
     with timing.phase("decode"):
         if retire_every:
-            buffers, _ = _retiring_decode(graphdef, state, cache, carry, prompt_tokens.shape[1], temperature, top_p,
+            buffers, _ = _retiring_decode(graphdef, state, cache, carry, cache_tokens.shape[1], temperature, top_p,
                                           int(limit), spec, automaton, retire_every)
-            result = _result_from_buffers(buffers, prompt_tokens, prompt_mask, temperature, top_p, spec)
+            result = _result_from_buffers(buffers, cache_tokens, cache_mask, temperature, top_p, spec)
         else:
-            result, _ = jax.block_until_ready(_decode(graphdef, state, cache, carry, prompt_tokens, prompt_mask,
+            result, _ = jax.block_until_ready(_decode(graphdef, state, cache, carry, cache_tokens, cache_mask,
                                                       temperature, top_p, limit, spec, automaton, rules))
         if result.lengths.is_fully_addressable:
             timing.count("generated_tokens", int(jnp.sum(result.lengths)))
-    return result
+    return result._replace(prompt_tokens=jnp.asarray(plan.tokens), prompt_mask=jnp.asarray(plan.mask))
 
 
 ROW_BUFFERS = {"tokens": 3, "logprobs": 4, "allowed": 5, "lengths": 6}  # the carry's per-row outputs
@@ -486,24 +468,18 @@ def concatenate_results(parts: Sequence[GenerationResult], pad_token_id: int,
         parts[0].temperature, parts[0].top_p, parts[0].top_k, stack("allowed"), stack("policy_mask"))
 
 
-def row_bucket(rows: int, multiple: int = 1) -> int:
-    """Rows padded to a power of two, and to a multiple of the batch shards under a mesh."""
-    padded = 1 << max(0, rows - 1).bit_length()
-    return -(-padded // multiple) * multiple
-
-
 def _decode_spec(max_new_tokens: int, top_k, stop_token_ids, pad_token_id: int, lora: bool, *,
                  constrained: bool = False, row_keys: bool = False) -> DecodeSpec:
     return DecodeSpec(bucket_length(max_new_tokens), int(top_k or 0), tuple(int(t) for t in stop_token_ids),
                       int(pad_token_id), lora, constrained=constrained, row_keys=row_keys)
 
 
-def _one_device_batch(prompts: list, pad_token_id: int, share_prompts: bool = True):
-    """Rows padded to the bucket (repeating the last prompt) and left-padded; -> (tokens, mask, the
-    distinct prompts to prefill once, or None)."""
+def _one_device_batch(prompts: list, pad_token_id: int, share_prompts: bool = True) -> PromptPlan:
+    """Rows padded to the bucket (repeating the last prompt) and left-padded, with what their prefill
+    may share: distinct prompts and a common prefix (``share_prompts``)."""
     rows = len(prompts)
     tokens, mask = left_pad(prompts + [prompts[-1]] * (row_bucket(rows) - rows), pad_token_id)
-    return tokens, mask, distinct_prompts(tokens, mask) if share_prompts else None
+    return PromptPlan(tokens, mask, prompt_sharing(tokens, mask) if share_prompts else None)
 
 
 def generate(
@@ -558,9 +534,8 @@ def generate(
     scalars = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(max_new_tokens))
     rows = len(prompts)
     if mesh is None:
-        tokens, mask, distinct = _one_device_batch(prompts, pad_token_id, share_prompts)
-        result = _prefill_then_decode(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.int32(rows),
-                                      key, *scalars, spec, constraint, distinct=distinct,
+        plan = _one_device_batch(prompts, pad_token_id, share_prompts)
+        result = _prefill_then_decode(graphdef, state, plan, jnp.int32(rows), key, *scalars, spec, constraint,
                                       retire_every=retire_finished_rows)
         return _take_rows(result, rows, max_new_tokens)
     return _generate_on_mesh(graphdef, state, prompts, key, scalars, spec, constraint, mesh, rules, every_row)
@@ -578,8 +553,9 @@ def _generate_on_mesh(graphdef, state, prompts: list, key, scalars, spec: Decode
     placed = to_global(batch, mesh, rules, "batch") if own_rows else shard_tree(batch, mesh, rules, "batch")
     live = len(padded) * jax.process_count() if own_rows else rows
     with mesh_context(mesh):
-        result = _prefill_then_decode(graphdef, state, placed["tokens"], placed["mask"], jnp.int32(live), key,
-                                      *scalars, spec, constraint, tuple(rules))
+        plan = PromptPlan(placed["tokens"], placed["mask"], None)
+        result = _prefill_then_decode(graphdef, state, plan, jnp.int32(live), key, *scalars, spec, constraint,
+                                      tuple(rules))
     if own_rows:
         return result
     limit = int(scalars[2])
@@ -625,11 +601,10 @@ def stream(
     spec = _decode_spec(max_new_tokens, top_k, stop_token_ids, pad_token_id, lora)
     graphdef, state = nnx.split(model)
     temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
-    tokens, mask, distinct = _one_device_batch(prompts, pad_token_id)
-    prefill_tokens, prefill_mask, row_source = (jnp.asarray(tokens), jnp.asarray(mask), None) \
-        if distinct is None else distinct
-    cache, carry = _prefill(graphdef, state, prefill_tokens, prefill_mask, jnp.int32(rows), key, temperature, top_p,
-                            spec, None, None, row_source)
+    plan = _one_device_batch(prompts, pad_token_id)
+    cache, carry = _prefill(graphdef, state, jnp.asarray(plan.tokens), jnp.asarray(plan.mask), jnp.int32(rows), key,
+                            temperature, top_p, spec, None, None, plan.shared)
+    prompt_len = plan.cache_rows()[0].shape[1]
     unstacked = _unstacked_layers(graphdef, state) if model.config.decode_unroll else None
     sent = np.zeros(rows, np.int64)
     while True:
@@ -643,7 +618,7 @@ def stream(
         if finished.all():
             return
         cache, carry = _decode_until(graphdef, state, unstacked, cache, carry, temperature, top_p,
-                                     jnp.int32(min(step + chunk_tokens, max_new_tokens)), spec, tokens.shape[1])
+                                     jnp.int32(min(step + chunk_tokens, max_new_tokens)), spec, prompt_len)
 
 
 def _pad_rows_to_shards(prompts: list, mesh) -> list:

@@ -101,23 +101,75 @@ def test_a_fixed_key_reproduces_samples_and_another_key_does_not(models):
     assert (np.asarray(first.tokens) != np.asarray(other.tokens)).any()
 
 
+def _shared_and_per_row(model, rows, kwargs):
+    """generate() with what the rows share prefilled once, and with every row prefilled whole: the same
+    draws; log-probs within float32 rounding (XLA blocks a 4-row matmul unlike a 16-row one).
+    -> (shared, per_row, and each one's timing clock)."""
+    with timing.measuring() as shared_clock:
+        shared = generate(model, rows, **kwargs)
+    with timing.measuring() as row_clock:
+        per_row = generate(model, rows, share_prompts=False, **kwargs)
+    for name in ("tokens", "mask", "lengths", "prompt_tokens", "prompt_mask"):
+        np.testing.assert_array_equal(np.asarray(getattr(shared, name)), np.asarray(getattr(per_row, name)))
+    np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(per_row.logprobs), atol=2e-5)
+    return shared, per_row, shared_clock, row_clock
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.0])
 def test_a_prompt_sampled_many_times_is_prefilled_once_and_samples_the_same(models, temperature):
     _, model = models
     grouped = [prompt for prompt in PROMPTS[:3] for _ in range(4)]  # 12 rows (a bucket of 16), 3 distinct (4)
     kwargs = dict(key=jax.random.key(7), max_new_tokens=12, temperature=temperature, stop_token_ids=[3],
                   pad_token_id=0)
-    with timing.measuring() as shared_clock:
-        shared = generate(model, grouped, **kwargs)
-    with timing.measuring() as row_clock:
-        per_row = generate(model, grouped, share_prompts=False, **kwargs)
-    for name in ("tokens", "mask", "lengths", "prompt_tokens", "prompt_mask"):
-        np.testing.assert_array_equal(np.asarray(getattr(shared, name)), np.asarray(getattr(per_row, name)))
-    # Same draws; log-probs within float32 rounding (XLA blocks a 4-row matmul unlike a 16-row one).
-    np.testing.assert_allclose(np.asarray(shared.logprobs), np.asarray(per_row.logprobs), atol=1e-5)
+    shared, per_row, shared_clock, row_clock = _shared_and_per_row(model, grouped, kwargs)
     prompt_len = shared.prompt_tokens.shape[1]
     assert shared_clock.counts["prefill_tokens"] == 4 * prompt_len
     assert row_clock.counts["prefill_tokens"] == 16 * prompt_len
+
+
+PREFIXED = [list(range(20, 50)) + tail for tail in ([5, 9, 33], [44], [7, 8, 9, 10, 11, 12], [100, 101])]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_a_common_prefix_is_prefilled_once_and_samples_the_same(models, temperature):
+    """Prompts that start alike (a system prompt, few-shot examples) run that start once, as one row,
+    then each its own tokens after it in the same cache: the same draws as prefilling every row whole,
+    log-probs within float32 rounding, the rows reported left-padded as before, and a fifth of the
+    prefilled tokens; the cache keeps the rows' width. Streaming and retiring rows decode from the same cache."""
+    from siajax.sampling import stream
+
+    _, model = models
+    rows = [prompt for prompt in PREFIXED for _ in range(2)]  # 8 rows, 4 distinct, 30 tokens in common
+    kwargs = dict(key=jax.random.key(5), max_new_tokens=12, temperature=temperature, stop_token_ids=[3],
+                  pad_token_id=0)
+    shared, per_row, shared_clock, row_clock = _shared_and_per_row(model, rows, kwargs)
+    assert shared_clock.counts["prefill_tokens"] == 48 + 4 * 16  # the prefix once, 4 suffixes: 64 slots a row
+    assert row_clock.counts["prefill_tokens"] == 8 * 64
+    streamed = [[] for _ in rows]
+    for chunk in stream(model, rows, chunk_tokens=4, **kwargs):
+        for row, ids in zip(streamed, chunk.tokens):
+            row.extend(ids)
+    assert streamed == [list(np.asarray(shared.tokens)[r, :n]) for r, n in enumerate(np.asarray(shared.lengths))]
+    retired = generate(model, rows, retire_finished_rows=4, **kwargs)
+    retired_whole = generate(model, rows, retire_finished_rows=4, share_prompts=False, **kwargs)
+    np.testing.assert_array_equal(np.asarray(retired.tokens), np.asarray(retired_whole.tokens))
+
+
+def test_a_shared_prefix_leaves_each_prompt_a_token_and_is_taken_only_when_it_pays():
+    from siajax.prompts import shared_prefix
+
+    start = list(range(20, 50))
+    tokens, mask = left_pad([start, start + [7, 8]], 0, 64)
+    prefix = shared_prefix(tokens, mask)
+    assert int(prefix.mask.sum()) == 29  # the shorter prompt keeps its last token: its logits draw the first one
+    suffixes = [list(np.asarray(t)[np.asarray(m)]) for t, m in zip(prefix.suffix_tokens, prefix.suffix_mask)]
+    assert suffixes == [[49], [49, 7, 8]]
+    assert list(np.asarray(prefix.tokens)[np.asarray(prefix.mask)]) == start[:29]
+    assert prefix.tokens.shape[1] + prefix.suffix_tokens.shape[1] == 64  # the rows' width: the same decode program
+    assert shared_prefix(*left_pad([start[:7] + [1], start[:7] + [2]], 0)) is None  # under 8 tokens in common
+    long_tails = [start[:20] + list(range(100, 200)), start[:20] + [1]]
+    assert shared_prefix(*left_pad(long_tails, 0)) is None  # 20 + 2 x 108 prefilled > 0.75 x 2 x 128
+    assert shared_prefix(*left_pad([start], 0)) is None
 
 
 @pytest.mark.parametrize("temperature,chunk_tokens", [(1.0, 1), (0.0, 5)])
@@ -163,11 +215,10 @@ def _one_program_with_row_keys(model, rows, *, key, max_new_tokens, temperature,
 
     spec = sampling._decode_spec(max_new_tokens, 0, stop_token_ids, pad_token_id, True, row_keys=True,
                                  constrained=constraint is not None)
-    tokens, mask, _ = sampling._one_device_batch(rows, pad_token_id, share_prompts=False)
+    plan = sampling._one_device_batch(rows, pad_token_id, share_prompts=False)
     graphdef, state = nnx.split(model)
-    result = sampling._prefill_then_decode(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), jnp.int32(len(rows)),
-                                           key, jnp.float32(temperature), jnp.float32(1.0),
-                                           jnp.int32(max_new_tokens), spec, constraint)
+    result = sampling._prefill_then_decode(graphdef, state, plan, jnp.int32(len(rows)), key, jnp.float32(temperature),
+                                           jnp.float32(1.0), jnp.int32(max_new_tokens), spec, constraint)
     return sampling._take_rows(result, len(rows), max_new_tokens)
 
 

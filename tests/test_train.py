@@ -18,6 +18,8 @@ from siajax.train import (
 )
 from test_rl_losses import tiny_policy_batch
 
+from siajax.prompts import left_pad
+
 CFG = GRPOConfig(kl_coef=0.05)
 
 
@@ -146,35 +148,45 @@ def test_a_step_without_signal_leaves_adam_state_and_weights_alone():
         np.testing.assert_array_equal(a, b)
 
 
-def _grouped_batch(seed=4):
-    """8 rows that continue 3 distinct, differently padded prompts (2 + 4 + 2), ragged responses."""
+def _with_responses(prompts, prompt_mask, rng, seed):
+    """The tiny policy and a batch of 8 rows: these prompts [8, P], then ragged 6-token responses."""
     parts, params, frozen, flat = tiny_policy_batch(seed=seed, with_value=True)
-    source = np.array([0, 0, 1, 1, 1, 1, 2, 2])
-    rng = np.random.RandomState(seed)
-    prompt_mask = np.arange(4)[None] >= np.array([0, 2, 1])[:, None]
-    prompts = np.where(prompt_mask, rng.randint(1, 37, (3, 4)), 0)[source]
     responses = rng.randint(1, 37, (8, 6))
     response_mask = np.arange(6)[None] < np.array([6, 3, 1, 5, 6, 2, 4, 6])[:, None]
     tokens = jnp.asarray(np.concatenate([prompts, responses], axis=1), jnp.int32)
-    attention = jnp.asarray(np.concatenate([prompt_mask[source], response_mask], axis=1))
+    attention = jnp.asarray(np.concatenate([prompt_mask, response_mask], axis=1))
     rl = jax.tree.map(lambda x: jnp.concatenate([x, x]), flat.rl)._replace(mask=jnp.asarray(response_mask))
     return parts, params, frozen, flat._replace(tokens=tokens, attention_mask=attention, rl=rl)
 
 
-def test_a_shared_prompt_table_gives_the_per_row_log_probs_values_and_gradients():
-    from siajax.sampling import distinct_prompts
-    from siajax.train import take_rows
+def _grouped_batch(seed=4):
+    """8 rows that continue 3 distinct, differently padded prompts (2 + 4 + 2), ragged responses."""
+    source = np.array([0, 0, 1, 1, 1, 1, 2, 2])
+    rng = np.random.RandomState(seed)
+    prompt_mask = np.arange(4)[None] >= np.array([0, 2, 1])[:, None]
+    prompts = np.where(prompt_mask, rng.randint(1, 37, (3, 4)), 0)[source]
+    return _with_responses(prompts, prompt_mask[source], rng, seed)
 
-    parts, params, frozen, batch = _grouped_batch()
-    shared = distinct_prompts(batch.tokens[:, :4], batch.attention_mask[:, :4])
-    assert shared.tokens.shape == (4, 4)  # 3 distinct prompts, padded to a power of two
+
+def _prefixed_batch(seed: int = 0):
+    """8 rows that continue 3 distinct prompts (3 + 3 + 2 rows) opening with the same 30 tokens (a system
+    prompt, few-shot examples), tails of 1 to 3 tokens, left-padded to 64; ragged responses."""
+    rng = np.random.RandomState(seed)
+    start = list(rng.randint(1, 37, 30))
+    distinct = [start + list(rng.randint(1, 37, n)) for n in (1, 3, 2)]
+    prompts, prompt_mask = left_pad([distinct[i] for i in (0, 0, 0, 1, 1, 1, 2, 2)], 0, 64)
+    return _with_responses(prompts, prompt_mask, rng, seed)
+
+
+def _shared_forward_is_exact(parts, params, frozen, batch, shared):
+    """Scoring and the GRPO loss's gradients with ``shared`` prompts equal those of every row whole;
+    -> (loss_fn, the prepared batch)."""
     per_row = score_responses(parts, params, frozen, batch.tokens, batch.attention_mask, 6)
     once = score_responses(parts, params, frozen, batch.tokens, batch.attention_mask, 6, shared=shared)
     real = np.asarray(batch.rl.mask)
     for name in ("logprobs", "entropy", "values"):
         np.testing.assert_allclose(np.asarray(getattr(once, name))[real], np.asarray(getattr(per_row, name))[real],
                                    rtol=1e-5, atol=1e-6, err_msg=name)
-
     loss_fn = make_policy_loss(parts, grpo_loss, CFG)
     prepared = with_full_batch_normaliser(batch, CFG.aggregation)
     grad = jax.grad(lambda p, b: loss_fn(p, frozen, b, None)[0])
@@ -183,6 +195,17 @@ def test_a_shared_prompt_table_gives_the_per_row_log_probs_values_and_gradients(
     for a, b in zip(_leaves(got), _leaves(expected)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     assert max(np.abs(a).max() for a in _leaves(expected)) > 1e-4  # a gradient worth comparing
+    return loss_fn, prepared
+
+
+def test_a_shared_prompt_table_gives_the_per_row_log_probs_values_and_gradients():
+    from siajax.prompts import distinct_prompts
+    from siajax.train import take_rows
+
+    parts, params, frozen, batch = _grouped_batch()
+    shared = distinct_prompts(batch.tokens[:, :4], batch.attention_mask[:, :4])
+    assert shared.tokens.shape == (4, 4)  # 3 distinct prompts, padded to a power of two
+    loss_fn, prepared = _shared_forward_is_exact(parts, params, frozen, batch, shared)
 
     rows = np.array([6, 1, 3])  # a minibatch keeps the whole table and its rows' sources
     minibatch = take_rows(prepared._replace(shared_prompts=shared), rows)
@@ -192,8 +215,21 @@ def test_a_shared_prompt_table_gives_the_per_row_log_probs_values_and_gradients(
                                float(loss_fn(params, frozen, take_rows(prepared, rows), None)[0]), rtol=1e-5)
 
 
+def test_a_shared_prefix_gives_the_per_row_log_probs_values_and_gradients():
+    """The learner runs the prompts' common 30 tokens once (one row), each distinct prompt's tail after
+    it, then the responses: the same log-probs, entropies, values and LoRA gradients as every row whole
+    (the prefix's gradient sums over the rows that read its keys and values)."""
+    from siajax.prompts import prompt_sharing
+
+    parts, params, frozen, batch = _prefixed_batch()
+    shared = prompt_sharing(batch.tokens[:, :64], batch.attention_mask[:, :64])
+    assert shared.prefix is not None and int(shared.prefix.mask.sum()) == 30
+    assert shared.prefix.tokens.shape[1] == 48 and shared.prefix.suffix_tokens.shape == (4, 16)  # 64 slots a row
+    _shared_forward_is_exact(parts, params, frozen, batch, shared)
+
+
 def test_distinct_prompts_are_shared_only_when_they_are_fewer_rows():
-    from siajax.sampling import distinct_prompts
+    from siajax.prompts import distinct_prompts
 
     tokens = np.array([[0, 5, 6], [5, 5, 6], [0, 5, 6], [0, 5, 6]])
     mask = np.array([[0, 1, 1], [1, 1, 1], [0, 1, 1], [1, 1, 1]], bool)  # row 3: same ids, one more real token

@@ -17,7 +17,8 @@ import numpy as np
 from siajax.harness import SamplingParams
 from siajax.harness.constrained import label_automaton
 from siajax.models.tokenizer import DecodingIds, decoding_ids
-from siajax.sampling import bucket_length, concatenate_results, generate, row_bucket, stream
+from siajax.prompts import bucket_length, row_bucket
+from siajax.sampling import concatenate_results, generate, stream
 
 
 _PROBE = "\u2063probe\u2063"  # an assistant text no template rewrites, to find where a turn ends

@@ -26,7 +26,8 @@ import numpy as np
 from siajax.harness import Harness, render_messages, retry_feedback, template_tools
 from siajax.harness.parsing import parse_answer
 from siajax.parallel.distributed import share_rows
-from siajax.sampling import GenerationResult, bucket_length
+from siajax.prompts import bucket_length
+from siajax.sampling import GenerationResult
 from siajax.tools import find_call, run_calls
 from siajax.verdicts import score_answer
 

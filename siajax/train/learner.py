@@ -23,7 +23,7 @@ from siajax.parallel import PARTITION_RULES, StepShardings, batch_shard_count, m
 from siajax.parallel.distributed import to_global
 from siajax.rl import RLBatch, get_recipe, recipe_config
 from siajax.sampling import GenerationResult
-from siajax.sampling import SharedPrompts, distinct_prompts
+from siajax.prompts import SharedPrompts, prompt_sharing
 from siajax.train.policy import (PolicyParts, TrainBatch, make_policy_loss, score_responses, take_rows,
                                  with_full_batch_normaliser)
 from siajax.train.state import TrainState, compile_step, train_step_fn
@@ -141,11 +141,11 @@ class Learner:
         return TrainBatch(tokens, attention, rl, temperature, samples.allowed, shared), metrics
 
     def _shared_prompts(self, samples: GenerationResult) -> SharedPrompts | None:
-        """The samples' distinct prompts, run once per forward (one device, one micro-batch; a mesh or
-        micro-batches run every row's prompt: their batch is split by rows)."""
+        """The samples' distinct prompts and their common prefix, each run once per forward (one device,
+        one micro-batch; a mesh or micro-batches run every row's prompt: their batch is split by rows)."""
         if self.mesh is not None or self.schedule.micro_batches > 1:
             return None
-        return distinct_prompts(samples.prompt_tokens, samples.prompt_mask)
+        return prompt_sharing(samples.prompt_tokens, samples.prompt_mask)
 
     def update(self, state: TrainState, frozen, samples: GenerationResult, rewards, group_size: int):
         """-> (new state, metrics): the schedule's epochs x minibatches optimiser steps, run as one

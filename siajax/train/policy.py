@@ -16,10 +16,10 @@ from flax import nnx
 
 from siajax.models.lora import LoRAConfig, add_lora
 from siajax.models.token_stats import token_stats
-from siajax.models.transformer import KVCache, Transformer, ValueHead, positions_from_mask
+from siajax.models.transformer import Transformer, ValueHead, positions_from_mask
 from siajax.rl.losses import PolicyOutputs, RLBatch, aggregation_normaliser
 from siajax.rng import purpose_key
-from siajax.sampling import SharedPrompts
+from siajax.prompts import SharedPrompts, run_prompts
 
 
 class TrainBatch(NamedTuple):
@@ -80,19 +80,17 @@ def attach_trainable(model: Transformer, lora: LoRAConfig, *, seed: int, value_h
 
 def _hidden_over_shared_prompts(model: Transformer, shared: SharedPrompts, responses, response_mask, *, lora,
                                 dropout_key):
-    """Hidden states predicting each response token [B, N, E]: the distinct prompts run once into a
-    KV cache, its rows are copied to the responses that continue them, then the responses run."""
-    distinct, prompt_len = shared.tokens.shape
+    """Hidden states predicting each response token [B, N, E]: the distinct prompts (after their
+    common prefix, when shared) run once into a KV cache, its rows are copied to the responses that
+    continue them, then the responses run."""
     keys = [None, None] if dropout_key is None else list(jax.random.split(dropout_key))
-    cache = KVCache.empty(model.config, distinct, prompt_len + responses.shape[1])
-    prompts = model(shared.tokens, attention_mask=shared.mask, cache=cache, kv_span=prompt_len, lora=lora,
-                    dropout_key=keys[0], head="none")
+    tokens, mask, prefix = shared.prompt_inputs()
+    prompts, prompt_tokens = run_prompts(model, tokens, mask, prefix, shared.tokens.shape[1] + responses.shape[1],
+                                         lora=lora, head="none", dropout_key=keys[0])
     source = shared.row_source
-    cache = prompts.cache.take_rows(source)
-    prompt_tokens = jnp.sum(shared.mask, axis=-1, dtype=jnp.int32)[source]
-    out = model(responses, attention_mask=response_mask, positions=positions_from_mask(response_mask,
-                                                                                         prompt_tokens[:, None]),
-                cache=cache, lora=lora, dropout_key=keys[1], head="none")
+    out = model(responses, attention_mask=response_mask,
+                positions=positions_from_mask(response_mask, prompt_tokens[source][:, None]),
+                cache=prompts.cache.take_rows(source), lora=lora, dropout_key=keys[1], head="none")
     return jnp.concatenate([prompts.hidden[source, -1:], out.hidden[:, :-1]], axis=1)
 
 
