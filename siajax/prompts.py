@@ -80,7 +80,6 @@ class SharedPrompts(NamedTuple):
         return self.prefix.suffix_tokens, self.prefix.suffix_mask, self.prefix
 
 
-
 def distinct_prompts(prompt_tokens, prompt_mask) -> SharedPrompts | None:
     """The distinct rows of left-padded prompts [B, P] in order of first appearance (repeated up to a
     power of two, so a few shapes compile), or None when they would not be fewer rows than B."""

@@ -227,16 +227,6 @@ class PromptPlan(NamedTuple):
         tokens, _, prefix = self.shared.prompt_inputs()
         return int(tokens.size) + (0 if prefix is None else int(prefix.tokens.size))
 
-    def cache_rows(self):
-        """-> (tokens, mask) [B, W] of every row as the cache holds it (the decode's prompt layout)."""
-        if self.shared is None or self.shared.prefix is None:
-            return jnp.asarray(self.tokens), jnp.asarray(self.mask)
-        prefix, source = self.shared.prefix, np.asarray(self.shared.row_source)
-
-        def layout(start, suffixes):
-            return jnp.concatenate([jnp.broadcast_to(start, (len(source), start.shape[1])), suffixes[source]], axis=1)
-        return layout(prefix.tokens, prefix.suffix_tokens), layout(prefix.mask, prefix.suffix_mask)
-
 
 @partial(jax.jit, static_argnames=("graphdef", "spec", "rules"))
 def _prefill(graphdef, state, prompt_tokens, prompt_mask, live_rows, key, temperature, top_p,
@@ -345,23 +335,23 @@ def _prefill_then_decode(graphdef, state, plan: PromptPlan, live_rows, key, temp
                          spec: DecodeSpec, automaton=None, rules=None, retire_every: int = 0) -> GenerationResult:
     """Two programs, timed apart (``siajax.timing``): the prefill (:class:`PromptPlan`), then the
     decode loop over every row (or, with ``retire_every``, :func:`_retiring_decode`)."""
+    # The decode reads the rows as they are: a shared prefix keeps their width (siajax.prompts.SharedPrefix).
+    prompt_tokens, prompt_mask = jnp.asarray(plan.tokens), jnp.asarray(plan.mask)
     with timing.phase("prefill"):
-        cache, carry = jax.block_until_ready(_prefill(graphdef, state, jnp.asarray(plan.tokens), jnp.asarray(plan.mask),
-                                                      live_rows, key, temperature, top_p, spec, automaton, rules,
-                                                      plan.shared))
+        cache, carry = jax.block_until_ready(_prefill(graphdef, state, prompt_tokens, prompt_mask, live_rows, key,
+                                                      temperature, top_p, spec, automaton, rules, plan.shared))
         timing.count("prefill_tokens", plan.prefilled_tokens())
-    cache_tokens, cache_mask = plan.cache_rows()
     with timing.phase("decode"):
         if retire_every:
-            buffers, _ = _retiring_decode(graphdef, state, cache, carry, cache_tokens.shape[1], temperature, top_p,
+            buffers, _ = _retiring_decode(graphdef, state, cache, carry, prompt_tokens.shape[1], temperature, top_p,
                                           int(limit), spec, automaton, retire_every)
-            result = _result_from_buffers(buffers, cache_tokens, cache_mask, temperature, top_p, spec)
+            result = _result_from_buffers(buffers, prompt_tokens, prompt_mask, temperature, top_p, spec)
         else:
-            result, _ = jax.block_until_ready(_decode(graphdef, state, cache, carry, cache_tokens, cache_mask,
+            result, _ = jax.block_until_ready(_decode(graphdef, state, cache, carry, prompt_tokens, prompt_mask,
                                                       temperature, top_p, limit, spec, automaton, rules))
         if result.lengths.is_fully_addressable:
             timing.count("generated_tokens", int(jnp.sum(result.lengths)))
-    return result._replace(prompt_tokens=jnp.asarray(plan.tokens), prompt_mask=jnp.asarray(plan.mask))
+    return result
 
 
 ROW_BUFFERS = {"tokens": 3, "logprobs": 4, "allowed": 5, "lengths": 6}  # the carry's per-row outputs
@@ -604,7 +594,6 @@ def stream(
     plan = _one_device_batch(prompts, pad_token_id)
     cache, carry = _prefill(graphdef, state, jnp.asarray(plan.tokens), jnp.asarray(plan.mask), jnp.int32(rows), key,
                             temperature, top_p, spec, None, None, plan.shared)
-    prompt_len = plan.cache_rows()[0].shape[1]
     unstacked = _unstacked_layers(graphdef, state) if model.config.decode_unroll else None
     sent = np.zeros(rows, np.int64)
     while True:
@@ -618,7 +607,7 @@ def stream(
         if finished.all():
             return
         cache, carry = _decode_until(graphdef, state, unstacked, cache, carry, temperature, top_p,
-                                     jnp.int32(min(step + chunk_tokens, max_new_tokens)), spec, prompt_len)
+                                     jnp.int32(min(step + chunk_tokens, max_new_tokens)), spec, plan.tokens.shape[1])
 
 
 def _pad_rows_to_shards(prompts: list, mesh) -> list:
