@@ -101,7 +101,7 @@ def test_training_rows_score_every_model_token_as_the_sampler_did(backend, train
         {"op": "replace", "path": "/retry", "value": {"max_attempts": 2, "retry_on": ["parse_error"],
                                                       "feedback": "Reply with digits only.", "train": train}}])
     model, tokenizer = from_pretrained(BUNDLED_TINY_MODEL)
-    learner, state, frozen = make_learner(model, "grpo", seed=0)
+    learner, state, frozen = make_learner(model, "ppo_gae", seed=0)  # a recipe that scores the old policy
     policy_backend = LocalPolicyBackend(learner.policy(state, frozen), tokenizer)
     rollout = run_items(task, harness, policy_backend, task.items("train")[:4], jax.random.key(2))
     rows = rollout.training_rows(policy_backend.decoding.pad_token_id)

@@ -47,7 +47,7 @@ def _learner(tiny, recipe="grpo", **kwargs):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_training_forward_reproduces_the_sampler_logprobs(tiny, temperature):
     _, tokenizer = tiny
-    learner, state, frozen = _learner(tiny)
+    learner, state, frozen = _learner(tiny, "ppo_gae")  # a recipe that scores the old policy's forward
     ids = decoding_ids(tokenizer)
     samples = generate(learner.policy(state, frozen), [p for p in _prompts(tokenizer) for _ in range(4)],
                        key=jax.random.key(0), max_new_tokens=20, temperature=temperature,
@@ -60,7 +60,7 @@ def test_training_forward_reproduces_the_sampler_logprobs(tiny, temperature):
 
 def test_constrained_samples_are_trained_under_the_same_allowed_sets(tiny):
     _, tokenizer = tiny
-    learner, state, frozen = _learner(tiny)
+    learner, state, frozen = _learner(tiny, "ppo_gae")
     ids = decoding_ids(tokenizer)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
     automaton = label_automaton(encode, LABELS, prefix="[罪名]", separator=";", terminator="<eoa>",
@@ -250,6 +250,42 @@ def test_the_reference_policy_is_scored_only_when_a_kl_term_reads_it(tiny, monke
                            stop_token_ids=ids.stop_token_ids, pad_token_id=ids.pad_token_id)
         passes.clear()
         new_state, _ = learner.update(state, frozen, samples, np.arange(16) % 3 == 0, group_size=4)
-        assert passes == ([True, False] if scores_reference else [True])  # old policy (lora), then the base
+        old_pass = [True] if get_recipe(recipe).reads_old_forward else []  # the old policy (lora), then the base
+        assert passes == old_pass + ([False] if scores_reference else [])
         updated[scores_reference] = new_state.params
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), updated[False], updated[True])
+
+
+@pytest.mark.parametrize("recipe", ["grpo", "entropic"])
+def test_recipes_that_read_only_logprobs_train_against_the_sampler_logprobs(tiny, monkeypatch, recipe):
+    """GRPO and entropic advantages read rewards only: the update takes the sampler's log-probs as the
+    old ones (no forward pass of the old policy), and reports as ``logprob_mismatch`` its first step's
+    distance from them, which is the scoring forward's distance over that step's minibatch."""
+    import siajax.train.learner as learner_module
+    from siajax.train.learner import minibatch_orders
+    from siajax.train.policy import score_responses
+
+    _, tokenizer = tiny
+    ids = decoding_ids(tokenizer)
+    passes = []
+    monkeypatch.setattr(learner_module, "score_responses",
+                        lambda *a, **k: passes.append(k.get("lora", True)) or score_responses(*a, **k))
+    learner, state, frozen = _learner(tiny, recipe, cfg=recipe_config(recipe, kl_coef=0.0))
+    samples = generate(learner.policy(state, frozen), [p for p in _prompts(tokenizer) for _ in range(4)],
+                       key=jax.random.key(3), max_new_tokens=16, temperature=0.7,
+                       stop_token_ids=ids.stop_token_ids, pad_token_id=ids.pad_token_id)
+    rewards = (np.arange(16) % 3 == 0).astype(np.float32)
+    batch, _ = learner.make_batch(state, frozen, samples, rewards, group_size=4)
+    trained = np.asarray(samples.trained_mask)
+    np.testing.assert_array_equal(np.asarray(batch.rl.old_logprobs), np.where(trained, samples.logprobs, 0.0))
+    assert passes == []
+
+    tokens = jnp.concatenate([samples.prompt_tokens, samples.tokens], axis=1)
+    attention = jnp.concatenate([samples.prompt_mask, samples.mask], axis=1)
+    scored = score_responses(learner.parts, state.params, frozen, tokens, attention, samples.tokens.shape[1],
+                             jnp.full((16,), 0.7, jnp.float32)).logprobs
+    first_rows = np.asarray(minibatch_orders(state, 16, learner.schedule)[1][0])
+    gap = np.where(trained, np.abs(np.asarray(scored) - np.asarray(samples.logprobs)), 0.0)
+    _, metrics = learner.update(state, frozen, samples, rewards, group_size=4)
+    assert metrics["logprob_mismatch"] <= 1e-4
+    np.testing.assert_allclose(metrics["logprob_mismatch"], gap[first_rows].max(), atol=2e-6)

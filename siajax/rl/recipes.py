@@ -100,6 +100,10 @@ class Recipe:
     advantages: Callable
     min_group_size: int  # samples per prompt below which its advantages are undefined
     uses_critic: bool = False
+    # Whether its advantages read the old policy's forward pass (values, entropies). When not, the old
+    # log-probs are the sampler's own (the behaviour policy's, exact to ~1e-4: the first train step
+    # checks) and an update saves a forward pass over its batch.
+    reads_old_forward: bool = True
     # Whether the learner must score the frozen reference policy for a config (a forward pass per
     # update); a registered recipe may read ``ref`` anywhere, so it always gets one unless it says.
     uses_reference: Callable = lambda cfg: True
@@ -126,9 +130,10 @@ def _entropic(cfg, rewards, old, ref, mask, group_size: int):
 RECIPES: dict[str, Recipe] = {
     "ppo_gae": Recipe("ppo_gae", ppo_gae_loss, PPOConfig, _ppo_gae, min_group_size=1, uses_critic=True,
                       uses_reference=kl_to_reference),
-    "grpo": Recipe("grpo", grpo_loss, GRPOConfig, _grpo, min_group_size=2, uses_reference=kl_to_reference),
+    "grpo": Recipe("grpo", grpo_loss, GRPOConfig, _grpo, min_group_size=2, uses_reference=kl_to_reference,
+                   reads_old_forward=False),
     "entropic": Recipe("entropic", entropic_loss, EntropicConfig, _entropic, min_group_size=LOO_MIN_GROUP,
-                       uses_reference=kl_to_reference),
+                       uses_reference=kl_to_reference, reads_old_forward=False),
 }
 
 

@@ -22,6 +22,7 @@ from siajax.models import Transformer
 from siajax.parallel import PARTITION_RULES, StepShardings, batch_shard_count, mesh_context, shard_tree, step_shardings
 from siajax.parallel.distributed import to_global
 from siajax.rl import RLBatch, get_recipe, recipe_config
+from siajax.rl.losses import PolicyOutputs
 from siajax.sampling import GenerationResult
 from siajax.prompts import SharedPrompts, prompt_sharing
 from siajax.train.policy import (PolicyParts, TrainBatch, make_policy_loss, score_responses, take_rows,
@@ -100,9 +101,12 @@ class Learner:
         ``rewards``: NumPy, this process's rows (all rows with one process), or a jax.Array
         already laid out over the mesh's batch axes.
 
-        Metrics include ``logprob_mismatch``: max |old log-prob - sampler log-prob| over
-        the policy's tokens (every turn of an episode), which is ~0 when training sees the
-        distribution that sampled. Environment tokens (``samples.policy_mask``) are context only.
+        Recipes whose advantages read only log-probs (``Recipe.reads_old_forward`` false) take the
+        sampler's as the old ones and skip the old policy's forward pass. Otherwise metrics include
+        ``logprob_mismatch``: max |old log-prob - sampler log-prob| over the policy's tokens (every
+        turn of an episode), ~0 when training sees the distribution that sampled; for the others
+        :meth:`update` reports it from the first step (its minibatch's tokens). Environment tokens
+        (``samples.policy_mask``) are context only.
         """
         if samples.truncated:
             raise ValueError("the weight lever trains on samples drawn with top_p=1 and top_k=0: a top-p/top-k "
@@ -118,22 +122,22 @@ class Learner:
             tokens, attention, temperature = shard_tree((tokens, attention, temperature), self.mesh,
                                                         self.shardings.rules, prefix="batch")
         shared = self._shared_prompts(samples)
+        recipe, trained = get_recipe(self.recipe), samples.trained_mask
+        score = partial(score_responses, self.parts, state.params, frozen, tokens, attention, n, temperature,
+                        samples.allowed, shared=shared)
         with mesh_context(self.mesh), timing.phase("score"):
-            old = score_responses(self.parts, state.params, frozen, tokens, attention, n, temperature,
-                                  samples.allowed, shared=shared)
-            ref = None  # the frozen base's forward pass, only when a KL-to-reference term reads it
-            if get_recipe(self.recipe).uses_reference(self.cfg):
-                ref = score_responses(self.parts, state.params, frozen, tokens, attention, n, temperature,
-                                      samples.allowed, lora=False, shared=shared)
+            # The old policy is the one that sampled: its forward pass only when the advantages read more
+            # than its log-probs (the first train step measures the sampler's against training's forward).
+            old = score() if recipe.reads_old_forward else None
+            ref = score(lora=False) if recipe.uses_reference(self.cfg) else None  # the frozen base
             jax.block_until_ready((old, ref))
         if self.mesh is None:
             rewards = jnp.asarray(rewards, jnp.float32)
         elif not isinstance(rewards, jax.Array):
             rewards = to_global(np.asarray(rewards, np.float32), self.mesh, self.shardings.rules)
-        trained = samples.trained_mask
         with mesh_context(self.mesh):
-            extra, metrics = _rollout_targets(self.recipe, self.cfg, group_size, rewards, old, ref, trained,
-                                              samples.logprobs)
+            old, extra, metrics = _rollout_targets(self.recipe, self.cfg, group_size, rewards, old, ref, trained,
+                                                   samples.logprobs)
         rl = RLBatch(
             mask=extra.get("mask", trained), old_logprobs=old.logprobs, advantages=extra["advantages"],
             ref_logprobs=None if ref is None else ref.logprobs, returns=extra.get("returns"), old_values=old.values,
@@ -164,6 +168,10 @@ class Learner:
             per_step, steps_run = jax.device_get((per_step, steps_run))
         steps = {k: np.asarray(v)[:int(steps_run)] for k, v in per_step.items()}
         timing.count("train_tokens", int(steps.pop("train_tokens").sum()))
+        # Before the first step the policy is the one that sampled: with the sampler's log-probs as the
+        # old ones, that step's change is the sampler-vs-training mismatch (no dropout: LoRA's is 0 by default).
+        first_change = float(steps.pop("logprob_change")[0])
+        metrics.setdefault("logprob_mismatch", first_change)
         averaged = {k: float(np.mean(v)) for k, v in steps.items()}
         averaged.update({counted: float(steps[counted].sum()) for counted in STEP_OUTCOMES})  # counts, not means
         averaged["clip_fraction_last"] = float(steps["clip_fraction"][-1])
@@ -222,10 +230,15 @@ def scheduled_steps(train_step: Callable, schedule: UpdateSchedule) -> Callable:
 def _rollout_targets(recipe: str, cfg, group_size: int, rewards, old, ref, trained, sampler_logprobs):
     """The recipe's advantages and metrics, and the on-policy check, as one program: op-by-op on arrays
     that span processes, each op is its own collective program, and processes that dispatch them out
-    of step deadlock (seen under gloo). So a recipe's ``advantages`` must be jittable."""
-    extra, metrics = get_recipe(recipe).advantages(cfg, rewards, old, ref, trained, group_size)
-    mismatch = jnp.max(jnp.where(trained, jnp.abs(old.logprobs - sampler_logprobs), 0.0))
-    return extra, {**metrics, "logprob_mismatch": mismatch}
+    of step deadlock (seen under gloo). So a recipe's ``advantages`` must be jittable.
+    ``old`` None: the old policy is the sampler's log-probs (0 off the trained tokens); -> (old, ...)."""
+    if old is None:  # the first train step measures how far training's forward is from them
+        old = PolicyOutputs(jnp.where(trained, sampler_logprobs, 0.0), None)
+        metrics = {}
+    else:
+        metrics = {"logprob_mismatch": jnp.max(jnp.where(trained, jnp.abs(old.logprobs - sampler_logprobs), 0.0))}
+    extra, recipe_metrics = get_recipe(recipe).advantages(cfg, rewards, old, ref, trained, group_size)
+    return old, extra, {**recipe_metrics, **metrics}
 
 
 def bind_learner(parts: PolicyParts, recipe: str, optimizer: optax.GradientTransformation, *, cfg=None,

@@ -153,6 +153,14 @@ def make_policy_loss(parts: PolicyParts, objective: Callable, cfg) -> Callable:
             parts, params, frozen, batch.tokens, batch.attention_mask, batch.rl.mask.shape[1],
             temperature=temperature, allowed=batch.allowed, dropout_key=key, shared=batch.shared_prompts,
         )
-        return objective(policy, batch.rl, cfg)
+        loss, metrics = objective(policy, batch.rl, cfg)
+        return loss, {**metrics, "logprob_change": logprob_change(policy.logprobs, batch.rl)}
 
     return loss_fn
+
+
+def logprob_change(logprobs: jax.Array, rl: RLBatch) -> jax.Array:
+    """max |log pi(token) - old log-prob| over the trained tokens. On an update's first step, with the
+    sampler's log-probs as the old ones, it is how far training's forward is from the distribution
+    that sampled (``logprob_mismatch``). Combined over micro-batches by max (MAX_METRICS)."""
+    return jnp.max(jnp.where(rl.mask, jnp.abs(jax.lax.stop_gradient(logprobs) - rl.old_logprobs), 0.0))

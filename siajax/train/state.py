@@ -54,6 +54,19 @@ def _split_micro_batches(batch, micro_batches: int):
     return jax.tree.map(split, batch)
 
 
+MAX_METRICS = ("logprob_change",)  # step metrics that are maxima: micro-batches combine them by max, not sum
+
+
+def _combine_micro_batches(total, value):
+    """((loss, metrics), grads) of two micro-batches: shares add up, the MAX_METRICS take the max."""
+    (loss, metrics), grads = jax.tree.map(jnp.add, total, value)
+    (_, total_metrics), _ = total
+    (_, value_metrics), _ = value
+    maxima = {name: jnp.maximum(total_metrics[name], value_metrics[name]) for name in MAX_METRICS
+              if name in metrics}
+    return (loss, {**metrics, **maxima}), grads
+
+
 def _gradient_fn(loss_fn: LossFn, micro_batches: int):
     """(params, frozen, batch, key) -> ((loss, metrics), grads); with ``micro_batches > 1`` a
     ``lax.scan`` adds the micro-batches' values (memory of one micro-batch): each is a share."""
@@ -67,7 +80,7 @@ def _gradient_fn(loss_fn: LossFn, micro_batches: int):
 
         def accumulate(total, inputs):
             chunk, chunk_key = inputs
-            return jax.tree.map(jnp.add, total, grad_fn(params, frozen, chunk, chunk_key)), None
+            return _combine_micro_batches(total, grad_fn(params, frozen, chunk, chunk_key)), None
 
         first = grad_fn(params, frozen, jax.tree.map(lambda x: x[0], chunks), keys[0])
         value, _ = jax.lax.scan(accumulate, first, jax.tree.map(lambda x: x[1:], (chunks, keys)))
