@@ -101,8 +101,8 @@ class Recipe:
     min_group_size: int  # samples per prompt below which its advantages are undefined
     uses_critic: bool = False
     # Whether its advantages read the old policy's forward pass (values, entropies). When not, the old
-    # log-probs are the sampler's own (the behaviour policy's, exact to ~1e-4: the first train step
-    # checks) and an update saves a forward pass over its batch.
+    # log-probs are the sampler's own (the behaviour policy's, ~5e-5 from training's forward: the first
+    # train step measures it as ``logprob_mismatch``) and an update saves a forward pass over its batch.
     reads_old_forward: bool = True
     # Whether the learner must score the frozen reference policy for a config (a forward pass per
     # update); a registered recipe may read ``ref`` anywhere, so it always gets one unless it says.

@@ -69,7 +69,8 @@ def _combine_micro_batches(total, value):
 
 def _gradient_fn(loss_fn: LossFn, micro_batches: int):
     """(params, frozen, batch, key) -> ((loss, metrics), grads); with ``micro_batches > 1`` a
-    ``lax.scan`` adds the micro-batches' values (memory of one micro-batch): each is a share."""
+    ``lax.scan`` adds the micro-batches' values (memory of one micro-batch): each is a share
+    (the MAX_METRICS, maxima, combine by max)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if micro_batches == 1:
         return grad_fn
@@ -116,7 +117,7 @@ def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, m
 
     ``prepare_batch`` runs on the whole batch inside the step, before anything
     else. With ``micro_batches > 1`` the micro-batches' losses, metrics and
-    gradients are added, so each must be its share of the full batch's (policy
+    gradients are added (MAX_METRICS by max), so each must be its share of the full batch's (policy
     losses get that from ``prepare_batch=with_full_batch_normaliser``).
 
     A step is applied only when its loss and gradient are finite, its gradient
