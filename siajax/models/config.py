@@ -58,10 +58,12 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"  # per-block rematerialisation in the backward pass: none | dots | full
     attention: str = "auto"  # auto: cuDNN flash attention on GPU for bf16/fp16, XLA elsewhere
-    # Decode with the layers unrolled over per-layer weight copies: on 2 CPU cores 0-13% more decode
-    # tokens/s at batch 8-32 (ties at batch 1), one extra copy of the block weights while sampling, and
-    # a sampler compile that grows with depth (7.6 s at 32 layers against 2.3 s scanned). False (the
-    # default) scans the stacked block: compile flat in depth (experiments/bench_decode_depth.py).
+    # Decode with the layers unrolled over per-layer weight copies: the scan copies every layer's
+    # weights out of the stack at every step on XLA:CPU, so unrolled decodes 1.26-1.78x faster at
+    # batch 32-1 on 2 CPU cores (2026-12-06; 1.0-1.13x another day), for one extra copy of the block
+    # weights while sampling and a sampler compile that grows with depth (~8 s at 30 layers against
+    # ~2.5 s scanned). False (the default) scans the stacked block: compile flat in depth
+    # (experiments/bench_decode_depth.py, RESULTS).
     decode_unroll: bool = False
     # The context the checkpoint was trained for (HF ``max_position_embeddings``); None: not stated.
     # Nothing stops longer sequences (RoPE extrapolates); a server refuses requests past it.
