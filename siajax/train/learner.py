@@ -25,8 +25,8 @@ from siajax.rl import RLBatch, get_recipe, recipe_config
 from siajax.rl.losses import PolicyOutputs
 from siajax.sampling import GenerationResult
 from siajax.prompts import SharedPrompts, prompt_sharing
-from siajax.train.policy import (PolicyParts, TrainBatch, make_policy_loss, score_responses, take_rows,
-                                 with_full_batch_normaliser)
+from siajax.train.policy import (PolicyParts, TrainBatch, logprob_gap, make_policy_loss, score_responses,
+                                 take_rows, with_full_batch_normaliser)
 from siajax.train.state import TrainState, compile_step, train_step_fn
 
 
@@ -236,7 +236,7 @@ def _rollout_targets(recipe: str, cfg, group_size: int, rewards, old, ref, train
         old = PolicyOutputs(jnp.where(trained, sampler_logprobs, 0.0), None)
         metrics = {}
     else:
-        metrics = {"logprob_mismatch": jnp.max(jnp.where(trained, jnp.abs(old.logprobs - sampler_logprobs), 0.0))}
+        metrics = {"logprob_mismatch": logprob_gap(old.logprobs, sampler_logprobs, trained)}
     extra, recipe_metrics = get_recipe(recipe).advantages(cfg, rewards, old, ref, trained, group_size)
     return old, extra, {**recipe_metrics, **metrics}
 

@@ -159,8 +159,13 @@ def make_policy_loss(parts: PolicyParts, objective: Callable, cfg) -> Callable:
     return loss_fn
 
 
+def logprob_gap(logprobs: jax.Array, other: jax.Array, mask: jax.Array) -> jax.Array:
+    """max |logprobs - other| over the ``mask`` tokens: how far two passes over the same tokens disagree."""
+    return jnp.max(jnp.where(mask, jnp.abs(logprobs - other), 0.0))
+
+
 def logprob_change(logprobs: jax.Array, rl: RLBatch) -> jax.Array:
     """max |log pi(token) - old log-prob| over the trained tokens. On an update's first step, with the
     sampler's log-probs as the old ones, it is how far training's forward is from the distribution
     that sampled (``logprob_mismatch``). Combined over micro-batches by max (MAX_METRICS)."""
-    return jnp.max(jnp.where(rl.mask, jnp.abs(jax.lax.stop_gradient(logprobs) - rl.old_logprobs), 0.0))
+    return logprob_gap(jax.lax.stop_gradient(logprobs), rl.old_logprobs, rl.mask)
