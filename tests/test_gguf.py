@@ -120,3 +120,65 @@ def test_unsupported_architecture_and_quant_types_are_named(tmp_path):
     writer.close()
     with pytest.raises(GGUFError, match="architecture 'gpt2' is not supported"):
         convert_gguf(tmp_path / "gpt2.gguf", tmp_path / "out")
+
+
+def _their_fields(path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return reader, {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+
+
+def _assert_same_file(path):
+    from siajax.models.gguf_file import read_gguf
+
+    ours = read_gguf(path)
+    reader, fields = _their_fields(path)
+    assert ours.fields == fields
+    assert [(t.name, int(t.tensor_type), tuple(int(d) for d in t.shape)) for t in reader.tensors] == \
+        [(t.name, t.tensor_type, t.shape) for t in ours.tensors]
+    for theirs, mine in zip(reader.tensors, ours.tensors):
+        np.testing.assert_array_equal(np.ascontiguousarray(theirs.data).reshape(-1).view(np.uint8),
+                                      mine.data.reshape(-1))
+
+
+def test_reader_equals_the_gguf_packages_on_smollm2():
+    """Every metadata value (49,152-token vocabulary, merges, chat template) and every tensor's bytes."""
+    _assert_same_file(smollm2_gguf())
+
+
+def test_reader_equals_the_gguf_packages_on_every_value_type(tmp_path):
+    import gguf
+
+    path = tmp_path / "types.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for kind, value in [("uint8", 7), ("int8", -7), ("uint16", 700), ("int16", -700), ("uint32", 7 << 20),
+                        ("int32", -(7 << 20)), ("uint64", 7 << 40), ("int64", -(7 << 40)), ("float32", 0.5),
+                        ("float64", 0.25), ("bool", True), ("string", "naïve ✅")]:
+        getattr(writer, f"add_{kind}")(f"test.{kind}", value)
+    writer.add_array("test.ints", [1, -2, 3])
+    writer.add_array("test.floats", [0.5, 1.5])
+    writer.add_array("test.strings", ["a", "", "✅"])
+    writer.add_array("test.bools", [True, False])
+    writer.add_tensor("f32", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.add_tensor("f16", np.arange(64, dtype=np.float16).reshape(2, 32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    _assert_same_file(path)
+
+
+def test_truncated_or_foreign_gguf_files_fail_with_one_line(tmp_path):
+    from siajax.models.gguf_import import convert_gguf
+
+    whole = smollm2_gguf().read_bytes()
+    cases = {"metadata": whole[:200_000], "tensors": whole[:len(whole) // 2], "empty": b"",
+             "version": whole[:4] + (99).to_bytes(4, "little") + whole[8:200_000]}
+    for name, content in cases.items():
+        path = tmp_path / f"{name}.gguf"
+        path.write_bytes(content)
+        with pytest.raises(GGUFError, match="is not a readable GGUF file") as caught:
+            convert_gguf(path, tmp_path / "out")
+        assert "\n" not in str(caught.value)
+        assert not (tmp_path / "out").exists()

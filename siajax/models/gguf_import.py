@@ -3,6 +3,8 @@
 A GGUF holds the weights (often quantised), the architecture as metadata keys
 and the tokenizer (vocabulary, merges, special ids, chat template). Import:
 
+  * the container is read by :mod:`siajax.models.gguf_file` (metadata in one pass,
+    tensors as views of a memory map);
   * tensor names go through ``GGUF_NAME_MAP`` (one table, GGUF -> HF names), then
     through the same HF table every checkpoint uses (``hf_import.HF_WEIGHT_MAP``);
   * quantised types are dequantised by the ``gguf`` package (F32, F16, BF16,
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from siajax.cache import cache_root
+from siajax.models.gguf_file import GGUFFile, GGUFFormatError, read_gguf
 
 SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
 # The quant types this importer is tested with; others the gguf package can dequantise are allowed too.
@@ -98,54 +101,53 @@ def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _field(reader, key: str, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def _field(file: GGUFFile, key: str, default=None):
+    return file.fields.get(key, default)
 
 
-def hf_config(reader) -> dict:
+def hf_config(file: GGUFFile) -> dict:
     """The HF ``config.json`` the file's metadata describes (llama or qwen2)."""
-    architecture = _field(reader, "general.architecture")
+    architecture = _field(file, "general.architecture")
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(f"GGUF architecture {architecture!r} is not supported; siajax imports "
                         f"{sorted(SUPPORTED_ARCHITECTURES)}")
     prefix = architecture
-    heads = int(_field(reader, f"{prefix}.attention.head_count"))
-    hidden = int(_field(reader, f"{prefix}.embedding_length"))
-    names = {t.name for t in reader.tensors}
-    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    heads = int(_field(file, f"{prefix}.attention.head_count"))
+    hidden = int(_field(file, f"{prefix}.embedding_length"))
+    names = {t.name for t in file.tensors}
+    tokens = _field(file, "tokenizer.ggml.tokens") or []
     config = {
         "model_type": SUPPORTED_ARCHITECTURES[architecture], "architectures": ["LlamaForCausalLM" if
                                                                             architecture == "llama" else
                                                                             "Qwen2ForCausalLM"],
-        "vocab_size": int(_field(reader, f"{prefix}.vocab_size", len(tokens))),
-        "hidden_size": hidden, "intermediate_size": int(_field(reader, f"{prefix}.feed_forward_length")),
-        "num_hidden_layers": int(_field(reader, f"{prefix}.block_count")), "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(reader, f"{prefix}.attention.head_count_kv", heads)),
-        "head_dim": int(_field(reader, f"{prefix}.attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(_field(reader, f"{prefix}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(_field(reader, f"{prefix}.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_field(reader, f"{prefix}.context_length", 4096)),
+        "vocab_size": int(_field(file, f"{prefix}.vocab_size", len(tokens))),
+        "hidden_size": hidden, "intermediate_size": int(_field(file, f"{prefix}.feed_forward_length")),
+        "num_hidden_layers": int(_field(file, f"{prefix}.block_count")), "num_attention_heads": heads,
+        "num_key_value_heads": int(_field(file, f"{prefix}.attention.head_count_kv", heads)),
+        "head_dim": int(_field(file, f"{prefix}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(_field(file, f"{prefix}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(_field(file, f"{prefix}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_field(file, f"{prefix}.context_length", 4096)),
         "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
-        "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+        "bos_token_id": _field(file, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _field(file, "tokenizer.ggml.eos_token_id"),
+        "pad_token_id": _field(file, "tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",
     }
-    scaling = _field(reader, f"{prefix}.rope.scaling.type")
+    scaling = _field(file, f"{prefix}.rope.scaling.type")
     if scaling not in (None, "none"):
         config["rope_scaling"] = {"rope_type": scaling,
-                                  "factor": float(_field(reader, f"{prefix}.rope.scaling.factor", 1.0))}
+                                  "factor": float(_field(file, f"{prefix}.rope.scaling.factor", 1.0))}
     return config
 
 
-def iter_gguf_tensors(reader, config: dict):
+def iter_gguf_tensors(file: GGUFFile, config: dict):
     """Yields (HF name, float32 array in HF layout [out, in]) for every tensor of the file."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     llama = config["model_type"] == "llama"
-    for tensor in reader.tensors:
+    for tensor in file.tensors:
         name = gguf_name_to_hf(tensor.name)
         if name is None:
             if _IGNORED.fullmatch(tensor.name):
@@ -165,21 +167,21 @@ def iter_gguf_tensors(reader, config: dict):
         yield name, array
 
 
-def build_tokenizer(reader):
+def build_tokenizer(file: GGUFFile):
     """A ``PreTrainedTokenizerFast`` for the file's byte-level BPE vocabulary."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = _field(reader, "tokenizer.ggml.model")
+    model = _field(file, "tokenizer.ggml.model")
     if model != "gpt2":
         raise GGUFError(f"GGUF tokenizer model {model!r} is not supported; siajax rebuilds byte-level BPE "
                         "('gpt2') vocabularies")
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    pre = _field(file, "tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZER_SPLITS:
         raise GGUFError(f"GGUF pre-tokenizer {pre!r} is not supported; known: {sorted(PRE_TOKENIZER_SPLITS)}")
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(merge.split(" ", 1)) for merge in _field(reader, "tokenizer.ggml.merges", [])]
+    tokens = list(_field(file, "tokenizer.ggml.tokens"))
+    types = list(_field(file, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = [tuple(merge.split(" ", 1)) for merge in _field(file, "tokenizer.ggml.merges", [])]
     backend = Tokenizer(models.BPE(vocab={token: index for index, token in enumerate(tokens)}, merges=merges,
                                    fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -192,14 +194,14 @@ def build_tokenizer(reader):
                         for token, kind in zip(tokens, types) if kind == USER_DEFINED])
 
     def token_at(key):
-        index = _field(reader, key)
+        index = _field(file, key)
         return None if index is None else tokens[int(index)]
 
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=token_at("tokenizer.ggml.bos_token_id"),
         eos_token=token_at("tokenizer.ggml.eos_token_id"), unk_token=token_at("tokenizer.ggml.unknown_token_id"),
         pad_token=token_at("tokenizer.ggml.padding_token_id"),
-        chat_template=_field(reader, "tokenizer.chat_template"), clean_up_tokenization_spaces=False)
+        chat_template=_field(file, "tokenizer.chat_template"), clean_up_tokenization_spaces=False)
 
 
 def _cache_dir(path: Path) -> Path:
@@ -210,17 +212,16 @@ def _cache_dir(path: Path) -> Path:
 
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Writes the HF-format checkpoint directory for a GGUF file (float32 safetensors)."""
-    import gguf
     from safetensors.numpy import save_file
 
     path, out_dir = Path(path), Path(out_dir)
     try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as err:
+        file = read_gguf(path)
+    except (GGUFFormatError, UnicodeDecodeError, OSError) as err:
         raise GGUFError(f"{path} is not a readable GGUF file: {err}") from None
-    config = hf_config(reader)
-    tokenizer = build_tokenizer(reader)
-    tensors = dict(iter_gguf_tensors(reader, config))
+    config = hf_config(file)
+    tokenizer = build_tokenizer(file)
+    tensors = dict(iter_gguf_tensors(file, config))
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(tmp / "model.safetensors"))
