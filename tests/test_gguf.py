@@ -122,7 +122,8 @@ def test_unsupported_architecture_and_quant_types_are_named(tmp_path):
         convert_gguf(tmp_path / "gpt2.gguf", tmp_path / "out")
 
 
-def _their_fields(path) -> dict:
+def _gguf_package_view(path) -> tuple:
+    """-> (the gguf package's reader of ``path``, its metadata values by key)."""
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -133,7 +134,7 @@ def _assert_same_file(path):
     from siajax.models.gguf_file import read_gguf
 
     ours = read_gguf(path)
-    reader, fields = _their_fields(path)
+    reader, fields = _gguf_package_view(path)
     assert ours.fields == fields
     assert [(t.name, int(t.tensor_type), tuple(int(d) for d in t.shape)) for t in reader.tensors] == \
         [(t.name, t.tensor_type, t.shape) for t in ours.tensors]
