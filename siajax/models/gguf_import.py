@@ -101,43 +101,39 @@ def unpermute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _field(file: GGUFFile, key: str, default=None):
-    return file.fields.get(key, default)
-
-
 def hf_config(file: GGUFFile) -> dict:
     """The HF ``config.json`` the file's metadata describes (llama or qwen2)."""
-    architecture = _field(file, "general.architecture")
+    architecture = file.fields.get("general.architecture")
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(f"GGUF architecture {architecture!r} is not supported; siajax imports "
                         f"{sorted(SUPPORTED_ARCHITECTURES)}")
     prefix = architecture
-    heads = int(_field(file, f"{prefix}.attention.head_count"))
-    hidden = int(_field(file, f"{prefix}.embedding_length"))
+    heads = int(file.fields.get(f"{prefix}.attention.head_count"))
+    hidden = int(file.fields.get(f"{prefix}.embedding_length"))
     names = {t.name for t in file.tensors}
-    tokens = _field(file, "tokenizer.ggml.tokens") or []
+    tokens = file.fields.get("tokenizer.ggml.tokens") or []
     config = {
         "model_type": SUPPORTED_ARCHITECTURES[architecture], "architectures": ["LlamaForCausalLM" if
                                                                             architecture == "llama" else
                                                                             "Qwen2ForCausalLM"],
-        "vocab_size": int(_field(file, f"{prefix}.vocab_size", len(tokens))),
-        "hidden_size": hidden, "intermediate_size": int(_field(file, f"{prefix}.feed_forward_length")),
-        "num_hidden_layers": int(_field(file, f"{prefix}.block_count")), "num_attention_heads": heads,
-        "num_key_value_heads": int(_field(file, f"{prefix}.attention.head_count_kv", heads)),
-        "head_dim": int(_field(file, f"{prefix}.attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(_field(file, f"{prefix}.attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": float(_field(file, f"{prefix}.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(_field(file, f"{prefix}.context_length", 4096)),
+        "vocab_size": int(file.fields.get(f"{prefix}.vocab_size", len(tokens))),
+        "hidden_size": hidden, "intermediate_size": int(file.fields.get(f"{prefix}.feed_forward_length")),
+        "num_hidden_layers": int(file.fields.get(f"{prefix}.block_count")), "num_attention_heads": heads,
+        "num_key_value_heads": int(file.fields.get(f"{prefix}.attention.head_count_kv", heads)),
+        "head_dim": int(file.fields.get(f"{prefix}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(file.fields.get(f"{prefix}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(file.fields.get(f"{prefix}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(file.fields.get(f"{prefix}.context_length", 4096)),
         "tie_word_embeddings": "output.weight" not in names, "hidden_act": "silu",
-        "bos_token_id": _field(file, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": _field(file, "tokenizer.ggml.eos_token_id"),
-        "pad_token_id": _field(file, "tokenizer.ggml.padding_token_id"),
+        "bos_token_id": file.fields.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": file.fields.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": file.fields.get("tokenizer.ggml.padding_token_id"),
         "torch_dtype": "float32",
     }
-    scaling = _field(file, f"{prefix}.rope.scaling.type")
+    scaling = file.fields.get(f"{prefix}.rope.scaling.type")
     if scaling not in (None, "none"):
         config["rope_scaling"] = {"rope_type": scaling,
-                                  "factor": float(_field(file, f"{prefix}.rope.scaling.factor", 1.0))}
+                                  "factor": float(file.fields.get(f"{prefix}.rope.scaling.factor", 1.0))}
     return config
 
 
@@ -172,16 +168,16 @@ def build_tokenizer(file: GGUFFile):
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    model = _field(file, "tokenizer.ggml.model")
+    model = file.fields.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise GGUFError(f"GGUF tokenizer model {model!r} is not supported; siajax rebuilds byte-level BPE "
                         "('gpt2') vocabularies")
-    pre = _field(file, "tokenizer.ggml.pre", "default")
+    pre = file.fields.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZER_SPLITS:
         raise GGUFError(f"GGUF pre-tokenizer {pre!r} is not supported; known: {sorted(PRE_TOKENIZER_SPLITS)}")
-    tokens = list(_field(file, "tokenizer.ggml.tokens"))
-    types = list(_field(file, "tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(merge.split(" ", 1)) for merge in _field(file, "tokenizer.ggml.merges", [])]
+    tokens = list(file.fields.get("tokenizer.ggml.tokens"))
+    types = list(file.fields.get("tokenizer.ggml.token_type", [1] * len(tokens)))
+    merges = [tuple(merge.split(" ", 1)) for merge in file.fields.get("tokenizer.ggml.merges", [])]
     backend = Tokenizer(models.BPE(vocab={token: index for index, token in enumerate(tokens)}, merges=merges,
                                    fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -194,14 +190,14 @@ def build_tokenizer(file: GGUFFile):
                         for token, kind in zip(tokens, types) if kind == USER_DEFINED])
 
     def token_at(key):
-        index = _field(file, key)
+        index = file.fields.get(key)
         return None if index is None else tokens[int(index)]
 
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=token_at("tokenizer.ggml.bos_token_id"),
         eos_token=token_at("tokenizer.ggml.eos_token_id"), unk_token=token_at("tokenizer.ggml.unknown_token_id"),
         pad_token=token_at("tokenizer.ggml.padding_token_id"),
-        chat_template=_field(file, "tokenizer.chat_template"), clean_up_tokenization_spaces=False)
+        chat_template=file.fields.get("tokenizer.chat_template"), clean_up_tokenization_spaces=False)
 
 
 def _cache_dir(path: Path) -> Path:
