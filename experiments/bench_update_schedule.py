@@ -13,8 +13,10 @@ Shapes: the main job's update (32 rows = 4 prompts x 8, 64-token prompts,
 24-token responses) on a random SmolLM2-135M-shaped Llama and on the bundled
 tiny model, under PPO's default schedule (2 epochs x 4 minibatches). Reports
 the first call (compile included) and the median of ``--repeats`` warm calls.
+``--trace-only`` reports instead the seconds JAX spends tracing the scheduled
+program (Python, before lowering and compiling: paid on every first run).
 
-    python experiments/bench_update_schedule.py [--layers 30] [--repeats 5] [--out FILE]
+    python experiments/bench_update_schedule.py [--layers 30] [--repeats 5] [--trace-only] [--out FILE]
 """
 
 from __future__ import annotations
@@ -75,11 +77,27 @@ def scheduled_driver(step, schedule):
     return update
 
 
-def bench(name: str, model, batch, schedule, repeats: int) -> dict:
+def grpo_step(model):
+    """-> (the pure GRPO train step, trainable params, frozen base, optimizer) for ``model``."""
     parts, params, frozen = split_policy(model)
     optimizer = optax.adam(1e-5)
     step = train_step_fn(make_policy_loss(parts, grpo_loss, CFG), optimizer,
                          prepare_batch=partial(with_full_batch_normaliser, aggregation=CFG.aggregation))
+    return step, params, frozen, optimizer
+
+
+def trace_seconds(name: str, model, batch, schedule, repeats: int) -> dict:
+    """Median seconds to trace the scheduled program (a fresh program each time: no trace cache)."""
+    step, params, frozen, optimizer = grpo_step(model)
+    state = init_train_state(params, optimizer, 0)
+    seconds = median_seconds(lambda: jax.jit(scheduled_steps(step, schedule)).trace(state, frozen, batch),
+                             repeats, warmup=1)
+    print(f"{name:>14}  trace {seconds:.2f} s", flush=True)
+    return {"model": name, "trace_s": seconds}
+
+
+def bench(name: str, model, batch, schedule, repeats: int) -> dict:
+    step, params, frozen, optimizer = grpo_step(model)
     row = {"model": name}
     for label, make in (("per_step", per_step_driver), ("scheduled", scheduled_driver)):
         update, holder = make(step, schedule), {"state": init_train_state(params, optimizer, 0)}
@@ -103,15 +121,17 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("experiments/out/bench_update_schedule.json"))
+    parser.add_argument("--trace-only", action="store_true", help="time tracing the scheduled program only")
+    parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    schedule = DEFAULT_SCHEDULES["ppo_gae"]
+    args.out = args.out or Path(f"experiments/out/bench_update_{'trace' if args.trace_only else 'schedule'}.json")
+    schedule, measure = DEFAULT_SCHEDULES["ppo_gae"], trace_seconds if args.trace_only else bench
     tiny, _ = from_pretrained(BUNDLED_TINY_MODEL)
     add_lora(tiny, LoRAConfig(rank=8, alpha=16), key=jax.random.key(0))
-    rows = [bench("tiny-llama", tiny, grpo_batch(32, 64, 24, tiny.config.vocab_size)[1], schedule, args.repeats)]
+    rows = [measure("tiny-llama", tiny, grpo_batch(32, 64, 24, tiny.config.vocab_size)[1], schedule, args.repeats)]
     big = smollm2_shaped(args.layers)
-    rows.append(bench(f"smollm2-{args.layers}L", big, grpo_batch(32, 64, 24, big.config.vocab_size)[1], schedule,
-                      args.repeats))
+    rows.append(measure(f"smollm2-{args.layers}L", big, grpo_batch(32, 64, 24, big.config.vocab_size)[1], schedule,
+                        args.repeats))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"schedule": dataclasses.asdict(schedule),
                                     "rows_per_update": 32, "backend": jax.default_backend(),

@@ -200,6 +200,7 @@ def scheduled_steps(train_step: Callable, schedule: UpdateSchedule) -> Callable:
     applied). Slots after the last step run are zeros."""
     total = schedule.epochs * schedule.minibatches
 
+    @jax.jit  # traced once: eval_shape below and the loop body then share that trace
     def step_on(state, frozen, batch, rows):
         minibatch = batch if schedule.minibatches == 1 else take_rows(batch, rows)
         state, metrics = train_step(state, frozen, minibatch)
