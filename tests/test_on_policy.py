@@ -109,6 +109,7 @@ def test_ppo_update_takes_several_steps_and_the_clip_engages(tiny):
                                       schedule=UpdateSchedule(epochs=2, minibatches=2, target_kl=1e-6))
     _, metrics = learner.update(state, frozen, samples_of(learner, state, frozen), rewards, group_size=4)
     assert metrics["optimizer_steps"] < 4
+    assert metrics["kl_stop"] == 1 and metrics["grad_norm"] > 0  # the norm of the steps that ran a backward pass
 
 
 def _reference_stats(hidden, head, targets, temperature, allowed=None):
@@ -148,6 +149,14 @@ def test_chunked_token_stats_match_a_float64_full_vocabulary_reference(chunk):
                                            allowed=jnp.asarray(allowed), chunk=chunk).logprobs.sum())(
         jnp.asarray(hidden))
     assert np.isfinite(np.asarray(grads)).all()
+    # The gradient through the rematerialised chunks equals the full-vocabulary log-softmax's.
+    def full_vocabulary(h):
+        log_p = jax.nn.log_softmax(jnp.einsum("bte,ev->btv", h, jnp.asarray(head)) / 0.7, axis=-1)
+        return jnp.take_along_axis(log_p, jnp.asarray(targets)[..., None], -1).sum()
+    def chunked(h):
+        return token_stats(h, jnp.asarray(head), jnp.asarray(targets), 0.7, chunk=chunk).logprobs.sum()
+    np.testing.assert_allclose(np.asarray(jax.grad(chunked)(jnp.asarray(hidden))),
+                               np.asarray(jax.grad(full_vocabulary)(jnp.asarray(hidden))), atol=2e-5, rtol=1e-4)
 
 
 def test_lora_a_is_initialised_with_fan_in_scaling_per_layer(tiny):

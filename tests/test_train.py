@@ -277,3 +277,31 @@ def test_a_scheduled_update_is_its_steps_run_one_by_one(target_kl):
             np.testing.assert_allclose(per_step[name][index], metrics[name], rtol=1e-5, atol=1e-7, err_msg=name)
     for a, b in zip(_leaves(scheduled.params), _leaves(state.params)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_a_step_past_the_kl_limit_runs_no_backward_pass_and_leaves_the_state():
+    """Past the limit the forward pass decides: kl_stop, no gradient computed (grad_norm 0), params and
+    optimiser state as they were; within it the guarded step equals the unguarded one."""
+    from siajax.train import train_step_fn
+
+    parts, params, frozen, batch = tiny_policy_batch(seed=2)
+    optimizer = optax.adam(3e-2)
+
+    def run(max_approx_kl):
+        step = train_step_fn(make_policy_loss(parts, grpo_loss, CFG), optimizer, max_approx_kl=max_approx_kl,
+                             prepare_batch=partial(with_full_batch_normaliser, aggregation=CFG.aggregation))
+        start = init_train_state(params, optimizer, seed=0)
+        return start, jax.jit(step)(init_train_state(params, optimizer, seed=0), frozen, batch)
+
+    start, (stopped, metrics) = run(-1.0)  # approx-KL >= 0: always past
+    assert int(metrics["kl_stop"]) == 1 and int(metrics["skipped"]) == 0 and int(metrics["no_signal"]) == 0
+    assert float(metrics["grad_norm"]) == 0.0 and np.isfinite(float(metrics["loss"]))
+    assert int(stopped.step) == 0
+    for a, b in zip(_leaves((stopped.params, stopped.opt_state)), _leaves((start.params, start.opt_state))):
+        np.testing.assert_array_equal(a, b)
+    _, (guarded, guarded_metrics) = run(1e9)
+    _, (free, free_metrics) = run(None)
+    assert int(guarded_metrics["kl_stop"]) == 0 and float(guarded_metrics["grad_norm"]) > 0
+    np.testing.assert_allclose(float(guarded_metrics["grad_norm"]), float(free_metrics["grad_norm"]), rtol=1e-6)
+    for a, b in zip(_leaves(guarded.params), _leaves(free.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -155,7 +155,8 @@ class Learner:
         """-> (new state, metrics): the schedule's epochs x minibatches optimiser steps, run as one
         compiled program (:func:`scheduled_steps`) that the host waits on once.
 
-        Step metrics are averaged over the steps run; ``clip_fraction_last`` is
+        Step metrics are averaged over the steps run (``grad_norm`` over those that
+        ran a backward pass: not a ``kl_stop`` step); ``clip_fraction_last`` is
         the final step's; ``optimizer_steps`` counts the steps run,
         ``applied_steps`` those that changed the weights, and ``skipped`` /
         ``no_signal`` / ``kl_stop`` the others by reason.
@@ -173,6 +174,8 @@ class Learner:
         first_change = float(steps.pop("logprob_change")[0])
         metrics.setdefault("logprob_mismatch", first_change)
         averaged = {k: float(np.mean(v)) for k, v in steps.items()}
+        backward = steps["kl_stop"] == 0  # a kl_stop step runs no backward pass: it has no gradient norm
+        averaged["grad_norm"] = float(np.mean(steps["grad_norm"][backward])) if backward.any() else 0.0
         averaged.update({counted: float(steps[counted].sum()) for counted in STEP_OUTCOMES})  # counts, not means
         averaged["clip_fraction_last"] = float(steps["clip_fraction"][-1])
         averaged["optimizer_steps"] = int(steps_run)

@@ -6,6 +6,7 @@ The imperative shell (sampling, I/O, the SIA loop) stays outside; inside,
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -67,13 +68,22 @@ def _combine_micro_batches(total, value):
     return (loss, {**metrics, **maxima}), grads
 
 
-def _gradient_fn(loss_fn: LossFn, micro_batches: int):
+def _within_kl(metrics: dict, max_approx_kl: float | None) -> jax.Array:
+    """Whether the policy before the step is within ``max_approx_kl`` of the sampling one."""
+    return jnp.asarray(True) if max_approx_kl is None else metrics["approx_kl"] <= max_approx_kl
+
+
+def _gradient_fn(loss_fn: LossFn, micro_batches: int, max_approx_kl: float | None = None):
     """(params, frozen, batch, key) -> ((loss, metrics), grads); with ``micro_batches > 1`` a
     ``lax.scan`` adds the micro-batches' values (memory of one micro-batch): each is a share
-    (the MAX_METRICS, maxima, combine by max)."""
+    (the MAX_METRICS, maxima, combine by max).
+
+    With one micro-batch and a KL limit, the backward pass runs only when the forward finds the
+    policy within the limit: past it the step is not applied, so its gradient (about half the
+    step's time) is left as zeros. Micro-batches know the KL only after every backward pass."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if micro_batches == 1:
-        return grad_fn
+        return grad_fn if max_approx_kl is None else partial(_gradient_within_kl, loss_fn, max_approx_kl)
 
     def gradients(params, frozen, batch, key):
         chunks = _split_micro_batches(batch, micro_batches)
@@ -90,15 +100,24 @@ def _gradient_fn(loss_fn: LossFn, micro_batches: int):
     return gradients
 
 
+def _gradient_within_kl(loss_fn: LossFn, max_approx_kl: float, params, frozen, batch, key):
+    """((loss, metrics), grads): the forward pass, then its backward under a ``lax.cond`` on the KL."""
+    loss, pullback, metrics = jax.vjp(lambda p: loss_fn(p, frozen, batch, key), params, has_aux=True)
+    grads = jax.lax.cond(_within_kl(metrics, max_approx_kl), lambda: pullback(jnp.ones_like(loss))[0],
+                         lambda: jax.tree.map(jnp.zeros_like, params))
+    return (loss, metrics), grads
+
+
 def _step_outcomes(loss, grad_norm, metrics: dict, max_approx_kl: float | None):
-    """-> (apply?, the counts of why not): a non-finite loss or gradient (``skipped``), an exactly zero
-    gradient (``no_signal``), or a policy already past the KL limit before stepping (``kl_stop``)."""
+    """-> (apply?, the counts of why not): a policy already past the KL limit before stepping, its loss
+    finite (``kl_stop``: decided from the forward pass, its gradient may not have been computed),
+    else a non-finite loss or gradient (``skipped``) or an exactly zero gradient (``no_signal``)."""
+    kl_stop = jnp.isfinite(loss) & ~_within_kl(metrics, max_approx_kl)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)  # the norm is finite iff every entry is
     signal = grad_norm > 0
-    within_kl = True if max_approx_kl is None else metrics["approx_kl"] <= max_approx_kl
-    counts = {"skipped": (~finite).astype(jnp.int32), "no_signal": (finite & ~signal).astype(jnp.int32),
-              "kl_stop": (finite & signal & ~within_kl).astype(jnp.int32)}
-    return finite & signal & within_kl, counts
+    counts = {"skipped": (~kl_stop & ~finite).astype(jnp.int32),
+              "no_signal": (~kl_stop & finite & ~signal).astype(jnp.int32), "kl_stop": kl_stop.astype(jnp.int32)}
+    return ~kl_stop & finite & signal, counts
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, micro_batches: int = 1,
@@ -125,9 +144,10 @@ def train_step_fn(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, m
     ``max_approx_kl``, the policy before it is within that KL of the sampling
     policy; otherwise params and optimiser state are left as they were (one
     ``lax.cond``, for any optimiser) and ``metrics`` counts why (``skipped``,
-    ``no_signal``, ``kl_stop``). ``state.step`` counts applied steps.
+    ``no_signal``, ``kl_stop``). ``state.step`` counts applied steps. A step
+    past the KL limit runs no backward pass (one micro-batch): its ``grad_norm`` reads 0.
     """
-    gradients = _gradient_fn(loss_fn, micro_batches)
+    gradients = _gradient_fn(loss_fn, micro_batches, max_approx_kl)
 
     def apply_update(operands):
         params, opt_state, grads = operands
