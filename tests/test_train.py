@@ -291,7 +291,7 @@ def test_a_step_past_the_kl_limit_runs_no_backward_pass_and_leaves_the_state():
         step = train_step_fn(make_policy_loss(parts, grpo_loss, CFG), optimizer, max_approx_kl=max_approx_kl,
                              prepare_batch=partial(with_full_batch_normaliser, aggregation=CFG.aggregation))
         start = init_train_state(params, optimizer, seed=0)
-        return start, jax.jit(step)(init_train_state(params, optimizer, seed=0), frozen, batch)
+        return start, jax.jit(step)(start, frozen, batch)  # not donated: start stays readable
 
     start, (stopped, metrics) = run(-1.0)  # approx-KL >= 0: always past
     assert int(metrics["kl_stop"]) == 1 and int(metrics["skipped"]) == 0 and int(metrics["no_signal"]) == 0
