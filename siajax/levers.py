@@ -206,7 +206,7 @@ def train_weights(policy: TrainablePolicy, task: Task, harness: Harness, recipe:
         rng = np.random.RandomState(config.seed * 100_003 + generation * 101 + update)
         picks = rng.choice(len(train_items), size=min(config.items_per_generation, len(train_items)), replace=False)
         emit("rollouts", {"generation": generation, "update": update})
-        backend = policy.backend(model)  # the weights of this update
+        backend = policy.backend(model, reuse_samples=False)  # the weights of this update
         result = run_items(task, sampling_harness, backend, [train_items[i] for i in sorted(picks)], sample_key)
         records.extend({**r, "update": update} for r in result.records)
         spend.rollout_samples += result.replies

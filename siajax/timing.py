@@ -29,7 +29,8 @@ from jax import monitoring
 
 PHASES = ("compile", "prefill", "decode", "verify", "score", "train_step", "checkpoint", "agents", "other")
 STAGES = ("evaluation", "rollouts", "training")
-COUNTS = ("compiles", "cache_hits", "prefill_tokens", "generated_tokens", "train_tokens")
+COUNTS = ("compiles", "cache_hits", "prefill_tokens", "generated_tokens", "train_tokens",
+          "reused_samples")  # rows a sampler memo answered (siajax.agents.sample_memo): not decoded again
 # JAX's compile pipeline, as jax.monitoring reports it (jax/_src/dispatch.py, compiler.py).
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")

@@ -183,3 +183,25 @@ def test_truncated_or_foreign_gguf_files_fail_with_one_line(tmp_path):
             convert_gguf(path, tmp_path / "out")
         assert "\n" not in str(caught.value)
         assert not (tmp_path / "out").exists()
+
+
+def test_a_generic_fast_tokenizer_loads_as_autotokenizer_would_without_importing_torch(ours):
+    """The converted GGUF directory names the generic fast tokenizer: siajax loads that class directly
+    (the one AutoTokenizer picks, with the same ids and template), and a fresh process that loads the
+    embedded default model never imports PyTorch."""
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    tokenizer = ours[1]
+    reference = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    assert type(tokenizer) is type(reference)
+    messages = [{"role": "user", "content": TEXTS[1]}]
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"] == \
+        reference.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert tokenizer.all_special_ids == reference.all_special_ids and tokenizer.pad_token == reference.pad_token
+    probe = ("import sys; from siajax.models import from_pretrained; from_pretrained('smollm2-135m-instruct'); "
+             "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -13,7 +13,10 @@ import os
 
 import jax
 import numpy as np
+from flax import nnx
 
+from siajax import timing
+from siajax.agents.sample_memo import SampleMemo, key_bytes
 from siajax.harness import SamplingParams
 from siajax.harness.constrained import label_automaton
 from siajax.models.tokenizer import DecodingIds, decoding_ids
@@ -35,11 +38,13 @@ class Completion:
 class LocalPolicyBackend:
     """Samples from a siajax Transformer (with whatever LoRA it carries) via the jitted sampler
     (SPMD over ``mesh`` when given). With a mesh over several processes, every process asks for
-    every row and gets every row back (the SIA loop's driver runs alike on each)."""
+    every row and gets every row back (the SIA loop's driver runs alike on each). With a ``memo``
+    (:class:`~siajax.agents.sample_memo.SampleMemo`) a request it has answered on these weights is
+    answered again from it, without decoding."""
 
     def __init__(self, model, tokenizer, mesh=None, decoding: DecodingIds | None = None,
-                 retire_finished_rows: int = 0):
-        self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
+                 retire_finished_rows: int = 0, memo: SampleMemo | None = None):
+        self.model, self.tokenizer, self.mesh, self.memo = model, tokenizer, mesh, memo
         self.retire_finished_rows = retire_finished_rows  # see siajax.sampling.generate
         self.decoding = decoding_ids(tokenizer) if decoding is None else decoding
         self._automata, self._turn_tail = {}, None
@@ -76,7 +81,30 @@ class LocalPolicyBackend:
         ``max_call_tokens`` and whose prefill attention fits ``max_call_scores``
         (long prompts in small calls, short ones in large), then put back in order.
         """
-        constraint = self.automaton(parser) if parser is not None and parser.constrained else None
+        constrained = parser is not None and parser.constrained
+        if self.memo is None:
+            return self._draw(prompts, sampling, key, parser if constrained else None)
+        weights = jax.tree.leaves(nnx.state(self.model))
+        request = self._request(prompts, sampling, key, parser if constrained else None)
+        reused = self.memo.get(weights, request)
+        if reused is not None:
+            timing.count("reused_samples", len(prompts))
+            return list(reused[0]), reused[1]
+        completions, result = self._draw(prompts, sampling, key, parser if constrained else None)
+        self.memo.put(weights, request, (tuple(completions), result))
+        return completions, result
+
+    def _request(self, prompts, sampling: SamplingParams, key: jax.Array, parser) -> tuple:
+        """Everything but the weights that a :meth:`sample_ids` call's draws depend on."""
+        language = None if parser is None else (tuple(parser.labels), parser.answer_prefix, parser.label_separator,
+                                                parser.answer_suffix)
+        return (tuple(map(tuple, prompts)), sampling.max_new_tokens, sampling.temperature, sampling.top_k,
+                sampling.top_p, key_bytes(key), language, self.decoding, id(self.mesh), self.retire_finished_rows,
+                self.max_call_tokens, self.max_call_scores, self.max_call_rows)
+
+    def _draw(self, prompts: list[list[int]], sampling: SamplingParams, key: jax.Array, parser):
+        """:meth:`sample_ids` without the memo (``parser``: a constrained one, or None)."""
+        constraint = None if parser is None else self.automaton(parser)
         parts, order = [], sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         for index, rows in enumerate(self._calls([len(prompts[i]) for i in order], sampling.max_new_tokens)):
             chunk = [prompts[order[i]] for i in rows]

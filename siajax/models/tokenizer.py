@@ -19,8 +19,21 @@ class DecodingIds(NamedTuple):
     pad_token_id: int
 
 
+GENERIC_FAST_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")  # one class, two names (transformers 5)
+
+
 def load_tokenizer(directory: str | os.PathLike):
-    """The checkpoint directory's tokenizer through ``transformers.AutoTokenizer``."""
+    """The checkpoint directory's tokenizer, as ``transformers.AutoTokenizer`` picks it.
+
+    A directory that names the generic fast tokenizer (what siajax writes for a GGUF file, and the
+    bundled tiny model) loads through that class directly: ``AutoTokenizer`` would pick the same
+    class, but importing it imports PyTorch when installed (~1.6 s of every run's start-up).
+    """
+    config = Path(directory) / "tokenizer_config.json"
+    if config.is_file() and json.loads(config.read_text()).get("tokenizer_class") in GENERIC_FAST_TOKENIZERS:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(directory))
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(directory))

@@ -10,6 +10,7 @@ import numpy as np
 from flax import nnx
 
 from siajax.agents import LocalPolicyBackend
+from siajax.agents.sample_memo import SampleMemo
 from siajax.config import RunConfig, total_optimizer_steps
 from siajax.models import LoRAConfig, from_pretrained
 from siajax.parallel import MeshConfig, make_mesh, replicated, shard_tree
@@ -41,6 +42,7 @@ class TrainablePolicy:
             self.mesh = make_mesh(MeshConfig.parse(mesh), jax.devices())
             self.state, self.frozen, self.shardings = place_on_mesh(self.state, self.frozen, self.mesh)
         self._learners: dict[str, Learner] = {}
+        self.sample_memo = SampleMemo()  # evaluations that ask again for the same samples decode nothing
 
     def learner(self, recipe: str) -> Learner:
         if recipe not in self._learners:
@@ -86,7 +88,10 @@ class TrainablePolicy:
         """The policy as one model: the frozen base with the current adapters."""
         return nnx.merge(self.parts.graphdef, self.state.params["lora"], self.frozen)
 
-    def backend(self, model=None) -> LocalPolicyBackend:
-        """A sampler over ``model`` (default: the current policy) with this run's decode settings."""
+    def backend(self, model=None, *, reuse_samples: bool = True) -> LocalPolicyBackend:
+        """A sampler over ``model`` (default: the current policy) with this run's decode settings; with
+        ``reuse_samples`` a request already answered on the same weights is answered from the run's
+        memo (rollouts pass False: each update's weights are new, so they would only crowd it)."""
         return LocalPolicyBackend(self.model() if model is None else model, self.tokenizer, mesh=self.mesh,
-                                  retire_finished_rows=self.config.retire_finished_rows)
+                                  retire_finished_rows=self.config.retire_finished_rows,
+                                  memo=self.sample_memo if reuse_samples else None)
