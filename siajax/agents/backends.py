@@ -99,7 +99,7 @@ class LocalPolicyBackend:
         language = None if parser is None else (tuple(parser.labels), parser.answer_prefix, parser.label_separator,
                                                 parser.answer_suffix)
         return (tuple(map(tuple, prompts)), sampling.max_new_tokens, sampling.temperature, sampling.top_k,
-                sampling.top_p, key_bytes(key), language, self.decoding, id(self.mesh), self.retire_finished_rows,
+                sampling.top_p, key_bytes(key), language, self.decoding, self.mesh, self.retire_finished_rows,
                 self.max_call_tokens, self.max_call_scores, self.max_call_rows)
 
     def _draw(self, prompts: list[list[int]], sampling: SamplingParams, key: jax.Array, parser):
