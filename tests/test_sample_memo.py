@@ -122,7 +122,7 @@ def test_a_parser_only_candidate_is_scored_on_the_evaluations_own_samples(tiny, 
     assert reused.scores == fresh.scores and reused.records == fresh.records
 
 
-def test_a_runs_evaluations_share_the_policys_memo_and_rollouts_do_not(tmp_path):
+def test_a_runs_evaluations_share_the_policys_memo_and_rollouts_do_not():
     from siajax.train.trainable import TrainablePolicy
 
     policy = TrainablePolicy(RunConfig(task="digits", model=str(BUNDLED_TINY_MODEL), seed=1))

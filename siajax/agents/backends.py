@@ -35,6 +35,11 @@ class Completion:
     finish_reason: str = "stop"
 
 
+def _label_language(parser) -> tuple:
+    """What a constrained parser's token automaton is built from: its labels and answer format."""
+    return tuple(parser.labels), parser.answer_prefix, parser.label_separator, parser.answer_suffix
+
+
 class LocalPolicyBackend:
     """Samples from a siajax Transformer (with whatever LoRA it carries) via the jitted sampler
     (SPMD over ``mesh`` when given). With a mesh over several processes, every process asks for
@@ -51,7 +56,7 @@ class LocalPolicyBackend:
 
     def automaton(self, parser):
         """The token automaton of a constrained parser (built once per label set and format)."""
-        key = (parser.labels, parser.answer_prefix, parser.label_separator, parser.answer_suffix)
+        key = _label_language(parser)
         if key not in self._automata:
             encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
             self._automata[key] = label_automaton(
@@ -81,23 +86,22 @@ class LocalPolicyBackend:
         ``max_call_tokens`` and whose prefill attention fits ``max_call_scores``
         (long prompts in small calls, short ones in large), then put back in order.
         """
-        constrained = parser is not None and parser.constrained
+        parser = parser if parser is not None and parser.constrained else None
         if self.memo is None:
-            return self._draw(prompts, sampling, key, parser if constrained else None)
+            return self._draw(prompts, sampling, key, parser)
         weights = jax.tree.leaves(nnx.state(self.model))
-        request = self._request(prompts, sampling, key, parser if constrained else None)
+        request = self._request(prompts, sampling, key, parser)
         reused = self.memo.get(weights, request)
         if reused is not None:
             timing.count("reused_samples", len(prompts))
             return list(reused[0]), reused[1]
-        completions, result = self._draw(prompts, sampling, key, parser if constrained else None)
+        completions, result = self._draw(prompts, sampling, key, parser)
         self.memo.put(weights, request, (tuple(completions), result))
         return completions, result
 
     def _request(self, prompts, sampling: SamplingParams, key: jax.Array, parser) -> tuple:
         """Everything but the weights that a :meth:`sample_ids` call's draws depend on."""
-        language = None if parser is None else (tuple(parser.labels), parser.answer_prefix, parser.label_separator,
-                                                parser.answer_suffix)
+        language = None if parser is None else _label_language(parser)
         return (tuple(map(tuple, prompts)), sampling.max_new_tokens, sampling.temperature, sampling.top_k,
                 sampling.top_p, key_bytes(key), language, self.decoding, self.mesh, self.retire_finished_rows,
                 self.max_call_tokens, self.max_call_scores, self.max_call_rows)
