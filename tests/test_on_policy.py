@@ -298,3 +298,21 @@ def test_recipes_that_read_only_logprobs_train_against_the_sampler_logprobs(tiny
     _, metrics = learner.update(state, frozen, samples, rewards, group_size=4)
     assert metrics["logprob_mismatch"] <= 1e-4
     np.testing.assert_allclose(metrics["logprob_mismatch"], gap[first_rows].max(), atol=2e-6)
+
+
+def test_grpo_and_entropic_updates_are_one_program(tiny):
+    """The clipped-surrogate recipes carry their numbers as data, so their scheduled updates lower to
+    one program (a loop that switches recipe compiles it once); an entropic update reports no KL to
+    the reference it does not read, GRPO's does."""
+    _, tokenizer = tiny
+    rewards = np.asarray([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0], np.float32)
+    programs, metrics = {}, {}
+    for recipe in ("entropic", "grpo"):
+        learner, state, frozen = _learner(tiny, recipe)
+        samples = generate(learner.policy(state, frozen), [p for p in _prompts(tokenizer, 2) for _ in range(4)],
+                           key=jax.random.key(0), max_new_tokens=6, temperature=0.8)
+        batch, _ = learner.make_batch(state, frozen, samples, rewards, 4)
+        programs[recipe] = learner.run_schedule.lower(state, frozen, batch).as_text(debug_info=False)
+        metrics[recipe] = learner.update(state, frozen, samples, rewards, 4)[1]
+    assert programs["entropic"] == programs["grpo"]
+    assert "kl_ref" not in metrics["entropic"] and metrics["grpo"]["kl_ref"] > 0

@@ -12,9 +12,10 @@ from flax import nnx
 
 from siajax.models import LoRAConfig, ModelConfig, Transformer, ValueHead, add_lora
 from siajax.rl import (
-    EntropicConfig, GRPOConfig, PolicyOutputs, PPOConfig, RLBatch, entropic_loss, explained_variance, grpo_loss,
-    ppo_gae_loss,
+    EntropicConfig, GRPOConfig, PolicyOutputs, PPOConfig, RLBatch, clipped_policy_loss, entropic_loss,
+    explained_variance, grpo_loss, ppo_gae_loss,
 )
+from siajax.rl.losses import AGGREGATIONS
 from siajax.train import TrainBatch, make_policy_loss, score_responses, split_policy
 
 B, T = 6, 9
@@ -249,3 +250,42 @@ def test_kl_penalty_is_capped_per_token_so_one_runaway_token_cannot_swamp_the_ba
     assert np.all(np.isfinite(np.asarray(grad))) and float(grad[0, 1]) == 0.0
     with pytest.raises(ValueError, match="kl_max"):
         GRPOConfig(kl_max=0.0)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("cfg", [GRPOConfig(kl_coef=0.05, entropy_coef=0.01, clip_high=0.28, kl_max=None),
+                                 EntropicConfig(clip_low=0.1)], ids=["grpo", "entropic"])
+def test_coefficients_as_data_give_the_configs_loss_and_gradient(cfg, aggregation):
+    """The config's numbers read from the batch (traced, per row) give the loss, gradient and metrics
+    of the config's constants; without a KL term the old log-probs stand in as the reference, at
+    weight 0. Clip bounds per row are taken from each row."""
+    from functools import partial
+
+    from siajax.rl.losses import SurrogateCoefficients
+    from siajax.train import with_full_batch_normaliser
+
+    cfg = dataclasses.replace(cfg, aggregation=aggregation)
+    parts, params, frozen, batch = tiny_policy_batch(seed=3)
+    loss_fn = make_policy_loss(parts, clipped_policy_loss, cfg)
+    prepare = partial(with_full_batch_normaliser, aggregation=cfg.aggregation)
+
+    def value_and_grad(batch):
+        return jax.value_and_grad(loss_fn, has_aux=True)(params, frozen, prepare(batch), None)
+
+    constant = batch._replace(rl=batch.rl._replace(ref_logprobs=batch.rl.ref_logprobs if cfg.kl_coef else None))
+    rows = batch.tokens.shape[0]
+    as_data = batch._replace(rl=batch.rl._replace(ref_logprobs=batch.rl.ref_logprobs if cfg.kl_coef
+                                                  else batch.rl.old_logprobs,
+                                                  coefficients=SurrogateCoefficients.of(cfg, rows)))
+    (loss, metrics), grads = jax.jit(value_and_grad)(constant)
+    (loss_data, metrics_data), grads_data = jax.jit(value_and_grad)(as_data)
+    np.testing.assert_allclose(float(loss_data), float(loss), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads_data), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert ("kl_ref" in metrics) == bool(cfg.kl_coef) and "kl_ref" in metrics_data
+    for name, value in metrics.items():
+        np.testing.assert_allclose(float(metrics_data[name]), float(value), rtol=1e-6, err_msg=name)
+    # Another clip on some rows changes the loss: each row reads its own bounds.
+    tight = as_data.rl.coefficients._replace(clip_low=jnp.asarray([cfg.clip_low, 0.0, 0.0, cfg.clip_low]))
+    (loss_tight, _), _ = value_and_grad(as_data._replace(rl=as_data.rl._replace(coefficients=tight)))
+    assert float(loss_tight) != float(loss_data)

@@ -50,6 +50,40 @@ class RLBatch(NamedTuple):
     old_values: jax.Array | None = None
     normaliser: jax.Array | None = None
     token_count: jax.Array | None = None
+    coefficients: SurrogateCoefficients | None = None  # the config's numbers as data (see that class)
+
+
+class SurrogateCoefficients(NamedTuple):
+    """A :class:`SurrogateConfig`'s numbers as data carried in the batch, one value per row (the same
+    on every row, so that they split with the rows: minibatches, micro-batches, mesh shards).
+
+    With them :func:`clipped_policy_loss` reads its coefficients as traced values, always has its
+    KL and entropy terms (weighted by them, 0 when off) and picks the aggregation by index. Its
+    program is then the same for every clipped-surrogate recipe (GRPO, entropic weighting) whatever
+    their settings: a loop that switches recipe compiles its update once, and the other recipe's
+    comes from the compilation cache.
+    """
+
+    clip_low: jax.Array  # [B] float32
+    clip_high: jax.Array
+    kl_coef: jax.Array
+    kl_max: jax.Array  # inf when uncapped
+    entropy_coef: jax.Array
+    aggregation: jax.Array  # [B] int32, an index into AGGREGATIONS
+
+    @classmethod
+    def of(cls, cfg: SurrogateConfig, rows: int) -> SurrogateCoefficients:
+        def per_row(value, dtype=jnp.float32):
+            return jnp.full((rows,), value, dtype)
+
+        return cls(per_row(cfg.clip_low), per_row(cfg.clip_high), per_row(cfg.kl_coef),
+                   per_row(jnp.inf if cfg.kl_max is None else cfg.kl_max), per_row(cfg.entropy_coef),
+                   per_row(AGGREGATIONS.index(cfg.aggregation), jnp.int32))
+
+    def as_numbers(self):
+        """-> (per-token view: each [B, 1], for the clip and the KL cap; the KL and entropy weights as
+        scalars)."""
+        return jax.tree.map(lambda x: x[:, None], self), jnp.max(self.kl_coef), jnp.max(self.entropy_coef)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +218,12 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str, normaliser: jax.
     return jnp.sum(per_row / normaliser)
 
 
+def aggregation_normaliser_at(mask: jax.Array, modes: jax.Array) -> jax.Array:
+    """:func:`aggregation_normaliser` with each row's mode given as data: ``AGGREGATIONS[modes[b]]``."""
+    every = jnp.stack([aggregation_normaliser(mask, mode) for mode in AGGREGATIONS])  # [modes, B]
+    return jnp.take_along_axis(every, modes[None], axis=0)[0]
+
+
 def clipped_surrogate(logprobs, old_logprobs, advantages, clip_low, clip_high):
     """Per-token -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) and whether clipping bit."""
     ratio = jnp.exp(logprobs - old_logprobs)
@@ -202,16 +242,25 @@ def clipped_policy_loss(policy: PolicyOutputs, batch: RLBatch, cfg: SurrogateCon
     """The shared loss body: clipped surrogate + optional KL-to-reference and entropy terms.
 
     GRPO and entropic weighting are this loss; they differ only in how the
-    advantages in ``batch`` were made (see ``siajax.rl.recipes``).
+    advantages in ``batch`` were made (see ``siajax.rl.recipes``). With
+    ``batch.coefficients`` it reads its numbers from there (traced) and has both
+    terms whatever their weights; else from ``cfg`` (constants), each term only
+    when its weight is on.
     """
     chex.assert_equal_shape([policy.logprobs, batch.old_logprobs, batch.advantages, batch.mask])
-    mask = batch.mask
+    mask, traced = batch.mask, batch.coefficients is not None
+    if traced:
+        per_token, kl_coef, entropy_coef = batch.coefficients.as_numbers()
+        clip_low, clip_high, kl_max = per_token.clip_low, per_token.clip_high, per_token.kl_max
+    else:
+        clip_low, clip_high, kl_max, kl_coef, entropy_coef = (cfg.clip_low, cfg.clip_high, cfg.kl_max, cfg.kl_coef,
+                                                               cfg.entropy_coef)
 
     def reduce(x):
         return aggregate(x, mask, cfg.aggregation, batch.normaliser)
 
     pg, clipped, ratio = clipped_surrogate(
-        policy.logprobs, batch.old_logprobs, batch.advantages, cfg.clip_low, cfg.clip_high
+        policy.logprobs, batch.old_logprobs, batch.advantages, clip_low, clip_high
     )
     loss = reduce(pg)
 
@@ -226,15 +275,16 @@ def clipped_policy_loss(policy: PolicyOutputs, batch: RLBatch, cfg: SurrogateCon
         "entropy": share(policy.entropy),
         "advantage_mean": share(batch.advantages),
     }
-    if cfg.kl_coef:
+    if traced or cfg.kl_coef:
         if batch.ref_logprobs is None:
             raise ValueError("kl_coef > 0 needs batch.ref_logprobs (reference-policy log-probs)")
-        kl = reduce(kl_estimate(policy.logprobs, batch.ref_logprobs, cfg.kl_estimator, cfg.kl_max))
-        loss = loss + cfg.kl_coef * kl
+        kl = reduce(kl_estimate(policy.logprobs, batch.ref_logprobs, cfg.kl_estimator, kl_max))
+        loss = loss + kl_coef * kl
         metrics["kl_ref"] = kl
-    if cfg.entropy_coef:
-        loss = loss - cfg.entropy_coef * reduce(policy.entropy)
+    if traced or cfg.entropy_coef:
+        loss = loss - entropy_coef * reduce(policy.entropy)
     return loss, {**metrics, "loss": loss}
+
 
 
 # GRPO and entropic weighting share the loss body; the names say which recipe a config belongs to.

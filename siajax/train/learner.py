@@ -22,7 +22,7 @@ from siajax.models import Transformer
 from siajax.parallel import PARTITION_RULES, StepShardings, batch_shard_count, mesh_context, shard_tree, step_shardings
 from siajax.parallel.distributed import to_global
 from siajax.rl import RLBatch, get_recipe, recipe_config
-from siajax.rl.losses import PolicyOutputs
+from siajax.rl.losses import PolicyOutputs, SurrogateCoefficients, clipped_policy_loss
 from siajax.sampling import GenerationResult
 from siajax.prompts import SharedPrompts, prompt_sharing
 from siajax.train.policy import (PolicyParts, TrainBatch, logprob_gap, make_policy_loss, score_responses,
@@ -85,6 +85,9 @@ class Learner:
     run_schedule: Callable  # jitted (state, frozen, batch) -> (state, (per-step metrics, steps run))
     schedule: UpdateSchedule = UpdateSchedule()
     shardings: StepShardings | None = None
+    # The loss reads cfg's numbers from the batch (SurrogateCoefficients). Off a mesh only: on an 8-device
+    # mesh GRPO's step then differed from the constants' in the last bits (not yet understood).
+    coefficients_as_data: bool = False
 
     @property
     def mesh(self):
@@ -142,7 +145,17 @@ class Learner:
             mask=extra.get("mask", trained), old_logprobs=old.logprobs, advantages=extra["advantages"],
             ref_logprobs=None if ref is None else ref.logprobs, returns=extra.get("returns"), old_values=old.values,
         )
+        if self.coefficients_as_data:
+            rl = self._with_coefficients(rl)
         return TrainBatch(tokens, attention, rl, temperature, samples.allowed, shared), metrics
+
+    def _with_coefficients(self, rl: RLBatch) -> RLBatch:
+        """``rl`` with the config's numbers as data (:class:`SurrogateCoefficients`) and, when the recipe
+        reads no reference, the old log-probs standing in for it (its KL term has weight 0): every
+        clipped-surrogate recipe's step is then one program."""
+        coefficients = SurrogateCoefficients.of(self.cfg, rl.mask.shape[0])
+        reference = rl.old_logprobs if rl.ref_logprobs is None else rl.ref_logprobs
+        return rl._replace(ref_logprobs=reference, coefficients=coefficients)
 
     def _shared_prompts(self, samples: GenerationResult) -> SharedPrompts | None:
         """The samples' distinct prompts and their common prefix, each run once per forward (one device,
@@ -168,6 +181,8 @@ class Learner:
             state, (per_step, steps_run) = self.run_schedule(state, frozen, batch)
             per_step, steps_run = jax.device_get((per_step, steps_run))
         steps = {k: np.asarray(v)[:int(steps_run)] for k, v in per_step.items()}
+        if self.coefficients_as_data and not self.cfg.kl_coef:
+            steps.pop("kl_ref")  # the KL term the shared program carries at weight 0: not this recipe's
         timing.count("train_tokens", int(steps.pop("train_tokens").sum()))
         # Before the first step the policy is the one that sampled: with the sampler's log-probs as the
         # old ones, that step's change is the sampler-vs-training mismatch (no dropout: LoRA's is 0 by default).
@@ -257,7 +272,7 @@ def bind_learner(parts: PolicyParts, recipe: str, optimizer: optax.GradientTrans
                          prepare_batch=partial(with_full_batch_normaliser, aggregation=cfg.aggregation),
                          max_approx_kl=None if schedule.target_kl is None else 1.5 * schedule.target_kl)
     return Learner(parts, recipe, cfg, compile_step(scheduled_steps(step, schedule), shardings), schedule=schedule,
-                   shardings=shardings)
+                   shardings=shardings, coefficients_as_data=objective is clipped_policy_loss and shardings is None)
 
 
 def place_on_mesh(state: TrainState, frozen, mesh, rules=PARTITION_RULES):

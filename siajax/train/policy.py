@@ -17,7 +17,7 @@ from flax import nnx
 from siajax.models.lora import LoRAConfig, add_lora
 from siajax.models.token_stats import token_stats
 from siajax.models.transformer import Transformer, ValueHead, positions_from_mask
-from siajax.rl.losses import PolicyOutputs, RLBatch, aggregation_normaliser
+from siajax.rl.losses import PolicyOutputs, RLBatch, aggregation_normaliser, aggregation_normaliser_at
 from siajax.rng import purpose_key
 from siajax.prompts import SharedPrompts, run_prompts
 
@@ -133,8 +133,10 @@ def with_full_batch_normaliser(batch: TrainBatch, aggregation: str) -> TrainBatc
     split), so that each micro-batch's loss and metrics are its share of the full batch's."""
     if batch.rl.normaliser is not None:
         return batch
-    mask = batch.rl.mask
-    return batch._replace(rl=batch.rl._replace(normaliser=aggregation_normaliser(mask, aggregation),
+    mask, coefficients = batch.rl.mask, batch.rl.coefficients
+    normaliser = (aggregation_normaliser(mask, aggregation) if coefficients is None  # else the rows' own mode
+                  else aggregation_normaliser_at(mask, coefficients.aggregation))
+    return batch._replace(rl=batch.rl._replace(normaliser=normaliser,
                                                token_count=aggregation_normaliser(mask, "token-mean")))
 
 
