@@ -15,6 +15,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from siajax.rl.advantages import LN2, masked_var
 
@@ -73,12 +74,12 @@ class SurrogateCoefficients(NamedTuple):
 
     @classmethod
     def of(cls, cfg: SurrogateConfig, rows: int) -> SurrogateCoefficients:
-        def per_row(value, dtype=jnp.float32):
-            return jnp.full((rows,), value, dtype)
+        def per_row(value, dtype=np.float32):  # NumPy, then one transfer: no program per value
+            return jnp.asarray(np.full((rows,), value, dtype))
 
         return cls(per_row(cfg.clip_low), per_row(cfg.clip_high), per_row(cfg.kl_coef),
-                   per_row(jnp.inf if cfg.kl_max is None else cfg.kl_max), per_row(cfg.entropy_coef),
-                   per_row(AGGREGATIONS.index(cfg.aggregation), jnp.int32))
+                   per_row(np.inf if cfg.kl_max is None else cfg.kl_max), per_row(cfg.entropy_coef),
+                   per_row(AGGREGATIONS.index(cfg.aggregation), np.int32))
 
     def as_numbers(self):
         """-> (per-token view: each [B, 1], for the clip and the KL cap; the KL and entropy weights as

@@ -85,9 +85,7 @@ class Learner:
     run_schedule: Callable  # jitted (state, frozen, batch) -> (state, (per-step metrics, steps run))
     schedule: UpdateSchedule = UpdateSchedule()
     shardings: StepShardings | None = None
-    # The loss reads cfg's numbers from the batch (SurrogateCoefficients). Off a mesh only: on an 8-device
-    # mesh GRPO's step then differed from the constants' in the last bits (not yet understood).
-    coefficients_as_data: bool = False
+    coefficients_as_data: bool = False  # the loss reads cfg's numbers from the batch (SurrogateCoefficients)
 
     @property
     def mesh(self):
@@ -154,6 +152,8 @@ class Learner:
         reads no reference, the old log-probs standing in for it (its KL term has weight 0): every
         clipped-surrogate recipe's step is then one program."""
         coefficients = SurrogateCoefficients.of(self.cfg, rl.mask.shape[0])
+        if self.mesh is not None:
+            coefficients = shard_tree(coefficients, self.mesh, self.shardings.rules, prefix="batch")
         reference = rl.old_logprobs if rl.ref_logprobs is None else rl.ref_logprobs
         return rl._replace(ref_logprobs=reference, coefficients=coefficients)
 
@@ -272,7 +272,7 @@ def bind_learner(parts: PolicyParts, recipe: str, optimizer: optax.GradientTrans
                          prepare_batch=partial(with_full_batch_normaliser, aggregation=cfg.aggregation),
                          max_approx_kl=None if schedule.target_kl is None else 1.5 * schedule.target_kl)
     return Learner(parts, recipe, cfg, compile_step(scheduled_steps(step, schedule), shardings), schedule=schedule,
-                   shardings=shardings, coefficients_as_data=objective is clipped_policy_loss and shardings is None)
+                   shardings=shardings, coefficients_as_data=objective is clipped_policy_loss)
 
 
 def place_on_mesh(state: TrainState, frozen, mesh, rules=PARTITION_RULES):
