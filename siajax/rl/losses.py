@@ -287,7 +287,6 @@ def clipped_policy_loss(policy: PolicyOutputs, batch: RLBatch, cfg: SurrogateCon
     return loss, {**metrics, "loss": loss}
 
 
-
 # GRPO and entropic weighting share the loss body; the names say which recipe a config belongs to.
 grpo_loss = clipped_policy_loss
 entropic_loss = clipped_policy_loss
