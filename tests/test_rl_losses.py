@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,8 @@ from siajax.rl import (
     EntropicConfig, GRPOConfig, PolicyOutputs, PPOConfig, RLBatch, clipped_policy_loss, entropic_loss,
     explained_variance, grpo_loss, ppo_gae_loss,
 )
-from siajax.rl.losses import AGGREGATIONS
-from siajax.train import TrainBatch, make_policy_loss, score_responses, split_policy
+from siajax.rl.losses import AGGREGATIONS, SurrogateCoefficients
+from siajax.train import TrainBatch, make_policy_loss, score_responses, split_policy, with_full_batch_normaliser
 
 B, T = 6, 9
 
@@ -259,11 +260,6 @@ def test_coefficients_as_data_give_the_configs_loss_and_gradient(cfg, aggregatio
     """The config's numbers read from the batch (traced, per row) give the loss, gradient and metrics
     of the config's constants; without a KL term the old log-probs stand in as the reference, at
     weight 0. Clip bounds per row are taken from each row."""
-    from functools import partial
-
-    from siajax.rl.losses import SurrogateCoefficients
-    from siajax.train import with_full_batch_normaliser
-
     cfg = dataclasses.replace(cfg, aggregation=aggregation)
     parts, params, frozen, batch = tiny_policy_batch(seed=3)
     loss_fn = make_policy_loss(parts, clipped_policy_loss, cfg)
